@@ -1,0 +1,148 @@
+#include "lstm_layer_args.h"
+
+#include <ATen/ATen.h>
+
+namespace lstm_fused {
+namespace {
+
+void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, "lstm_fused: ", name, " must have shape ", expected,
+              ", got ", t.sizes());
+}
+
+void check_same_kind(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "lstm_fused: ", name, " has dtype ",
+              t.scalar_type(), " but the input has dtype ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "lstm_fused: ", name, " is on ", t.device(),
+              " but the input is on ", like.device());
+}
+
+std::vector<int64_t> read_lengths(const c10::optional<at::Tensor>& lengths, int64_t seq_len,
+                                  int64_t batch) {
+  if (!lengths.has_value()) return std::vector<int64_t>(batch, seq_len);
+  const at::Tensor& l = *lengths;
+  TORCH_CHECK(l.dim() == 1 && l.size(0) == batch, "lstm_fused: lengths must have shape [", batch,
+              "], got ", l.sizes());
+  TORCH_CHECK(l.scalar_type() == at::kLong && l.device().is_cpu(),
+              "lstm_fused: lengths must be an int64 tensor on the CPU, got ", l.scalar_type(),
+              " on ", l.device());
+  const at::Tensor lc = l.contiguous();
+  const int64_t* p = lc.const_data_ptr<int64_t>();
+  std::vector<int64_t> out(p, p + batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(out[b] >= 0 && out[b] <= seq_len, "lstm_fused: lengths[", b, "] = ", out[b],
+                " is outside [0, ", seq_len, "]");
+    TORCH_CHECK(b == 0 || out[b] <= out[b - 1],
+                "lstm_fused: lengths must be sorted in decreasing order (as in a PackedSequence)");
+  }
+  return out;
+}
+
+}  // namespace
+
+LstmLayerSizes check_lstm_layer_forward_args(const at::Tensor& x, const at::Tensor& h0,
+                                             const at::Tensor& c0, const at::Tensor& w_ih,
+                                             const at::Tensor& w_hh,
+                                             const c10::optional<at::Tensor>& b_ih,
+                                             const c10::optional<at::Tensor>& b_hh,
+                                             const c10::optional<at::Tensor>& w_hr,
+                                             const c10::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(x.dim() == 3, "lstm_fused: x must be [seq_len, batch, input_size], got ", x.dim(),
+              " dimensions");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "lstm_fused: x must be a floating-point tensor, got ",
+              x.scalar_type());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0,
+              "lstm_fused: w_ih must be [4*hidden_size, input_size], got ", w_ih.sizes());
+  LstmLayerSizes s;
+  s.seq_len = x.size(0);
+  s.batch = x.size(1);
+  s.input_size = x.size(2);
+  s.hidden_size = w_ih.size(0) / 4;
+  s.has_proj = w_hr.has_value();
+  s.output_size = s.has_proj ? w_hr->size(0) : s.hidden_size;
+  const int64_t H = s.hidden_size, P = s.output_size;
+
+  check_shape(w_ih, {4 * H, s.input_size}, "w_ih");
+  check_shape(w_hh, {4 * H, P}, "w_hh");
+  check_shape(h0, {s.batch, P}, "h0");
+  check_shape(c0, {s.batch, H}, "c0");
+  check_same_kind(h0, x, "h0");
+  check_same_kind(c0, x, "c0");
+  check_same_kind(w_ih, x, "w_ih");
+  check_same_kind(w_hh, x, "w_hh");
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
+              "lstm_fused: b_ih and b_hh must be given together or not at all");
+  s.has_bias = b_ih.has_value();
+  if (s.has_bias) {
+    check_shape(*b_ih, {4 * H}, "b_ih");
+    check_shape(*b_hh, {4 * H}, "b_hh");
+    check_same_kind(*b_ih, x, "b_ih");
+    check_same_kind(*b_hh, x, "b_hh");
+  }
+  if (s.has_proj) {
+    TORCH_CHECK(w_hr->dim() == 2 && P > 0 && P < H,
+                "lstm_fused: w_hr must be [proj_size, hidden_size] with 0 < proj_size < hidden_size, got ",
+                w_hr->sizes());
+    check_shape(*w_hr, {P, H}, "w_hr");
+    check_same_kind(*w_hr, x, "w_hr");
+  }
+  s.lengths = read_lengths(lengths, s.seq_len, s.batch);
+  s.active_rows.assign(s.seq_len, 0);
+  for (int64_t t = 0; t < s.seq_len; ++t) {
+    int64_t n = 0;
+    while (n < s.batch && s.lengths[n] > t) ++n;
+    s.active_rows[t] = n;
+  }
+  return s;
+}
+
+LstmLayerSizes check_lstm_layer_backward_args(
+    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr, const at::Tensor& y,
+    const at::Tensor& reserve, const c10::optional<at::Tensor>& lengths) {
+  LstmLayerSizes s =
+      check_lstm_layer_forward_args(x, h0, c0, w_ih, w_hh, c10::nullopt, c10::nullopt, w_hr, lengths);
+  check_shape(grad_y, {s.seq_len, s.batch, s.output_size}, "grad_y");
+  check_shape(grad_h_n, {s.batch, s.output_size}, "grad_h_n");
+  check_shape(grad_c_n, {s.batch, s.hidden_size}, "grad_c_n");
+  check_shape(y, {s.seq_len, s.batch, s.output_size}, "y");
+  check_shape(reserve, {s.reserve_numel()}, "reserve");
+  check_same_kind(grad_y, x, "grad_y");
+  check_same_kind(grad_h_n, x, "grad_h_n");
+  check_same_kind(grad_c_n, x, "grad_c_n");
+  check_same_kind(y, x, "y");
+  check_same_kind(reserve, x, "reserve");
+  return s;
+}
+
+LstmReserve split_lstm_reserve(const at::Tensor& reserve, const LstmLayerSizes& s) {
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
+  LstmReserve r;
+  r.gates = reserve.narrow(0, 0, T * B * 4 * H).view({T, B, 4 * H});
+  r.cells = reserve.narrow(0, T * B * 4 * H, T * B * H).view({T, B, H});
+  if (s.has_proj) r.proj_in = reserve.narrow(0, T * B * 5 * H, T * B * H).view({T, B, H});
+  return r;
+}
+
+at::Tensor gather_previous_hidden(const at::Tensor& y, const at::Tensor& h0,
+                                  const LstmLayerSizes& s, bool reverse) {
+  const int64_t T = s.seq_len;
+  at::Tensor prev = at::empty_like(y);
+  if (T == 0) return prev;
+  if (!reverse) {
+    prev[0].copy_(h0);
+    prev.narrow(0, 1, T - 1).copy_(y.narrow(0, 0, T - 1));
+    return prev;
+  }
+  prev.narrow(0, 0, T - 1).copy_(y.narrow(0, 1, T - 1));
+  prev[T - 1].copy_(h0);
+  // A reverse row starts at its own last step, lengths[b] - 1, from h0.
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int64_t first = s.lengths[b] - 1;
+    if (first >= 0 && first < T - 1) prev[first][b].copy_(h0[b]);
+  }
+  return prev;
+}
+
+}  // namespace lstm_fused

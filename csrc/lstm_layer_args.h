@@ -1,0 +1,69 @@
+// Validation of the layer ops' arguments, shared by every device's kernels so that bad input is
+// refused the same way (and before any kernel runs) on CPU and CUDA.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
+
+namespace lstm_fused {
+
+// Sizes of one LSTM layer in one direction, read off (and checked against) its arguments.
+struct LstmLayerSizes {
+  int64_t seq_len = 0;      // T
+  int64_t batch = 0;        // B
+  int64_t input_size = 0;   // I
+  int64_t hidden_size = 0;  // H: cell size
+  int64_t output_size = 0;  // P: size of h and of y (proj_size when projecting, else H)
+  bool has_bias = false;
+  bool has_proj = false;
+  // lengths[b]: how many steps row b advances (T for every row without a lengths tensor).
+  std::vector<int64_t> lengths;
+  // active_rows[t]: how many rows advance at time t. Lengths are sorted in decreasing order, so
+  // they are always the first active_rows[t] rows of the batch.
+  std::vector<int64_t> active_rows;
+
+  // The reserve is one flat buffer: activated gates [T,B,4H], cell states [T,B,H], and with a
+  // projection the unprojected outputs o*tanh(c) [T,B,H].
+  int64_t reserve_numel() const {
+    return seq_len * batch * hidden_size * (has_proj ? 6 : 5);
+  }
+  // The time step that precedes t for row b in processing order, or -1 when step t is the first
+  // one row b takes (its state then comes from h0/c0).
+  int64_t previous_step(int64_t t, int64_t b, bool reverse) const {
+    if (reverse) return t + 1 < lengths[b] ? t + 1 : -1;
+    return t - 1;
+  }
+};
+
+LstmLayerSizes check_lstm_layer_forward_args(const at::Tensor& x, const at::Tensor& h0,
+                                             const at::Tensor& c0, const at::Tensor& w_ih,
+                                             const at::Tensor& w_hh,
+                                             const c10::optional<at::Tensor>& b_ih,
+                                             const c10::optional<at::Tensor>& b_hh,
+                                             const c10::optional<at::Tensor>& w_hr,
+                                             const c10::optional<at::Tensor>& lengths);
+
+// Checks the forward arguments again and the tensors that only backward receives.
+LstmLayerSizes check_lstm_layer_backward_args(
+    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr, const at::Tensor& y,
+    const at::Tensor& reserve, const c10::optional<at::Tensor>& lengths);
+
+// Named views into the reserve buffer (see LstmLayerSizes::reserve_numel).
+struct LstmReserve {
+  at::Tensor gates;     // [T, B, 4H]
+  at::Tensor cells;     // [T, B, H]
+  at::Tensor proj_in;   // [T, B, H], undefined without projection
+};
+LstmReserve split_lstm_reserve(const at::Tensor& reserve, const LstmLayerSizes& sizes);
+
+// h_{t-1} for every step, [T, B, P], gathered from the layer's output y and h0: the right-hand
+// side of the single dW_hh GEMM after the backward loop. Rows that do not advance at a step hold
+// values that are multiplied by zero gradients.
+at::Tensor gather_previous_hidden(const at::Tensor& y, const at::Tensor& h0,
+                                  const LstmLayerSizes& sizes, bool reverse);
+
+}  // namespace lstm_fused

@@ -1,0 +1,36 @@
+// The lstm_fused operator library: op schemas, and the Python module init of lstm_fused._C.
+// Kernels register themselves per device (csrc/cpu, csrc/cuda); autograd and fake (meta)
+// implementations live in lstm_fused/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import lstm_fused._C` loads this shared library, which runs the TORCH_LIBRARY registrations.
+// The module itself is empty: everything is reached through torch.ops.lstm_fused.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(lstm_fused, m) {
+  // One LSTM layer in one direction over a whole time-major sequence.
+  // x [T,B,I], h0 [B,P], c0 [B,H], w_ih [4H,I], w_hh [4H,P], b_ih/b_hh [4H], w_hr [P,H];
+  // lengths: int64 [B] on the CPU, sorted in decreasing order; row b advances at step t only
+  // while t < lengths[b] (the reverse direction starts at each row's own last step).
+  // Returns y [T,B,P] (zero where a row does not advance), h_n, c_n, and the reserve that
+  // lstm_layer_backward needs.
+  m.def(
+      "lstm_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse) "
+      "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor reserve)");
+  // Gradients of lstm_layer_forward. grad_bias is the gradient of b_ih and of b_hh alike (the
+  // caller drops it when the layer has no bias);
+  // grad_w_hr is an empty tensor when there is no projection.
+  m.def(
+      "lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, "
+      "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor y, Tensor reserve, "
+      "Tensor? lengths, bool reverse) "
+      "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_bias, Tensor grad_w_hr)");
+}

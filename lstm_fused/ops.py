@@ -1,0 +1,106 @@
+"""The Python face of the lstm_fused operators: fake (meta) kernels for tracing, and autograd.
+
+The operators themselves are defined in csrc/ops.cpp and implemented per device in csrc/cpu and
+csrc/cuda. Registering `register_fake` and `register_autograd` here is what lets torch.compile
+trace a model through them without a graph break.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_forward = torch.ops.lstm_fused.lstm_layer_forward
+_backward = torch.ops.lstm_fused.lstm_layer_backward
+
+
+def lstm_layer(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    w_hr: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    reverse: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer in one direction over a time-major sequence.
+
+    x is [T, B, I]; h0 [B, P]; c0 [B, H]; the weights are laid out as nn.LSTM's
+    (gates i, f, g, o). `lengths` (int64 on the CPU, sorted in decreasing order) makes row b
+    advance only at steps t < lengths[b]; `reverse` runs the sequence backwards, each row from its
+    own last step. Returns (y [T, B, P], h_n [B, P], c_n [B, H]).
+    """
+    y, h_n, c_n, _ = _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+    return y, h_n, c_n
+
+
+def reserve_numel(seq_len: int, batch: int, hidden_size: int, has_proj: bool):
+    """Elements of the reserve buffer: activated gates, cell states, and unprojected outputs."""
+    return seq_len * batch * hidden_size * (6 if has_proj else 5)
+
+
+@torch.library.register_fake("lstm_fused::lstm_layer_forward")
+def _lstm_layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+    seq_len, batch, _ = x.shape
+    hidden = w_ih.shape[0] // 4
+    out = w_hr.shape[0] if w_hr is not None else hidden
+    return (
+        x.new_empty(seq_len, batch, out),
+        x.new_empty(batch, out),
+        x.new_empty(batch, hidden),
+        x.new_empty(reserve_numel(seq_len, batch, hidden, w_hr is not None)),
+    )
+
+
+@torch.library.register_fake("lstm_fused::lstm_layer_backward")
+def _lstm_layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, y, reserve,
+                              lengths, reverse):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(h0, memory_format=torch.contiguous_format),
+        torch.empty_like(c0, memory_format=torch.contiguous_format),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        w_ih.new_empty(w_ih.shape[0]),
+        w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse = inputs
+    y, _, _, reserve = output
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, y, reserve)
+    ctx.reverse = reverse
+    ctx.has_bias = b_ih is not None
+    ctx.mark_non_differentiable(reserve)
+
+
+def _lstm_layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_reserve):
+    x, h0, c0, w_ih, w_hh, w_hr, lengths, y, reserve = ctx.saved_tensors
+    # Outputs that took no part in the loss arrive as None.
+    grad_y = torch.zeros_like(y) if grad_y is None else grad_y
+    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+    grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
+    grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = _backward(
+        grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, y, reserve, lengths, ctx.reverse
+    )
+    grad_b = grad_bias if ctx.has_bias else None
+    return (
+        grad_x,
+        grad_h0,
+        grad_c0,
+        grad_w_ih,
+        grad_w_hh,
+        grad_b,
+        grad_b,
+        grad_w_hr if w_hr is not None else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "lstm_fused::lstm_layer_forward", _lstm_layer_backward, setup_context=_setup_context
+)
