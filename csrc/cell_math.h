@@ -63,4 +63,12 @@ LSTM_FUSED_HOST_DEVICE void lstm_cell_backward(V& i, V& f, V& g, V& o, const V& 
   o = d_o;
 }
 
+// The time step that precedes step t for a row of the given length, in the order the layer
+// processes them, or -1 when t is the row's first step (its state then comes from h0/c0).
+// A reverse row starts at its own last step, length - 1.
+LSTM_FUSED_HOST_DEVICE long long previous_step(long long t, long long length, bool reverse) {
+  if (reverse) return t + 1 < length ? t + 1 : -1;
+  return t - 1;
+}
+
 }  // namespace lstm_fused

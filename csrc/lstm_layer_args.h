@@ -29,12 +29,6 @@ struct LstmLayerSizes {
   int64_t reserve_numel() const {
     return seq_len * batch * hidden_size * (has_proj ? 6 : 5);
   }
-  // The time step that precedes t for row b in processing order, or -1 when step t is the first
-  // one row b takes (its state then comes from h0/c0).
-  int64_t previous_step(int64_t t, int64_t b, bool reverse) const {
-    if (reverse) return t + 1 < lengths[b] ? t + 1 : -1;
-    return t - 1;
-  }
 };
 
 LstmLayerSizes check_lstm_layer_forward_args(const at::Tensor& x, const at::Tensor& h0,

@@ -1,0 +1,198 @@
+// CUDA kernels of the LSTM layer ops: float32, float64, float16 and bfloat16, with float32
+// accumulation and a float32 running cell state for the half types.
+//
+// Forward, per step, one kernel does the recurrent product h_{t-1} W_hh^T, the activations and
+// the cell update together: each block owns a slice of hidden units across all four gates and a
+// tile of batch rows, so the update needs nothing from other blocks. The input projection of all
+// steps is one cuBLAS GEMM before the loop (lstm_layer_loops.h).
+// Backward, per step: one pointwise kernel gives the gate gradients, and cuBLAS the product
+// dG_t W_hh that carries the gradient to h_{t-1}; the weight gradients are GEMMs after the loop.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../cell_math.h"
+#include "../lstm_layer_loops.h"
+
+namespace lstm_fused {
+namespace {
+
+using at::Tensor;
+
+constexpr int kUnitsPerBlock = 32;  // hidden units per block (x 4 gates = 128 gate rows)
+constexpr int kRowsPerBlock = 8;    // batch rows per block
+constexpr int kTileK = 32;          // slice of the recurrent dimension staged in shared memory
+constexpr int kForwardThreads = kUnitsPerBlock * kRowsPerBlock;
+constexpr int kPointwiseThreads = 256;
+
+// One forward step over `rows` rows. Thread (row, unit) accumulates the four gate products of
+// its hidden unit, adds them to the input projection already in `gates`, and updates its cell.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kForwardThreads)
+    lstm_forward_step_kernel(const scalar_t* __restrict__ h_prev,  // [rows, P]
+                             const scalar_t* __restrict__ w_hh,    // [4H, P]
+                             scalar_t* __restrict__ gates,         // [rows, 4H]
+                             acc_t* __restrict__ c_state,          // [rows, H]
+                             scalar_t* __restrict__ cells,         // [rows, H]
+                             scalar_t* __restrict__ h_out,         // [rows, H]
+                             scalar_t* __restrict__ h_next,        // [rows, H] or null
+                             int rows, int H, int P) {
+  __shared__ acc_t h_tile[kRowsPerBlock][kTileK];
+  // [gate][k][unit]: consecutive threads of a warp read consecutive units (no bank conflicts).
+  __shared__ acc_t w_tile[4][kTileK][kUnitsPerBlock + 1];
+
+  const int unit0 = blockIdx.x * kUnitsPerBlock;
+  const int row0 = blockIdx.y * kRowsPerBlock;
+  const int local_unit = threadIdx.x % kUnitsPerBlock;
+  const int local_row = threadIdx.x / kUnitsPerBlock;
+
+  acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  for (int k0 = 0; k0 < P; k0 += kTileK) {
+    for (int idx = threadIdx.x; idx < kRowsPerBlock * kTileK; idx += blockDim.x) {
+      const int r = idx / kTileK, k = idx % kTileK;
+      const bool inside = row0 + r < rows && k0 + k < P;
+      h_tile[r][k] = inside ? static_cast<acc_t>(h_prev[(int64_t)(row0 + r) * P + k0 + k]) : acc_t(0);
+    }
+    for (int idx = threadIdx.x; idx < 4 * kUnitsPerBlock * kTileK; idx += blockDim.x) {
+      const int k = idx % kTileK;
+      const int u = (idx / kTileK) % kUnitsPerBlock;
+      const int gate = idx / (kTileK * kUnitsPerBlock);
+      const bool inside = unit0 + u < H && k0 + k < P;
+      w_tile[gate][k][u] =
+          inside ? static_cast<acc_t>(w_hh[(int64_t)(gate * H + unit0 + u) * P + k0 + k]) : acc_t(0);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int k = 0; k < kTileK; ++k) {
+      const acc_t h = h_tile[local_row][k];
+#pragma unroll
+      for (int gate = 0; gate < 4; ++gate) acc[gate] += h * w_tile[gate][k][local_unit];
+    }
+    __syncthreads();
+  }
+
+  const int row = row0 + local_row, unit = unit0 + local_unit;
+  if (row >= rows || unit >= H) return;
+  scalar_t* g = gates + (int64_t)row * 4 * H;
+  acc_t i = acc[0] + static_cast<acc_t>(g[unit]);
+  acc_t f = acc[1] + static_cast<acc_t>(g[H + unit]);
+  acc_t gg = acc[2] + static_cast<acc_t>(g[2 * H + unit]);
+  acc_t o = acc[3] + static_cast<acc_t>(g[3 * H + unit]);
+  const int64_t k = (int64_t)row * H + unit;
+  acc_t c, h;
+  lstm_cell_forward<acc_t>(i, f, gg, o, c_state[k], c, h);
+  g[unit] = static_cast<scalar_t>(i);
+  g[H + unit] = static_cast<scalar_t>(f);
+  g[2 * H + unit] = static_cast<scalar_t>(gg);
+  g[3 * H + unit] = static_cast<scalar_t>(o);
+  c_state[k] = c;
+  cells[k] = static_cast<scalar_t>(c);
+  h_out[k] = static_cast<scalar_t>(h);
+  if (h_next != nullptr) h_next[k] = static_cast<scalar_t>(h);
+}
+
+// One backward step's pointwise work over `rows` rows of time step t: one thread per (row, unit).
+template <typename scalar_t, typename acc_t>
+__global__ void lstm_backward_pointwise_kernel(const scalar_t* __restrict__ gates,   // [rows, 4H]
+                                               scalar_t* __restrict__ d_gates,       // [rows, 4H]
+                                               const scalar_t* __restrict__ cells,   // [T, B, H]
+                                               const scalar_t* __restrict__ c0,      // [B, H]
+                                               const scalar_t* __restrict__ d_cell_out,  // [rows, H]
+                                               acc_t* __restrict__ dc_state,         // [rows, H]
+                                               const int64_t* __restrict__ lengths,  // [B]
+                                               int64_t t, int rows, int B, int H, bool reverse) {
+  const int64_t index = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (index >= (int64_t)rows * H) return;
+  const int row = static_cast<int>(index / H), unit = static_cast<int>(index % H);
+  const scalar_t* g = gates + (int64_t)row * 4 * H;
+  const int64_t prev = previous_step(t, lengths[row], reverse);
+  const scalar_t c_prev = prev < 0 ? c0[index] : cells[(prev * B + row) * H + unit];
+  acc_t i = static_cast<acc_t>(g[unit]), f = static_cast<acc_t>(g[H + unit]);
+  acc_t gg = static_cast<acc_t>(g[2 * H + unit]), o = static_cast<acc_t>(g[3 * H + unit]);
+  acc_t dc = dc_state[index];
+  lstm_cell_backward<acc_t>(i, f, gg, o, static_cast<acc_t>(c_prev),
+                            static_cast<acc_t>(cells[(t * B + row) * H + unit]),
+                            static_cast<acc_t>(d_cell_out[index]), dc);
+  scalar_t* dg = d_gates + (int64_t)row * 4 * H;
+  dg[unit] = static_cast<scalar_t>(i);
+  dg[H + unit] = static_cast<scalar_t>(f);
+  dg[2 * H + unit] = static_cast<scalar_t>(gg);
+  dg[3 * H + unit] = static_cast<scalar_t>(o);
+  dc_state[index] = dc;
+}
+
+at::ScalarType cell_dtype_for(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cuda(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
+    const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& lengths, bool reverse) {
+  const LstmLayerSizes s = check_lstm_layer_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const Tensor w_hh_c = w_hh.contiguous();
+  const int H = static_cast<int>(s.hidden_size), P = static_cast<int>(s.output_size);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    return run_lstm_layer_forward(
+        s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths.has_value(), reverse,
+        cell_dtype_for(x.scalar_type()), [&](LstmForwardStep& step) {
+          const dim3 grid((H + kUnitsPerBlock - 1) / kUnitsPerBlock,
+                          (step.rows + kRowsPerBlock - 1) / kRowsPerBlock);
+          lstm_forward_step_kernel<scalar_t, acc_t>
+              <<<grid, kForwardThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                  step.h_prev.data_ptr<scalar_t>(), w_hh_c.data_ptr<scalar_t>(),
+                  step.gates.data_ptr<scalar_t>(), step.c_state.data_ptr<acc_t>(),
+                  step.cells.data_ptr<scalar_t>(), step.h_out.data_ptr<scalar_t>(),
+                  step.h_next.defined() ? step.h_next.data_ptr<scalar_t>() : nullptr,
+                  static_cast<int>(step.rows), H, P);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_cuda(
+    const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
+    const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const c10::optional<Tensor>& w_hr, const Tensor& y, const Tensor& reserve,
+    const c10::optional<Tensor>& lengths, bool reverse) {
+  const LstmLayerSizes s = check_lstm_layer_backward_args(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih,
+                                                          w_hh, w_hr, y, reserve, lengths);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const Tensor lengths_device =
+      at::tensor(s.lengths, at::TensorOptions().dtype(at::kLong)).to(x.device());
+  const int B = static_cast<int>(s.batch), H = static_cast<int>(s.hidden_size);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    return run_lstm_layer_backward(
+        s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, y, reserve, lengths.has_value(),
+        reverse, cell_dtype_for(x.scalar_type()), [&](LstmBackwardStep& step) {
+          const int64_t elements = step.rows * s.hidden_size;
+          const int blocks = static_cast<int>((elements + kPointwiseThreads - 1) / kPointwiseThreads);
+          lstm_backward_pointwise_kernel<scalar_t, acc_t>
+              <<<blocks, kPointwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                  step.gates.data_ptr<scalar_t>(), step.d_gates.data_ptr<scalar_t>(),
+                  step.cells.data_ptr<scalar_t>(), step.c0.data_ptr<scalar_t>(),
+                  step.d_cell_out.data_ptr<scalar_t>(), step.dc_state.data_ptr<acc_t>(),
+                  lengths_device.data_ptr<int64_t>(), step.t, static_cast<int>(step.rows), B, H,
+                  reverse);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) {
+  m.impl("lstm_layer_forward", &lstm_layer_forward_cuda);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cuda);
+}
+
+}  // namespace lstm_fused
