@@ -141,7 +141,7 @@ def make_extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fdiagnostics-color=always"] + cpu_capability_flags()
     extra_compile_args = {"cxx": cxx_flags}
-    define_macros = [("Py_LIMITED_API", "0x030a0000")]
+    define_macros = []
     if cuda_home is not None:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]

@@ -10,7 +10,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -146,7 +146,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cuda(
           const dim3 grid((H + kUnitsPerBlock - 1) / kUnitsPerBlock,
                           (step.rows + kRowsPerBlock - 1) / kRowsPerBlock);
           lstm_forward_step_kernel<scalar_t, acc_t>
-              <<<grid, kForwardThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              <<<grid, kForwardThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
                   step.h_prev.data_ptr<scalar_t>(), w_hh_c.data_ptr<scalar_t>(),
                   step.gates.data_ptr<scalar_t>(), step.c_state.data_ptr<acc_t>(),
                   step.cells.data_ptr<scalar_t>(), step.h_out.data_ptr<scalar_t>(),
@@ -177,7 +177,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
           const int64_t elements = step.rows * s.hidden_size;
           const int blocks = static_cast<int>((elements + kPointwiseThreads - 1) / kPointwiseThreads);
           lstm_backward_pointwise_kernel<scalar_t, acc_t>
-              <<<blocks, kPointwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              <<<blocks, kPointwiseThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
                   step.gates.data_ptr<scalar_t>(), step.d_gates.data_ptr<scalar_t>(),
                   step.cells.data_ptr<scalar_t>(), step.c0.data_ptr<scalar_t>(),
                   step.d_cell_out.data_ptr<scalar_t>(), step.dc_state.data_ptr<acc_t>(),
