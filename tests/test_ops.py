@@ -1,0 +1,111 @@
+"""The layer ops against the float64 reference, gradcheck and opcheck."""
+import pytest
+import torch
+
+from lstm_fused.ops import lstm_layer
+from lstm_fused.reference import lstm_layer_reference
+
+
+def make_layer_args(T, B, I, H, proj, bias, device, dtype=torch.float64, requires_grad=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    P = proj or H
+
+    def rand(*shape):
+        t = torch.randn(*shape, generator=gen, dtype=dtype).to(device)
+        return t.requires_grad_(requires_grad)
+
+    args = [rand(T, B, I), rand(B, P), rand(B, H), rand(4 * H, I) * 0.5, rand(4 * H, P) * 0.5]
+    args = [a.detach().requires_grad_(requires_grad) for a in args]
+    args += [rand(4 * H), rand(4 * H)] if bias else [None, None]
+    args.append(rand(P, H) if proj else None)
+    return args
+
+
+def random_lengths(T, B, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, T + 1, (B,), generator=gen)
+    lengths[0] = T  # keep the longest at T, like a packed batch
+    return lengths.sort(descending=True).values
+
+
+CASES = [
+    # T, B, I, H, proj, bias, use_lengths
+    (1, 1, 1, 1, 0, True, False),
+    (6, 3, 4, 5, 0, True, False),
+    (7, 4, 3, 8, 3, True, True),
+    (5, 5, 2, 17, 0, False, True),
+    (4, 2, 6, 9, 4, False, False),
+    (9, 6, 3, 33, 0, True, True),
+]
+
+
+@pytest.mark.parametrize("T,B,I,H,proj,bias,use_lengths", CASES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forward_and_backward_match_reference(device, T, B, I, H, proj, bias, use_lengths, reverse):
+    seed = hash((T, B, I, H, proj, bias, use_lengths, reverse)) % 10_000
+    args = make_layer_args(T, B, I, H, proj, bias, device, seed=seed)
+    lengths = random_lengths(T, B, seed) if use_lengths else None
+    ours = lstm_layer(*args, lengths=lengths, reverse=reverse)
+    ref = lstm_layer_reference(*args, lengths=lengths, reverse=reverse)
+    for a, b, name in zip(ours, ref, ["y", "h_n", "c_n"]):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12, msg=name)
+
+    leaves = [a for a in args if a is not None]
+    weights = [torch.randn_like(o) for o in ref]
+    g_ours = torch.autograd.grad(sum((o * w).sum() for o, w in zip(ours, weights)), leaves)
+    g_ref = torch.autograd.grad(sum((o * w).sum() for o, w in zip(ref, weights)), leaves)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("proj,bias,use_lengths,reverse", [
+    (0, True, False, False), (0, True, True, True), (2, False, True, False), (2, True, False, True),
+])
+def test_gradcheck(device, proj, bias, use_lengths, reverse):
+    T, B, I, H = 4, 3, 3, 4
+    args = make_layer_args(T, B, I, H, proj, bias, device, seed=7)
+    lengths = torch.tensor([4, 2, 1]) if use_lengths else None
+    leaves = tuple(a for a in args if a is not None)
+
+    def fn(*tensors):
+        it = iter(tensors)
+        full = [next(it) if a is not None else None for a in args]
+        return lstm_layer(*full, lengths=lengths, reverse=reverse)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("proj,use_lengths", [(0, False), (3, True)])
+def test_opcheck(device, proj, use_lengths):
+    T, B, I, H = 5, 3, 4, 6
+    args = make_layer_args(T, B, I, H, proj, True, device, dtype=torch.float32, seed=3)
+    lengths = torch.tensor([5, 3, 2]) if use_lengths else None
+    forward_args = (*args, lengths, False)
+    torch.library.opcheck(torch.ops.lstm_fused.lstm_layer_forward.default, forward_args)
+
+    plain = [a.detach() if a is not None else None for a in args]
+    y, h_n, c_n, reserve = torch.ops.lstm_fused.lstm_layer_forward(*plain, lengths, True)
+    x, h0, c0, w_ih, w_hh, _, _, w_hr = plain
+    backward_args = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n), x, h0, c0,
+                     w_ih, w_hh, w_hr, y, reserve, lengths, True)
+    torch.library.opcheck(torch.ops.lstm_fused.lstm_layer_backward.default, backward_args)
+
+
+def test_op_rejects_bad_arguments():
+    args = make_layer_args(3, 2, 4, 5, 0, True, "cpu", dtype=torch.float32, requires_grad=False)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
+    op = torch.ops.lstm_fused.lstm_layer_forward
+    with pytest.raises(RuntimeError, match="x must be"):
+        op(x[0], h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, None, False)
+    with pytest.raises(RuntimeError, match="h0 must have shape"):
+        op(x, h0[:1], c0, w_ih, w_hh, b_ih, b_hh, w_hr, None, False)
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(x, h0.double(), c0, w_ih, w_hh, b_ih, b_hh, w_hr, None, False)
+    with pytest.raises(RuntimeError, match="sorted in decreasing order"):
+        op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, torch.tensor([1, 3]), False)
+    with pytest.raises(RuntimeError, match="outside"):
+        op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, torch.tensor([4, 1]), False)
+    with pytest.raises(RuntimeError, match="together"):
+        op(x, h0, c0, w_ih, w_hh, b_ih, None, w_hr, None, False)
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        op(x.half(), h0.half(), c0.half(), w_ih.half(), w_hh.half(), b_ih.half(), b_hh.half(), None, None, False)
