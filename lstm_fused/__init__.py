@@ -8,8 +8,8 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
         "with the same torch that you import here."
     ) from error
 
-from .modules import LSTM
+from .modules import LSTM, LSTMCell
 from .ops import lstm_layer
 
-__all__ = ["LSTM", "lstm_layer"]
+__all__ = ["LSTM", "LSTMCell", "lstm_layer"]
 __version__ = "0.1.0"

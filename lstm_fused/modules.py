@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .ops import lstm_layer
 
-__all__ = ["LSTM"]
+__all__ = ["LSTM", "LSTMCell"]
 
 
 class LSTM(nn.RNNBase):
@@ -105,6 +105,8 @@ class LSTM(nn.RNNBase):
             if not is_batched:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         self.check_forward_args(input, hx, None)
+        if input.size(0 if not self.batch_first else 1) == 0:
+            raise RuntimeError("LSTM: the input sequence is empty (length 0); nn.LSTM refuses it too")
 
         x = input.transpose(0, 1) if self.batch_first else input
         output, h_n, c_n = self._run_layers(x, hx[0], hx[1], None)
@@ -127,3 +129,50 @@ class LSTM(nn.RNNBase):
         output_data = pack_padded_sequence(output, lengths).data
         output_packed = PackedSequence(output_data, batch_sizes, sorted_indices, unsorted_indices)
         return output_packed, self.permute_hidden((h_n, c_n), unsorted_indices)
+
+
+class LSTMCell(nn.RNNCellBase):
+    """Drop-in replacement for :class:`torch.nn.LSTMCell`: one step of the fused layer op.
+
+    Same constructor, parameters (``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``) and call::
+
+        cell = lstm_fused.LSTMCell(10, 20)
+        h, c = cell(x_t, (h, c))    # x_t: [batch, 10] or [10]
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: input must be 1-D (unbatched) or 2-D (batched), got {input.dim()}-D")
+        if hx is not None:
+            for index, state in enumerate(hx):
+                if state.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: hx[{index}] must be 1-D or 2-D, got {state.dim()}-D")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = input.new_zeros(input.size(0), self.hidden_size)
+            hx = (zeros, zeros)
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        self._check_step_args(input, hx)
+        _, h, c = lstm_layer(input.unsqueeze(0), hx[0], hx[1], self.weight_ih, self.weight_hh,
+                             self.bias_ih, self.bias_hh)
+        if not is_batched:
+            return h.squeeze(0), c.squeeze(0)
+        return h, c
+
+    def _check_step_args(self, input: Tensor, hx: Tuple[Tensor, Tensor]) -> None:
+        # The checks of nn.LSTMCell (made inside its C++ kernel), with the same exception types.
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"LSTMCell: input has {input.size(1)} features, expected {self.input_size}")
+        for index, state in enumerate(hx):
+            if state.size(0) != input.size(0):
+                raise RuntimeError(
+                    f"LSTMCell: hx[{index}] has batch size {state.size(0)}, the input {input.size(0)}")
+            if state.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"LSTMCell: hx[{index}] has {state.size(1)} features, expected hidden_size {self.hidden_size}")

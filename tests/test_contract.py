@@ -1,0 +1,274 @@
+"""The nn.LSTM / nn.LSTMCell contract: PyTorch's own module samples, packed sequences, modes,
+edge inputs, the module surface, and torch.compile."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
+from torch.testing._internal import common_modules as cm
+from torch.utils._pytree import tree_flatten
+
+import lstm_fused
+from helpers import run_with_grads
+
+PAIRS = {nn.LSTM: lstm_fused.LSTM, nn.LSTMCell: lstm_fused.LSTMCell}
+
+
+def _sample_outputs_and_grads(module, sample):
+    args, kwargs = sample.forward_input.args, sample.forward_input.kwargs
+    outputs = [t for t in tree_flatten(module(*args, **kwargs))[0] if isinstance(t, torch.Tensor)]
+    leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+    leaves += list(module.parameters())
+    gen = torch.Generator().manual_seed(0)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outputs)
+    return outputs, torch.autograd.grad(loss, leaves)
+
+
+SAMPLES = [
+    (nn.LSTM, cm.module_inputs_torch_nn_LSTM),
+    (nn.LSTMCell, cm.module_inputs_torch_nn_LSTMCell),
+]
+
+
+@pytest.mark.parametrize("torch_class,make_samples", SAMPLES, ids=["LSTM", "LSTMCell"])
+@pytest.mark.parametrize("training", [True, False])
+def test_pytorch_module_samples(torch_class, make_samples, training):
+    samples = make_samples(None, "cpu", torch.float64, requires_grad=True, training=training)
+    assert len(samples) > 0
+    for sample in samples:
+        c_args, c_kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+        ref = torch_class(*c_args, **c_kwargs).double().train(training)
+        ours = PAIRS[torch_class](*c_args, **c_kwargs).double().train(training)
+        ours.load_state_dict(ref.state_dict())
+        outs_ref, grads_ref = _sample_outputs_and_grads(ref, sample)
+        outs, grads = _sample_outputs_and_grads(ours, sample)
+        assert len(outs) == len(outs_ref)
+        for a, b in zip(outs + list(grads), outs_ref + list(grads_ref)):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+ERROR_SAMPLES = [
+    (nn.LSTM, cm.module_error_inputs_torch_nn_RNN_GRU),
+    (nn.LSTMCell, cm.module_error_inputs_torch_nn_LSTMCell),
+]
+
+
+@pytest.mark.parametrize("torch_class,make_errors", ERROR_SAMPLES, ids=["LSTM", "LSTMCell"])
+def test_pytorch_module_error_samples(torch_class, make_errors):
+    errors = make_errors(None, "cpu", torch.float32, requires_grad=False, training=True)
+    assert len(errors) > 0
+    for error in errors:
+        sample = error.module_error_input
+        c_args, c_kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+        for cls in (torch_class, PAIRS[torch_class]):
+            with pytest.raises(error.error_type):
+                module = cls(*c_args, **c_kwargs)
+                module(*sample.forward_input.args, **sample.forward_input.kwargs)
+
+
+def _packed_batch(lengths, input_size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [torch.randn(n, input_size, generator=gen, dtype=torch.float64) for n in lengths]
+    return pack_sequence(seqs, enforce_sorted=False)
+
+
+@pytest.mark.parametrize("lengths", [[3, 7, 1, 5], [4, 4, 2], [1], [6, 2, 6, 1, 3]])
+def test_packed_bidirectional_multilayer_projection(lengths):
+    kwargs = dict(input_size=3, hidden_size=5, num_layers=3, bidirectional=True, proj_size=2)
+    torch.manual_seed(len(lengths))
+    ref = nn.LSTM(**kwargs).double()
+    ours = lstm_fused.LSTM(**kwargs).double()
+    ours.load_state_dict(ref.state_dict())
+    packed = _packed_batch(lengths, 3, seed=sum(lengths))
+    packed.data.requires_grad_()
+    B = len(lengths)
+    hx = (torch.randn(6, B, 2, dtype=torch.float64, requires_grad=True),
+          torch.randn(6, B, 5, dtype=torch.float64, requires_grad=True))
+    outs_ref, grads_ref, w = run_with_grads(ref, packed, hx)
+    outs, grads, _ = run_with_grads(ours, packed, hx, w)
+    for a, b in zip(outs + grads, outs_ref + grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_packed_output_keeps_the_callers_order():
+    ref = nn.LSTM(2, 4).double()
+    ours = lstm_fused.LSTM(2, 4).double()
+    ours.load_state_dict(ref.state_dict())
+    packed = _packed_batch([2, 5, 3], 2, seed=1)
+    out_ref, _ = ref(packed)
+    out, _ = ours(packed)
+    assert torch.equal(out.sorted_indices, out_ref.sorted_indices)
+    assert torch.equal(out.unsorted_indices, out_ref.unsorted_indices)
+    padded, lengths = pad_packed_sequence(out)
+    padded_ref, lengths_ref = pad_packed_sequence(out_ref)
+    assert torch.equal(lengths, lengths_ref)
+    torch.testing.assert_close(padded, padded_ref, rtol=1e-7, atol=1e-10)
+
+
+def test_backward_in_eval_mode():
+    ours = lstm_fused.LSTM(3, 4, num_layers=2, dropout=0.5).eval()
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    out, _ = ours(x)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_dropout_on_in_training_off_in_eval():
+    torch.manual_seed(0)
+    ref = nn.LSTM(4, 8, num_layers=2, dropout=0.5)
+    ours = lstm_fused.LSTM(4, 8, num_layers=2, dropout=0.5)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 3, 4)
+    ours.train()
+    first, _ = ours(x)
+    second, _ = ours(x)
+    assert not torch.allclose(first, second), "dropout must change the output in training"
+    ours.eval()
+    ref.eval()
+    torch.testing.assert_close(ours(x)[0], ref(x)[0])
+    torch.testing.assert_close(ours(x)[0], ours(x)[0], rtol=0, atol=0)
+    # The last layer has no dropout: with one layer, training gives the eval output.
+    single = lstm_fused.LSTM(4, 8, num_layers=1, dropout=0.0).train()
+    torch.testing.assert_close(single(x)[0], single.eval()(x)[0], rtol=0, atol=0)
+
+
+def _both(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    ref = nn.LSTM(**kwargs)
+    ours = lstm_fused.LSTM(**kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nan_and_inf_propagate_like_nn_lstm(value):
+    ours, ref = _both(input_size=3, hidden_size=4, num_layers=2)
+    x = torch.randn(5, 3, 3)
+    x[2, 1, 0] = value
+    for a, b in zip(tree_flatten(ours(x))[0], tree_flatten(ref(x))[0]):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+def test_empty_batch():
+    ours, ref = _both(input_size=3, hidden_size=4, num_layers=2)
+    x = torch.randn(5, 0, 3, requires_grad=True)
+    out, (h, c) = ours(x)
+    out_ref, (h_ref, c_ref) = ref(x)
+    assert out.shape == out_ref.shape and h.shape == h_ref.shape and c.shape == c_ref.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_zero_length_sequence_raises_like_nn_lstm():
+    ours, ref = _both(input_size=3, hidden_size=4)
+    x = torch.randn(0, 2, 3)
+    with pytest.raises(RuntimeError):
+        ref(x)
+    with pytest.raises(RuntimeError):
+        ours(x)
+
+
+def test_non_contiguous_input_and_state():
+    ours, ref = _both(input_size=4, hidden_size=5, num_layers=2, batch_first=True)
+    ours.double(), ref.double()
+    x = torch.randn(4, 9, 6, dtype=torch.float64)[:, ::2, 1:5].requires_grad_()
+    h0 = torch.randn(5, 4, 2, dtype=torch.float64).permute(2, 1, 0).requires_grad_()
+    c0 = torch.randn(5, 4, 2, dtype=torch.float64).permute(2, 1, 0).requires_grad_()
+    assert not x.is_contiguous() and not h0.is_contiguous()
+    outs_ref, grads_ref, w = run_with_grads(ref, x, (h0, c0))
+    outs, grads, _ = run_with_grads(ours, x, (h0, c0), w)
+    for a, b in zip(outs + grads, outs_ref + grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_module_surface():
+    ours, ref = _both(input_size=3, hidden_size=4, num_layers=2, bidirectional=True, proj_size=2)
+    ours.flatten_parameters()
+    assert repr(ours).replace("lstm_fused.", "") == repr(ref)
+    assert ours.extra_repr() == ref.extra_repr()
+    assert [[p.shape for p in layer] for layer in ours.all_weights] == [
+        [p.shape for p in layer] for layer in ref.all_weights]
+    x = torch.randn(5, 2, 3)
+    restored = pickle.loads(pickle.dumps(ours))
+    torch.testing.assert_close(restored(x)[0], ours(x)[0], rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(x)[0], ours(x)[0], rtol=0, atol=0)
+    twin = copy.deepcopy(ours)
+    torch.testing.assert_close(twin(x)[0], ours(x)[0], rtol=0, atol=0)
+
+    doubled = copy.deepcopy(ours).double()
+    assert all(p.dtype == torch.float64 for p in doubled.parameters())
+    torch.testing.assert_close(doubled(x.double())[0], ref.double()(x.double())[0], rtol=1e-7, atol=1e-10)
+    half = copy.deepcopy(ours).half()
+    assert all(p.dtype == torch.float16 for p in half.parameters())
+    moved = copy.deepcopy(ours).to(torch.float64)
+    assert moved.weight_ih_l0.dtype == torch.float64
+
+
+def test_functional_call_uses_the_given_weights():
+    ours, _ = _both(input_size=3, hidden_size=4)
+    x = torch.randn(5, 2, 3)
+    zeros = {name: torch.zeros_like(p) for name, p in ours.named_parameters()}
+    out, (h, c) = torch.func.functional_call(ours, zeros, (x,))
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(c, torch.zeros_like(c))
+    out_again, _ = ours(x)
+    assert out_again.abs().sum() > 0, "functional_call must not change the module's own weights"
+
+
+def test_lstm_cell_float64_with_grads():
+    torch.manual_seed(0)
+    ref = nn.LSTMCell(5, 7).double()
+    ours = lstm_fused.LSTMCell(5, 7).double()
+    ours.load_state_dict(ref.state_dict())
+    for batched in (True, False):
+        shape = (3, 5) if batched else (5,)
+        state = (3, 7) if batched else (7,)
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        hx = tuple(torch.randn(*state, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        for with_state in (True, False):
+            args = (x, hx) if with_state else (x,)
+            inputs = [x] + (list(hx) if with_state else [])
+            out_ref = ref(*args)
+            out = ours(*args)
+            g_ref = torch.autograd.grad(out_ref[0].sum() + 2 * out_ref[1].sum(), inputs + list(ref.parameters()))
+            g = torch.autograd.grad(out[0].sum() + 2 * out[1].sum(), inputs + list(ours.parameters()))
+            for a, b in zip(list(out) + list(g), list(out_ref) + list(g_ref)):
+                torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+class Forecaster(nn.Module):
+    def __init__(self, lstm_class):
+        super().__init__()
+        self.lstm = lstm_class(3, 8, num_layers=2, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = Forecaster(lstm_fused.LSTM)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for B, T in [(4, 6), (7, 3), (2, 9)]:
+        x = torch.randn(B, T, 3, requires_grad=True)
+        eager = model(x)
+        traced = compiled(x)
+        torch.testing.assert_close(traced, eager)
+        leaves = [x] + list(model.parameters())
+        for a, b in zip(torch.autograd.grad(traced.sum(), leaves), torch.autograd.grad(eager.sum(), leaves)):
+            torch.testing.assert_close(a, b)
+
+
+def test_nn_lstm_itself_graph_breaks():
+    """Why the modules subclass RNNBase: fullgraph tracing refuses nn.LSTM."""
+    model = Forecaster(nn.LSTM)
+    with pytest.raises(Exception):
+        torch.compile(model, fullgraph=True)(torch.randn(2, 4, 3))
