@@ -63,6 +63,39 @@ LSTM_FUSED_HOST_DEVICE void lstm_cell_backward(V& i, V& f, V& g, V& o, const V& 
   o = d_o;
 }
 
+// One GRU cell element, forward (nn.GRU's formulation, gate order r, z, n).
+// In:  r, z, n hold the input projections x W_ih^T + b_ih of each gate; hr, hz, hn the hidden
+//      projections h W_hh^T + b_hh; h_prev the previous hidden state.
+// Out: r, z, n hold the activated gates (kept in the reserve with hn); h the new hidden state.
+template <typename V, typename Act = ScalarActivations>
+LSTM_FUSED_HOST_DEVICE void gru_cell_forward(V& r, V& z, V& n, const V& hr, const V& hz, const V& hn,
+                                             const V& h_prev, V& h) {
+  r = Act::sigmoid(r + hr);
+  z = Act::sigmoid(z + hz);
+  n = Act::tanh(n + r * hn);
+  h = (V(1.0f) - z) * n + z * h_prev;
+}
+
+// One GRU cell element, backward.
+// In:  r, z, n the activated gates, hn the hidden projection of n, h_prev, dh the gradient
+//      reaching h_t.
+// Out: r, z, n hold the gradients of the input-side pre-activations (x W_ih^T + b_ih); d_hn the
+//      gradient of hn (the hidden side's n part; its r and z parts equal the input side's);
+//      dh_prev the part of the gradient reaching h_{t-1} that does not pass through W_hh.
+template <typename V, typename Act = ScalarActivations>
+LSTM_FUSED_HOST_DEVICE void gru_cell_backward(V& r, V& z, V& n, const V& hn, const V& h_prev, const V& dh,
+                                              V& d_hn, V& dh_prev) {
+  const V one = V(1.0f);
+  const V d_n_pre = dh * (one - z) * (one - n * n);
+  const V d_z_pre = dh * (h_prev - n) * z * (one - z);
+  const V d_r_pre = d_n_pre * hn * r * (one - r);
+  d_hn = d_n_pre * r;
+  dh_prev = dh * z;
+  r = d_r_pre;
+  z = d_z_pre;
+  n = d_n_pre;
+}
+
 // The time step that precedes step t for a row of the given length, in the order the layer
 // processes them, or -1 when t is the row's first step (its state then comes from h0/c0).
 // A reverse row starts at its own last step, length - 1.

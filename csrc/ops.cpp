@@ -1,4 +1,4 @@
-// The lstm_fused operator library: op schemas, and the Python module init of lstm_fused._C.
+// The lstm_fused operator library: op schemas (LSTM and GRU layers), and the Python module init of lstm_fused._C.
 // Kernels register themselves per device (csrc/cpu, csrc/cuda); autograd and fake (meta)
 // implementations live in lstm_fused/ops.py.
 #include <Python.h>
@@ -33,4 +33,15 @@ TORCH_LIBRARY(lstm_fused, m) {
       "Tensor? lengths, bool reverse) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr)");
+
+  // One GRU layer in one direction (nn.GRU's formulation, gates r, z, n): x [T,B,I], h0 [B,H],
+  // w_ih [3H,I], w_hh [3H,H], b_ih/b_hh [3H]; lengths and reverse as for the LSTM.
+  m.def(
+      "gru_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? lengths, bool reverse) -> (Tensor y, Tensor h_n, Tensor reserve)");
+  m.def(
+      "gru_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, "
+      "Tensor w_hh, Tensor y, Tensor reserve, Tensor? lengths, bool reverse) "
+      "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
+      "Tensor grad_b_hh)");
 }

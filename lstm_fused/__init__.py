@@ -1,4 +1,5 @@
-"""Fused LSTM kernels for PyTorch, with drop-in replacements for torch.nn.LSTM."""
+"""Fused LSTM and GRU kernels for PyTorch, with drop-in replacements for torch.nn.LSTM, LSTMCell,
+GRU and GRUCell."""
 try:
     from . import _C  # noqa: F401  (loading it registers the torch.ops.lstm_fused operators)
 except ImportError as error:  # pragma: no cover - exercised only on a broken install
@@ -8,8 +9,8 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
         "with the same torch that you import here."
     ) from error
 
-from .modules import LSTM, LSTMCell
-from .ops import lstm_layer
+from .modules import GRU, LSTM, GRUCell, LSTMCell
+from .ops import gru_layer, lstm_layer
 
-__all__ = ["LSTM", "LSTMCell", "lstm_layer"]
+__all__ = ["LSTM", "LSTMCell", "GRU", "GRUCell", "lstm_layer", "gru_layer"]
 __version__ = "0.1.0"

@@ -1,10 +1,10 @@
-"""nn.Module drop-ins for torch.nn.LSTM, built on the fused layer op.
+"""nn.Module drop-ins for torch.nn.LSTM, LSTMCell, GRU and GRUCell, built on the fused layer ops.
 
-The modules subclass torch.nn.RNNBase, not nn.LSTM: they inherit the parameter bookkeeping
-(names, shapes, order, initialisation, state_dict, _flat_weights) and nn.LSTM's checks, while
-torch.compile can trace them (Dynamo graph-breaks on instances of nn.LSTM and its subclasses).
-Layers, directions, dropout, batch_first, packed and unbatched input are composed here; each
-(layer, direction) is one call of the op.
+The sequence modules subclass torch.nn.RNNBase, not nn.LSTM / nn.GRU: they inherit the parameter
+bookkeeping (names, shapes, order, initialisation, state_dict, _flat_weights) and the argument
+checks, while torch.compile can trace them (Dynamo graph-breaks on instances of nn.LSTM, nn.GRU
+and their subclasses). Layers, directions, dropout, batch_first, packed and unbatched input are
+composed here; each (layer, direction) is one call of a layer op.
 """
 from typing import List, Optional, Tuple
 
@@ -13,12 +13,115 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .ops import lstm_layer
+from .ops import gru_layer, lstm_layer
 
-__all__ = ["LSTM", "LSTMCell"]
+__all__ = ["LSTM", "LSTMCell", "GRU", "GRUCell"]
+
+States = Tuple[Tensor, ...]  # (h, c) for an LSTM, (h,) for a GRU; each [layers * directions, B, *]
 
 
-class LSTM(nn.RNNBase):
+class _FusedRNNBase(nn.RNNBase):
+    """What the LSTM and GRU modules share: input forms, layers, directions and dropout.
+    A subclass says how to run one layer and how its state looks."""
+
+    def flatten_parameters(self) -> None:
+        """Does nothing: the fused kernels read the weights where they are (torch.nn flattens
+        them into one buffer for cuDNN)."""
+
+    # --- what a cell type defines -------------------------------------------------------------
+    def _zero_state(self, batch: int, like: Tensor) -> States:
+        raise NotImplementedError
+
+    def _run_layer(self, x: Tensor, state: States, weights: List[Tensor], lengths: Optional[Tensor],
+                   reverse: bool) -> Tuple[Tensor, States]:
+        raise NotImplementedError
+
+    def _as_states(self, hx) -> States:
+        raise NotImplementedError
+
+    def _from_states(self, states: States):
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------------
+    def _layer_weights(self, layer: int, direction: int) -> List[Tensor]:
+        num_directions = 2 if self.bidirectional else 1
+        per_layer = len(self._flat_weights) // (self.num_layers * num_directions)
+        start = (layer * num_directions + direction) * per_layer
+        return self._flat_weights[start : start + per_layer]
+
+    def _run_layers(self, x: Tensor, hx: States, lengths: Optional[Tensor]) -> Tuple[Tensor, States]:
+        """x is time-major [T, B, I]; each state tensor is [layers * directions, B, *]."""
+        num_directions = 2 if self.bidirectional else 1
+        final: List[States] = []
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(num_directions):
+                k = layer * num_directions + direction
+                y, state = self._run_layer(layer_input, tuple(s[k] for s in hx),
+                                           self._layer_weights(layer, direction), lengths, direction == 1)
+                outputs.append(y)
+                final.append(state)
+            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+        return layer_input, tuple(torch.stack(parts) for parts in zip(*final))
+
+    def forward(self, input, hx=None):
+        self._update_flat_weights()
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx)
+
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{self.mode}: input must be 2-D (unbatched) or 3-D (batched), got {input.dim()}-D")
+        is_batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not is_batched:
+            input = input.unsqueeze(batch_dim)
+        if hx is None:
+            states = self._zero_state(input.size(batch_dim), input)
+        else:
+            states = self._as_states(hx)
+            state_dim = 3 if is_batched else 2
+            if any(s.dim() != state_dim for s in states):
+                raise RuntimeError(
+                    f"{self.mode}: for {'batched 3-D' if is_batched else 'unbatched 2-D'} input the "
+                    f"state must be {state_dim}-D, got {[s.dim() for s in states]}-D")
+            if not is_batched:
+                states = tuple(s.unsqueeze(1) for s in states)
+        self.check_forward_args(input, self._from_states(states), None)
+        if input.size(1 if self.batch_first else 0) == 0:
+            raise RuntimeError(f"{self.mode}: the input sequence is empty (length 0); torch.nn refuses it too")
+
+        x = input.transpose(0, 1) if self.batch_first else input
+        output, states = self._run_layers(x, states, None)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            states = tuple(s.squeeze(1) for s in states)
+        return output, self._from_states(states)
+
+    def _forward_packed(self, packed: PackedSequence, hx):
+        data, batch_sizes, sorted_indices, unsorted_indices = packed
+        if hx is None:
+            states = self._zero_state(int(batch_sizes[0]), data)
+        else:
+            # The caller's state follows the caller's batch order; the packed rows are sorted.
+            states = self._as_states(self.permute_hidden(hx, sorted_indices))
+        self.check_forward_args(data, self._from_states(states), batch_sizes)
+        x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+        output, states = self._run_layers(x, states, lengths)
+        output_data = pack_padded_sequence(output, lengths).data
+        output_packed = PackedSequence(output_data, batch_sizes, sorted_indices, unsorted_indices)
+        return output_packed, self.permute_hidden(self._from_states(states), unsorted_indices)
+
+    def _state_zeros(self, batch: int, size: int, like: Tensor) -> Tensor:
+        num_directions = 2 if self.bidirectional else 1
+        return torch.zeros(self.num_layers * num_directions, batch, size, dtype=like.dtype, device=like.device)
+
+
+class LSTM(_FusedRNNBase):
     """Drop-in replacement for :class:`torch.nn.LSTM` running fused kernels.
 
     Same constructor, parameters, ``state_dict`` and call signature as nn.LSTM::
@@ -36,102 +139,84 @@ class LSTM(nn.RNNBase):
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
 
-    def flatten_parameters(self) -> None:
-        """Does nothing: the fused kernels read the weights where they are (nn.LSTM flattens
-        them into one buffer for cuDNN)."""
-
-    def _layer_weights(self, layer: int, direction: int):
-        num_directions = 2 if self.bidirectional else 1
-        per_layer = len(self._flat_weights) // (self.num_layers * num_directions)
-        start = (layer * num_directions + direction) * per_layer
-        w = self._flat_weights[start : start + per_layer]
-        b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
-        w_hr = w[-1] if self.proj_size > 0 else None
-        return w[0], w[1], b_ih, b_hh, w_hr
-
-    def _run_layers(
-        self, x: Tensor, h0: Tensor, c0: Tensor, lengths: Optional[Tensor]
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        """x is time-major [T, B, I]; h0/c0 are [layers * directions, B, *]."""
-        num_directions = 2 if self.bidirectional else 1
-        h_n: List[Tensor] = []
-        c_n: List[Tensor] = []
-        layer_input = x
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(num_directions):
-                k = layer * num_directions + direction
-                y, h, c = lstm_layer(
-                    layer_input, h0[k], c0[k], *self._layer_weights(layer, direction),
-                    lengths=lengths, reverse=direction == 1,
-                )
-                outputs.append(y)
-                h_n.append(h)
-                c_n.append(c)
-            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
-        return layer_input, torch.stack(h_n), torch.stack(c_n)
-
-    def _zero_state(self, batch: int, like: Tensor) -> Tuple[Tensor, Tensor]:
-        num_directions = 2 if self.bidirectional else 1
+    def _zero_state(self, batch: int, like: Tensor) -> States:
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        shape = (self.num_layers * num_directions, batch)
-        return (
-            torch.zeros(*shape, real_hidden_size, dtype=like.dtype, device=like.device),
-            torch.zeros(*shape, self.hidden_size, dtype=like.dtype, device=like.device),
-        )
+        return self._state_zeros(batch, real_hidden_size, like), self._state_zeros(batch, self.hidden_size, like)
 
-    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
-        self._update_flat_weights()
-        if isinstance(input, PackedSequence):
-            return self._forward_packed(input, hx)
+    def _as_states(self, hx) -> States:
+        return tuple(hx)
 
-        if input.dim() not in (2, 3):
-            raise ValueError(f"LSTM: input must be 2-D (unbatched) or 3-D (batched), got {input.dim()}-D")
-        is_batched = input.dim() == 3
-        batch_dim = 0 if self.batch_first else 1
+    def _from_states(self, states: States):
+        return states[0], states[1]
+
+    def _run_layer(self, x, state, weights, lengths, reverse):
+        w_ih, w_hh = weights[0], weights[1]
+        b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
+        w_hr = weights[-1] if self.proj_size > 0 else None
+        y, h, c = lstm_layer(x, state[0], state[1], w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+        return y, (h, c)
+
+
+class GRU(_FusedRNNBase):
+    """Drop-in replacement for :class:`torch.nn.GRU` running fused kernels.
+
+    Same constructor, parameters, ``state_dict`` and call signature as nn.GRU::
+
+        gru = lstm_fused.GRU(input_size=8, hidden_size=32, batch_first=True)
+        output, h_n = gru(x)
+    """
+
+    def __init__(self, *args, **kwargs):
+        # nn.GRU makes this check itself (RNNBase lets a GRU take a proj_size).
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+    def _zero_state(self, batch: int, like: Tensor) -> States:
+        return (self._state_zeros(batch, self.hidden_size, like),)
+
+    def _as_states(self, hx) -> States:
+        return (hx,)
+
+    def _from_states(self, states: States):
+        return states[0]
+
+    def _run_layer(self, x, state, weights, lengths, reverse):
+        b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
+        y, h = gru_layer(x, state[0], weights[0], weights[1], b_ih, b_hh, lengths, reverse)
+        return y, (h,)
+
+
+class _FusedCellBase(nn.RNNCellBase):
+    """What LSTMCell and GRUCell share: 1-D / 2-D input and state, and the checks that the
+    torch.nn cells make inside their C++ kernels (with the same exception types)."""
+
+    def _prepare(self, input: Tensor, hx: Optional[Tuple[Tensor, ...]], name: str):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: input must be 1-D (unbatched) or 2-D (batched), got {input.dim()}-D")
+        if hx is not None:
+            for index, state in enumerate(hx):
+                if state.dim() not in (1, 2):
+                    raise ValueError(f"{name}: state {index} must be 1-D or 2-D, got {state.dim()}-D")
+        is_batched = input.dim() == 2
         if not is_batched:
-            input = input.unsqueeze(batch_dim)
+            input = input.unsqueeze(0)
         if hx is None:
-            hx = self._zero_state(input.size(batch_dim), input)
-        else:
-            state_dim = 3 if is_batched else 2
-            if hx[0].dim() != state_dim or hx[1].dim() != state_dim:
+            hx = tuple(input.new_zeros(input.size(0), self.hidden_size) for _ in range(self._state_count))
+        elif not is_batched:
+            hx = tuple(s.unsqueeze(0) for s in hx)
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"{name}: input has {input.size(1)} features, expected {self.input_size}")
+        for index, state in enumerate(hx):
+            if state.size(0) != input.size(0):
+                raise RuntimeError(f"{name}: state {index} has batch size {state.size(0)}, the input {input.size(0)}")
+            if state.size(1) != self.hidden_size:
                 raise RuntimeError(
-                    f"LSTM: for {input.dim() if is_batched else 2}-D input, h_0 and c_0 must be "
-                    f"{state_dim}-D, got {hx[0].dim()}-D and {hx[1].dim()}-D"
-                )
-            if not is_batched:
-                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        self.check_forward_args(input, hx, None)
-        if input.size(0 if not self.batch_first else 1) == 0:
-            raise RuntimeError("LSTM: the input sequence is empty (length 0); nn.LSTM refuses it too")
-
-        x = input.transpose(0, 1) if self.batch_first else input
-        output, h_n, c_n = self._run_layers(x, hx[0], hx[1], None)
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        if not is_batched:
-            return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
-        return output, (h_n, c_n)
-
-    def _forward_packed(self, packed: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]]):
-        data, batch_sizes, sorted_indices, unsorted_indices = packed
-        if hx is None:
-            hx = self._zero_state(int(batch_sizes[0]), data)
-        else:
-            # The caller's state follows the caller's batch order; the packed rows are sorted.
-            hx = self.permute_hidden(hx, sorted_indices)
-        self.check_forward_args(data, hx, batch_sizes)
-        x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
-        output, h_n, c_n = self._run_layers(x, hx[0], hx[1], lengths)
-        output_data = pack_padded_sequence(output, lengths).data
-        output_packed = PackedSequence(output_data, batch_sizes, sorted_indices, unsorted_indices)
-        return output_packed, self.permute_hidden((h_n, c_n), unsorted_indices)
+                    f"{name}: state {index} has {state.size(1)} features, expected hidden_size {self.hidden_size}")
+        return input.unsqueeze(0), hx, is_batched
 
 
-class LSTMCell(nn.RNNCellBase):
+class LSTMCell(_FusedCellBase):
     """Drop-in replacement for :class:`torch.nn.LSTMCell`: one step of the fused layer op.
 
     Same constructor, parameters (``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``) and call::
@@ -140,39 +225,30 @@ class LSTMCell(nn.RNNCellBase):
         h, c = cell(x_t, (h, c))    # x_t: [batch, 10] or [10]
     """
 
+    _state_count = 2
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
-        if input.dim() not in (1, 2):
-            raise ValueError(f"LSTMCell: input must be 1-D (unbatched) or 2-D (batched), got {input.dim()}-D")
-        if hx is not None:
-            for index, state in enumerate(hx):
-                if state.dim() not in (1, 2):
-                    raise ValueError(f"LSTMCell: hx[{index}] must be 1-D or 2-D, got {state.dim()}-D")
-        is_batched = input.dim() == 2
-        if not is_batched:
-            input = input.unsqueeze(0)
-        if hx is None:
-            zeros = input.new_zeros(input.size(0), self.hidden_size)
-            hx = (zeros, zeros)
-        elif not is_batched:
-            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        self._check_step_args(input, hx)
-        _, h, c = lstm_layer(input.unsqueeze(0), hx[0], hx[1], self.weight_ih, self.weight_hh,
-                             self.bias_ih, self.bias_hh)
-        if not is_batched:
-            return h.squeeze(0), c.squeeze(0)
-        return h, c
+        x, (h0, c0), is_batched = self._prepare(input, hx, "LSTMCell")
+        _, h, c = lstm_layer(x, h0, c0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
-    def _check_step_args(self, input: Tensor, hx: Tuple[Tensor, Tensor]) -> None:
-        # The checks of nn.LSTMCell (made inside its C++ kernel), with the same exception types.
-        if input.size(1) != self.input_size:
-            raise RuntimeError(f"LSTMCell: input has {input.size(1)} features, expected {self.input_size}")
-        for index, state in enumerate(hx):
-            if state.size(0) != input.size(0):
-                raise RuntimeError(
-                    f"LSTMCell: hx[{index}] has batch size {state.size(0)}, the input {input.size(0)}")
-            if state.size(1) != self.hidden_size:
-                raise RuntimeError(
-                    f"LSTMCell: hx[{index}] has {state.size(1)} features, expected hidden_size {self.hidden_size}")
+
+class GRUCell(_FusedCellBase):
+    """Drop-in replacement for :class:`torch.nn.GRUCell`: one step of the fused GRU layer op.
+
+        cell = lstm_fused.GRUCell(10, 20)
+        h = cell(x_t, h)    # x_t: [batch, 10] or [10]
+    """
+
+    _state_count = 1
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        x, (h0,), is_batched = self._prepare(input, None if hx is None else (hx,), "GRUCell")
+        _, h = gru_layer(x, h0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return h if is_batched else h.squeeze(0)

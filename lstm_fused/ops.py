@@ -36,8 +36,8 @@ def lstm_layer(
     return y, h_n, c_n
 
 
-def reserve_numel(seq_len: int, batch: int, hidden_size: int, has_proj: bool):
-    """Elements of the reserve buffer: activated gates, cell states, and unprojected outputs."""
+def lstm_reserve_numel(seq_len: int, batch: int, hidden_size: int, has_proj: bool):
+    """Elements of the LSTM reserve: activated gates, cell states, and unprojected outputs."""
     return seq_len * batch * hidden_size * (6 if has_proj else 5)
 
 
@@ -50,7 +50,7 @@ def _lstm_layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, r
         x.new_empty(seq_len, batch, out),
         x.new_empty(batch, out),
         x.new_empty(batch, hidden),
-        x.new_empty(reserve_numel(seq_len, batch, hidden, w_hr is not None)),
+        x.new_empty(lstm_reserve_numel(seq_len, batch, hidden, w_hr is not None)),
     )
 
 
@@ -103,4 +103,76 @@ def _lstm_layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_reserve):
 
 torch.library.register_autograd(
     "lstm_fused::lstm_layer_forward", _lstm_layer_backward, setup_context=_setup_context
+)
+
+
+# --- GRU -------------------------------------------------------------------------------------
+
+_gru_forward = torch.ops.lstm_fused.gru_layer_forward
+_gru_backward = torch.ops.lstm_fused.gru_layer_backward
+
+
+def gru_layer(
+    x: Tensor,
+    h0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    reverse: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """One GRU layer in one direction over a time-major sequence (nn.GRU's formulation and gate
+    order r, z, n). x is [T, B, I], h0 [B, H]; `lengths` and `reverse` as for `lstm_layer`.
+    Returns (y [T, B, H], h_n [B, H])."""
+    y, h_n, _ = _gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+    return y, h_n
+
+
+@torch.library.register_fake("lstm_fused::gru_layer_forward")
+def _gru_layer_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    seq_len, batch, _ = x.shape
+    hidden = w_ih.shape[0] // 3
+    return (
+        x.new_empty(seq_len, batch, hidden),
+        x.new_empty(batch, hidden),
+        x.new_empty(seq_len * batch * hidden * 4),
+    )
+
+
+@torch.library.register_fake("lstm_fused::gru_layer_backward")
+def _gru_layer_backward_fake(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths, reverse):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(h0, memory_format=torch.contiguous_format),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        w_ih.new_empty(w_ih.shape[0]),
+        w_ih.new_empty(w_ih.shape[0]),
+    )
+
+
+def _gru_setup_context(ctx, inputs, output):
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse = inputs
+    y, _, reserve = output
+    ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, y, reserve)
+    ctx.reverse = reverse
+    ctx.has_bias = b_ih is not None
+    ctx.mark_non_differentiable(reserve)
+
+
+def _gru_layer_backward(ctx, grad_y, grad_h_n, _grad_reserve):
+    x, h0, w_ih, w_hh, lengths, y, reserve = ctx.saved_tensors
+    grad_y = torch.zeros_like(y) if grad_y is None else grad_y
+    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+    grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _gru_backward(
+        grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths, ctx.reverse
+    )
+    if not ctx.has_bias:
+        grad_b_ih = grad_b_hh = None
+    return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None, None
+
+
+torch.library.register_autograd(
+    "lstm_fused::gru_layer_forward", _gru_layer_backward, setup_context=_gru_setup_context
 )

@@ -43,3 +43,39 @@ def lstm_layer_reference(
     if seq_len == 0:
         return x.new_empty(0, batch, h0.shape[1]), h0.clone(), c0.clone()
     return torch.stack(outputs), h, c
+
+
+def gru_layer_reference(
+    x: Tensor,
+    h0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    reverse: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    seq_len, batch, _ = x.shape
+    if lengths is None:
+        lengths = torch.full((batch,), seq_len, dtype=torch.long)
+    h = h0
+    outputs = [None] * seq_len
+    steps = range(seq_len - 1, -1, -1) if reverse else range(seq_len)
+    for t in steps:
+        gi = x[t] @ w_ih.T
+        gh = h @ w_hh.T
+        if b_ih is not None:
+            gi = gi + b_ih
+            gh = gh + b_hh
+        i_r, i_z, i_n = gi.chunk(3, dim=1)
+        h_r, h_z, h_n = gh.chunk(3, dim=1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        h_new = (1 - z) * n + z * h
+        advances = (t < lengths).to(x.device).unsqueeze(1)
+        h = torch.where(advances, h_new, h)
+        outputs[t] = torch.where(advances, h_new, torch.zeros_like(h_new))
+    if seq_len == 0:
+        return x.new_empty(0, batch, h0.shape[1]), h0.clone()
+    return torch.stack(outputs), h

@@ -9,10 +9,12 @@ def _tensor_of(out):
 
 def run_with_grads(module, inputs, hx=None, weights=None):
     """Run `module(inputs, hx)`, back-propagate a random but fixed combination of every output,
-    and return (outputs, gradients) as flat lists: output, h_n, c_n, then the gradients of the
-    input, of the state tensors (when given) and of every parameter, in nn.LSTM's order."""
+    and return (outputs, gradients, weights) with flat lists: output, h_n (, c_n), then the
+    gradients of the input, of the state tensors (when given) and of every parameter, in
+    torch.nn's order. Pass the returned weights to the next module to compare like with like."""
     x = _tensor_of(inputs)
-    leaves = [x] + (list(hx) if hx is not None else []) + list(module.parameters())
+    states = [] if hx is None else list(hx) if isinstance(hx, tuple) else [hx]
+    leaves = [x] + states + list(module.parameters())
     output, state = module(inputs, hx) if hx is not None else module(inputs)
     outs = [_tensor_of(output)] + list(state if isinstance(state, tuple) else (state,))
     if weights is None:

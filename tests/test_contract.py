@@ -1,6 +1,7 @@
-"""The nn.LSTM / nn.LSTMCell contract: PyTorch's own module samples, packed sequences, modes,
-edge inputs, the module surface, and torch.compile."""
+"""The torch.nn contract (LSTM, LSTMCell, GRU, GRUCell): PyTorch's own module samples, packed
+sequences, modes, edge inputs, the module surface, and torch.compile."""
 import copy
+import functools
 import io
 import pickle
 
@@ -14,12 +15,14 @@ from torch.utils._pytree import tree_flatten
 import lstm_fused
 from helpers import run_with_grads
 
-PAIRS = {nn.LSTM: lstm_fused.LSTM, nn.LSTMCell: lstm_fused.LSTMCell}
+PAIRS = {nn.LSTM: lstm_fused.LSTM, nn.LSTMCell: lstm_fused.LSTMCell,
+         nn.GRU: lstm_fused.GRU, nn.GRUCell: lstm_fused.GRUCell}
 
 
 def _sample_outputs_and_grads(module, sample):
     args, kwargs = sample.forward_input.args, sample.forward_input.kwargs
-    outputs = [t for t in tree_flatten(module(*args, **kwargs))[0] if isinstance(t, torch.Tensor)]
+    outputs = [t for t in tree_flatten(module(*args, **kwargs))[0]
+               if isinstance(t, torch.Tensor) and t.is_floating_point()]
     leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.requires_grad]
     leaves += list(module.parameters())
     gen = torch.Generator().manual_seed(0)
@@ -27,13 +30,17 @@ def _sample_outputs_and_grads(module, sample):
     return outputs, torch.autograd.grad(loss, leaves)
 
 
-SAMPLES = [
-    (nn.LSTM, cm.module_inputs_torch_nn_LSTM),
-    (nn.LSTMCell, cm.module_inputs_torch_nn_LSTMCell),
-]
+SAMPLES = {
+    "LSTM": (nn.LSTM, cm.module_inputs_torch_nn_LSTM),
+    "LSTMCell": (nn.LSTMCell, cm.module_inputs_torch_nn_LSTMCell),
+    "GRU": (nn.GRU, functools.partial(cm.module_inputs_torch_nn_RNN_GRU, is_rnn=False)),
+    "GRU-packed": (nn.GRU, functools.partial(cm.module_inputs_torch_nn_RNN_GRU, is_rnn=False,
+                                              with_packed_sequence=True)),
+    "GRUCell": (nn.GRUCell, cm.module_inputs_torch_nn_RNN_GRU_Cell),
+}
 
 
-@pytest.mark.parametrize("torch_class,make_samples", SAMPLES, ids=["LSTM", "LSTMCell"])
+@pytest.mark.parametrize("torch_class,make_samples", list(SAMPLES.values()), ids=list(SAMPLES))
 @pytest.mark.parametrize("training", [True, False])
 def test_pytorch_module_samples(torch_class, make_samples, training):
     samples = make_samples(None, "cpu", torch.float64, requires_grad=True, training=training)
@@ -50,13 +57,15 @@ def test_pytorch_module_samples(torch_class, make_samples, training):
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
 
 
-ERROR_SAMPLES = [
-    (nn.LSTM, cm.module_error_inputs_torch_nn_RNN_GRU),
-    (nn.LSTMCell, cm.module_error_inputs_torch_nn_LSTMCell),
-]
+ERROR_SAMPLES = {
+    "LSTM": (nn.LSTM, cm.module_error_inputs_torch_nn_RNN_GRU),
+    "LSTMCell": (nn.LSTMCell, cm.module_error_inputs_torch_nn_LSTMCell),
+    "GRU": (nn.GRU, cm.module_error_inputs_torch_nn_RNN_GRU),
+    "GRUCell": (nn.GRUCell, cm.module_error_inputs_torch_nn_RNN_GRU_Cell),
+}
 
 
-@pytest.mark.parametrize("torch_class,make_errors", ERROR_SAMPLES, ids=["LSTM", "LSTMCell"])
+@pytest.mark.parametrize("torch_class,make_errors", list(ERROR_SAMPLES.values()), ids=list(ERROR_SAMPLES))
 def test_pytorch_module_error_samples(torch_class, make_errors):
     errors = make_errors(None, "cpu", torch.float32, requires_grad=False, training=True)
     assert len(errors) > 0
@@ -93,9 +102,10 @@ def test_packed_bidirectional_multilayer_projection(lengths):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
 
 
-def test_packed_output_keeps_the_callers_order():
-    ref = nn.LSTM(2, 4).double()
-    ours = lstm_fused.LSTM(2, 4).double()
+@pytest.mark.parametrize("torch_class", [nn.LSTM, nn.GRU])
+def test_packed_output_keeps_the_callers_order(torch_class):
+    ref = torch_class(2, 4).double()
+    ours = PAIRS[torch_class](2, 4).double()
     ours.load_state_dict(ref.state_dict())
     packed = _packed_batch([2, 5, 3], 2, seed=1)
     out_ref, _ = ref(packed)
@@ -108,8 +118,9 @@ def test_packed_output_keeps_the_callers_order():
     torch.testing.assert_close(padded, padded_ref, rtol=1e-7, atol=1e-10)
 
 
-def test_backward_in_eval_mode():
-    ours = lstm_fused.LSTM(3, 4, num_layers=2, dropout=0.5).eval()
+@pytest.mark.parametrize("module_class", [lstm_fused.LSTM, lstm_fused.GRU])
+def test_backward_in_eval_mode(module_class):
+    ours = module_class(3, 4, num_layers=2, dropout=0.5).eval()
     x = torch.randn(5, 2, 3, requires_grad=True)
     out, _ = ours(x)
     out.sum().backward()
@@ -253,9 +264,10 @@ class Forecaster(nn.Module):
         return self.head(out[:, -1])
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("module_class", [lstm_fused.LSTM, lstm_fused.GRU])
+def test_torch_compile_fullgraph_matches_eager(module_class):
     torch.manual_seed(0)
-    model = Forecaster(lstm_fused.LSTM)
+    model = Forecaster(module_class)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
     for B, T in [(4, 6), (7, 3), (2, 9)]:
         x = torch.randn(B, T, 3, requires_grad=True)

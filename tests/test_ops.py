@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from lstm_fused.ops import lstm_layer
-from lstm_fused.reference import lstm_layer_reference
+from lstm_fused.ops import gru_layer, lstm_layer
+from lstm_fused.reference import gru_layer_reference, lstm_layer_reference
 
 
 def make_layer_args(T, B, I, H, proj, bias, device, dtype=torch.float64, requires_grad=True, seed=0):
@@ -109,3 +109,63 @@ def test_op_rejects_bad_arguments():
         op(x, h0, c0, w_ih, w_hh, b_ih, None, w_hr, None, False)
     with pytest.raises(RuntimeError, match="float32 and float64"):
         op(x.half(), h0.half(), c0.half(), w_ih.half(), w_hh.half(), b_ih.half(), b_hh.half(), None, None, False)
+
+
+# --- GRU ---------------------------------------------------------------------------------------
+
+def make_gru_args(T, B, I, H, bias, device, dtype=torch.float64, requires_grad=True, seed=0):
+    """x, h0, w_ih, w_hh, b_ih, b_hh for one GRU layer (the LSTM's maker with 3 gates)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        t = (torch.randn(*shape, generator=gen, dtype=dtype) * scale).to(device)
+        return t.requires_grad_(requires_grad)
+
+    biases = [rand(3 * H), rand(3 * H)] if bias else [None, None]
+    return [rand(T, B, I), rand(B, H), rand(3 * H, I, scale=0.5), rand(3 * H, H, scale=0.5)] + biases
+
+
+@pytest.mark.parametrize("T,B,I,H,bias,use_lengths", [
+    (1, 1, 1, 1, True, False), (6, 3, 4, 5, True, False), (7, 4, 3, 8, False, True), (9, 6, 3, 33, True, True),
+])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gru_matches_reference(device, T, B, I, H, bias, use_lengths, reverse):
+    seed = hash((T, B, I, H, bias, use_lengths, reverse)) % 10_000
+    args = make_gru_args(T, B, I, H, bias, device, seed=seed)
+    lengths = random_lengths(T, B, seed) if use_lengths else None
+    ours = gru_layer(*args, lengths=lengths, reverse=reverse)
+    ref = gru_layer_reference(*args, lengths=lengths, reverse=reverse)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    leaves = [a for a in args if a is not None]
+    weights = [torch.randn_like(o) for o in ref]
+    g_ours = torch.autograd.grad(sum((o * w).sum() for o, w in zip(ours, weights)), leaves)
+    g_ref = torch.autograd.grad(sum((o * w).sum() for o, w in zip(ref, weights)), leaves)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias,use_lengths,reverse", [(True, False, False), (False, True, True), (True, True, False)])
+def test_gru_gradcheck(device, bias, use_lengths, reverse):
+    args = make_gru_args(4, 3, 3, 4, bias, device, seed=11)
+    lengths = torch.tensor([4, 2, 1]) if use_lengths else None
+    leaves = tuple(a for a in args if a is not None)
+
+    def fn(*tensors):
+        it = iter(tensors)
+        return gru_layer(*[next(it) if a is not None else None for a in args], lengths=lengths, reverse=reverse)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("use_lengths", [False, True])
+def test_gru_opcheck(device, use_lengths):
+    args = make_gru_args(5, 3, 4, 6, True, device, dtype=torch.float32, seed=5)
+    lengths = torch.tensor([5, 3, 2]) if use_lengths else None
+    torch.library.opcheck(torch.ops.lstm_fused.gru_layer_forward.default, (*args, lengths, False))
+    x, h0, w_ih, w_hh, b_ih, b_hh = [a.detach() for a in args]
+    y, h_n, reserve = torch.ops.lstm_fused.gru_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, True)
+    torch.library.opcheck(
+        torch.ops.lstm_fused.gru_layer_backward.default,
+        (torch.randn_like(y), torch.randn_like(h_n), x, h0, w_ih, w_hh, y, reserve, lengths, True),
+    )

@@ -8,30 +8,16 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
 #include "../cell_math.h"
-#include "../lstm_layer_loops.h"
+#include "../layer_loops.h"
+#include "cpu_common.h"
 
 namespace lstm_fused {
 namespace {
 
 using at::Tensor;
-
-template <typename scalar_t>
-struct VecActivations {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  static Vec sigmoid(const Vec& x) { return Vec(scalar_t(1)) / (Vec(scalar_t(1)) + x.neg().exp()); }
-  static Vec tanh(const Vec& x) { return x.tanh(); }
-};
-
-// Rows per parallel task: enough elements per task that the pool's overhead stays small.
-int64_t row_grain(int64_t hidden_size) {
-  return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, hidden_size));
-}
 
 // The fused pointwise step over the rows of one time step (see LstmForwardStep).
 template <typename scalar_t>
@@ -41,8 +27,7 @@ void lstm_pointwise_forward(scalar_t* gates, scalar_t* c_state, scalar_t* cells_
   at::parallel_for(0, rows, row_grain(4 * H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       scalar_t* g = gates + b * 4 * H;
-      for (int64_t j = 0; j < H; j += Vec::size()) {
-        const int n = static_cast<int>(std::min<int64_t>(Vec::size(), H - j));
+      for_each_vector<scalar_t>(H, [&](int64_t j, int n) {
         const int64_t k = b * H + j;
         Vec i = Vec::loadu(g + j, n), f = Vec::loadu(g + H + j, n);
         Vec gg = Vec::loadu(g + 2 * H + j, n), o = Vec::loadu(g + 3 * H + j, n);
@@ -57,7 +42,7 @@ void lstm_pointwise_forward(scalar_t* gates, scalar_t* c_state, scalar_t* cells_
         c.store(cells_out + k, n);
         h.store(h_out + k, n);
         if (h_state != nullptr) h.store(h_state + k, n);
-      }
+      });
     }
   });
 }
@@ -66,7 +51,7 @@ void lstm_pointwise_forward(scalar_t* gates, scalar_t* c_state, scalar_t* cells_
 template <typename scalar_t>
 void lstm_pointwise_backward(const scalar_t* gates, scalar_t* d_gates, const scalar_t* cells,
                              const scalar_t* c0, const scalar_t* dh, scalar_t* dc_state, int64_t t,
-                             int64_t rows, const LstmLayerSizes& s, bool reverse) {
+                             int64_t rows, const LayerSizes& s, bool reverse) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const int64_t H = s.hidden_size, B = s.batch;
   at::parallel_for(0, rows, row_grain(4 * H), [&](int64_t begin, int64_t end) {
@@ -76,8 +61,7 @@ void lstm_pointwise_backward(const scalar_t* gates, scalar_t* d_gates, const sca
       const scalar_t* c_t = cells + (t * B + b) * H;
       const int64_t prev = previous_step(t, s.lengths[b], reverse);
       const scalar_t* c_prev_row = prev < 0 ? c0 + b * H : cells + (prev * B + b) * H;
-      for (int64_t j = 0; j < H; j += Vec::size()) {
-        const int n = static_cast<int>(std::min<int64_t>(Vec::size(), H - j));
+      for_each_vector<scalar_t>(H, [&](int64_t j, int n) {
         const int64_t k = b * H + j;
         Vec i = Vec::loadu(g + j, n), f = Vec::loadu(g + H + j, n);
         Vec gg = Vec::loadu(g + 2 * H + j, n), o = Vec::loadu(g + 3 * H + j, n);
@@ -89,21 +73,16 @@ void lstm_pointwise_backward(const scalar_t* gates, scalar_t* d_gates, const sca
         gg.store(dg + 2 * H + j, n);
         o.store(dg + 3 * H + j, n);
         dc.store(dc_state + k, n);
-      }
+      });
     }
   });
-}
-
-void check_cpu_dtype(const Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "lstm_fused: the CPU kernels support float32 and float64, got ", x.scalar_type());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
     const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& lengths, bool reverse) {
-  const LstmLayerSizes s = check_lstm_layer_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  const LayerSizes s = check_lstm_layer_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
   const Tensor w_hh_t = w_hh.t();
@@ -126,7 +105,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const c10::optional<Tensor>& w_hr, const Tensor& y, const Tensor& reserve,
     const c10::optional<Tensor>& lengths, bool reverse) {
-  const LstmLayerSizes s = check_lstm_layer_backward_args(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih,
+  const LayerSizes s = check_lstm_layer_backward_args(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih,
                                                           w_hh, w_hr, y, reserve, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;

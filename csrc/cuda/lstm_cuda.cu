@@ -4,7 +4,7 @@
 // Forward, per step, one kernel does the recurrent product h_{t-1} W_hh^T, the activations and
 // the cell update together: each block owns a slice of hidden units across all four gates and a
 // tile of batch rows, so the update needs nothing from other blocks. The input projection of all
-// steps is one cuBLAS GEMM before the loop (lstm_layer_loops.h).
+// steps is one cuBLAS GEMM before the loop (layer_loops.h).
 // Backward, per step: one pointwise kernel gives the gate gradients, and cuBLAS the product
 // dG_t W_hh that carries the gradient to h_{t-1}; the weight gradients are GEMMs after the loop.
 #include <ATen/ATen.h>
@@ -16,23 +16,18 @@
 #include <torch/library.h>
 
 #include "../cell_math.h"
-#include "../lstm_layer_loops.h"
+#include "../layer_loops.h"
+#include "recurrent_step.cuh"
 
 namespace lstm_fused {
 namespace {
 
 using at::Tensor;
 
-constexpr int kUnitsPerBlock = 32;  // hidden units per block (x 4 gates = 128 gate rows)
-constexpr int kRowsPerBlock = 8;    // batch rows per block
-constexpr int kTileK = 32;          // slice of the recurrent dimension staged in shared memory
-constexpr int kForwardThreads = kUnitsPerBlock * kRowsPerBlock;
-constexpr int kPointwiseThreads = 256;
-
 // One forward step over `rows` rows. Thread (row, unit) accumulates the four gate products of
 // its hidden unit, adds them to the input projection already in `gates`, and updates its cell.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kForwardThreads)
+__global__ void __launch_bounds__(kStepThreads)
     lstm_forward_step_kernel(const scalar_t* __restrict__ h_prev,  // [rows, P]
                              const scalar_t* __restrict__ w_hh,    // [4H, P]
                              scalar_t* __restrict__ gates,         // [rows, 4H]
@@ -41,41 +36,10 @@ __global__ void __launch_bounds__(kForwardThreads)
                              scalar_t* __restrict__ h_out,         // [rows, H]
                              scalar_t* __restrict__ h_next,        // [rows, H] or null
                              int rows, int H, int P) {
-  __shared__ acc_t h_tile[kRowsPerBlock][kTileK];
-  // [gate][k][unit]: consecutive threads of a warp read consecutive units (no bank conflicts).
-  __shared__ acc_t w_tile[4][kTileK][kUnitsPerBlock + 1];
-
-  const int unit0 = blockIdx.x * kUnitsPerBlock;
-  const int row0 = blockIdx.y * kRowsPerBlock;
-  const int local_unit = threadIdx.x % kUnitsPerBlock;
-  const int local_row = threadIdx.x / kUnitsPerBlock;
-
-  acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-  for (int k0 = 0; k0 < P; k0 += kTileK) {
-    for (int idx = threadIdx.x; idx < kRowsPerBlock * kTileK; idx += blockDim.x) {
-      const int r = idx / kTileK, k = idx % kTileK;
-      const bool inside = row0 + r < rows && k0 + k < P;
-      h_tile[r][k] = inside ? static_cast<acc_t>(h_prev[(int64_t)(row0 + r) * P + k0 + k]) : acc_t(0);
-    }
-    for (int idx = threadIdx.x; idx < 4 * kUnitsPerBlock * kTileK; idx += blockDim.x) {
-      const int k = idx % kTileK;
-      const int u = (idx / kTileK) % kUnitsPerBlock;
-      const int gate = idx / (kTileK * kUnitsPerBlock);
-      const bool inside = unit0 + u < H && k0 + k < P;
-      w_tile[gate][k][u] =
-          inside ? static_cast<acc_t>(w_hh[(int64_t)(gate * H + unit0 + u) * P + k0 + k]) : acc_t(0);
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int k = 0; k < kTileK; ++k) {
-      const acc_t h = h_tile[local_row][k];
-#pragma unroll
-      for (int gate = 0; gate < 4; ++gate) acc[gate] += h * w_tile[gate][k][local_unit];
-    }
-    __syncthreads();
-  }
-
-  const int row = row0 + local_row, unit = unit0 + local_unit;
+  acc_t acc[4];
+  block_recurrent_product<4>(h_prev, w_hh, rows, H, P, acc);
+  const int row = blockIdx.y * kRowsPerBlock + threadIdx.x / kUnitsPerBlock;
+  const int unit = blockIdx.x * kUnitsPerBlock + threadIdx.x % kUnitsPerBlock;
   if (row >= rows || unit >= H) return;
   scalar_t* g = gates + (int64_t)row * 4 * H;
   acc_t i = acc[0] + static_cast<acc_t>(g[unit]);
@@ -133,7 +97,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cuda(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
     const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& lengths, bool reverse) {
-  const LstmLayerSizes s = check_lstm_layer_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  const LayerSizes s = check_lstm_layer_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::AutoDispatchBelowADInplaceOrView guard;
   const Tensor w_hh_c = w_hh.contiguous();
@@ -143,10 +107,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cuda(
     return run_lstm_layer_forward(
         s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths.has_value(), reverse,
         cell_dtype_for(x.scalar_type()), [&](LstmForwardStep& step) {
-          const dim3 grid((H + kUnitsPerBlock - 1) / kUnitsPerBlock,
-                          (step.rows + kRowsPerBlock - 1) / kRowsPerBlock);
           lstm_forward_step_kernel<scalar_t, acc_t>
-              <<<grid, kForwardThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              <<<step_grid(H, step.rows), kStepThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
                   step.h_prev.data_ptr<scalar_t>(), w_hh_c.data_ptr<scalar_t>(),
                   step.gates.data_ptr<scalar_t>(), step.c_state.data_ptr<acc_t>(),
                   step.cells.data_ptr<scalar_t>(), step.h_out.data_ptr<scalar_t>(),
@@ -162,7 +124,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const c10::optional<Tensor>& w_hr, const Tensor& y, const Tensor& reserve,
     const c10::optional<Tensor>& lengths, bool reverse) {
-  const LstmLayerSizes s = check_lstm_layer_backward_args(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih,
+  const LayerSizes s = check_lstm_layer_backward_args(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih,
                                                           w_hh, w_hr, y, reserve, lengths);
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::AutoDispatchBelowADInplaceOrView guard;
@@ -174,10 +136,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     return run_lstm_layer_backward(
         s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, y, reserve, lengths.has_value(),
         reverse, cell_dtype_for(x.scalar_type()), [&](LstmBackwardStep& step) {
-          const int64_t elements = step.rows * s.hidden_size;
-          const int blocks = static_cast<int>((elements + kPointwiseThreads - 1) / kPointwiseThreads);
           lstm_backward_pointwise_kernel<scalar_t, acc_t>
-              <<<blocks, kPointwiseThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              <<<pointwise_blocks(step.rows * s.hidden_size), kPointwiseThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
                   step.gates.data_ptr<scalar_t>(), step.d_gates.data_ptr<scalar_t>(),
                   step.cells.data_ptr<scalar_t>(), step.c0.data_ptr<scalar_t>(),
                   step.d_cell_out.data_ptr<scalar_t>(), step.dc_state.data_ptr<acc_t>(),

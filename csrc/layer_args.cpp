@@ -1,4 +1,4 @@
-#include "lstm_layer_args.h"
+#include "layer_args.h"
 
 #include <ATen/ATen.h>
 
@@ -38,44 +38,38 @@ std::vector<int64_t> read_lengths(const c10::optional<at::Tensor>& lengths, int6
   return out;
 }
 
-}  // namespace
-
-LstmLayerSizes check_lstm_layer_forward_args(const at::Tensor& x, const at::Tensor& h0,
-                                             const at::Tensor& c0, const at::Tensor& w_ih,
-                                             const at::Tensor& w_hh,
-                                             const c10::optional<at::Tensor>& b_ih,
-                                             const c10::optional<at::Tensor>& b_hh,
-                                             const c10::optional<at::Tensor>& w_hr,
-                                             const c10::optional<at::Tensor>& lengths) {
+// The checks every recurrent layer shares; `gates` is 4 for LSTM, 3 for GRU.
+LayerSizes check_layer_args(const char* cell, int64_t gates, const at::Tensor& x, const at::Tensor& h0,
+                            const at::Tensor& w_ih, const at::Tensor& w_hh,
+                            const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+                            const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& lengths) {
   TORCH_CHECK(x.dim() == 3, "lstm_fused: x must be [seq_len, batch, input_size], got ", x.dim(),
               " dimensions");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "lstm_fused: x must be a floating-point tensor, got ",
-              x.scalar_type());
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0,
-              "lstm_fused: w_ih must be [4*hidden_size, input_size], got ", w_ih.sizes());
-  LstmLayerSizes s;
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "lstm_fused: x must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % gates == 0, "lstm_fused: ", cell, " w_ih must be [",
+              gates, "*hidden_size, input_size], got ", w_ih.sizes());
+  LayerSizes s;
   s.seq_len = x.size(0);
   s.batch = x.size(1);
   s.input_size = x.size(2);
-  s.hidden_size = w_ih.size(0) / 4;
+  s.hidden_size = w_ih.size(0) / gates;
   s.has_proj = w_hr.has_value();
   s.output_size = s.has_proj ? w_hr->size(0) : s.hidden_size;
   const int64_t H = s.hidden_size, P = s.output_size;
 
-  check_shape(w_ih, {4 * H, s.input_size}, "w_ih");
-  check_shape(w_hh, {4 * H, P}, "w_hh");
+  check_shape(w_ih, {gates * H, s.input_size}, "w_ih");
+  check_shape(w_hh, {gates * H, P}, "w_hh");
   check_shape(h0, {s.batch, P}, "h0");
-  check_shape(c0, {s.batch, H}, "c0");
   check_same_kind(h0, x, "h0");
-  check_same_kind(c0, x, "c0");
   check_same_kind(w_ih, x, "w_ih");
   check_same_kind(w_hh, x, "w_hh");
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
               "lstm_fused: b_ih and b_hh must be given together or not at all");
   s.has_bias = b_ih.has_value();
   if (s.has_bias) {
-    check_shape(*b_ih, {4 * H}, "b_ih");
-    check_shape(*b_hh, {4 * H}, "b_hh");
+    check_shape(*b_ih, {gates * H}, "b_ih");
+    check_shape(*b_hh, {gates * H}, "b_hh");
     check_same_kind(*b_ih, x, "b_ih");
     check_same_kind(*b_hh, x, "b_hh");
   }
@@ -96,18 +90,38 @@ LstmLayerSizes check_lstm_layer_forward_args(const at::Tensor& x, const at::Tens
   return s;
 }
 
-LstmLayerSizes check_lstm_layer_backward_args(
+}  // namespace
+
+int64_t lstm_reserve_numel(const LayerSizes& s) {
+  return s.seq_len * s.batch * s.hidden_size * (s.has_proj ? 6 : 5);
+}
+
+int64_t gru_reserve_numel(const LayerSizes& s) { return s.seq_len * s.batch * s.hidden_size * 4; }
+
+LayerSizes check_lstm_layer_forward_args(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                         const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                         const c10::optional<at::Tensor>& b_ih,
+                                         const c10::optional<at::Tensor>& b_hh,
+                                         const c10::optional<at::Tensor>& w_hr,
+                                         const c10::optional<at::Tensor>& lengths) {
+  LayerSizes s = check_layer_args("LSTM", 4, x, h0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  check_shape(c0, {s.batch, s.hidden_size}, "c0");
+  check_same_kind(c0, x, "c0");
+  return s;
+}
+
+LayerSizes check_lstm_layer_backward_args(
     const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr, const at::Tensor& y,
     const at::Tensor& reserve, const c10::optional<at::Tensor>& lengths) {
-  LstmLayerSizes s =
+  LayerSizes s =
       check_lstm_layer_forward_args(x, h0, c0, w_ih, w_hh, c10::nullopt, c10::nullopt, w_hr, lengths);
   check_shape(grad_y, {s.seq_len, s.batch, s.output_size}, "grad_y");
   check_shape(grad_h_n, {s.batch, s.output_size}, "grad_h_n");
   check_shape(grad_c_n, {s.batch, s.hidden_size}, "grad_c_n");
   check_shape(y, {s.seq_len, s.batch, s.output_size}, "y");
-  check_shape(reserve, {s.reserve_numel()}, "reserve");
+  check_shape(reserve, {lstm_reserve_numel(s)}, "reserve");
   check_same_kind(grad_y, x, "grad_y");
   check_same_kind(grad_h_n, x, "grad_h_n");
   check_same_kind(grad_c_n, x, "grad_c_n");
@@ -116,7 +130,7 @@ LstmLayerSizes check_lstm_layer_backward_args(
   return s;
 }
 
-LstmReserve split_lstm_reserve(const at::Tensor& reserve, const LstmLayerSizes& s) {
+LstmReserve split_lstm_reserve(const at::Tensor& reserve, const LayerSizes& s) {
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
   LstmReserve r;
   r.gates = reserve.narrow(0, 0, T * B * 4 * H).view({T, B, 4 * H});
@@ -125,8 +139,40 @@ LstmReserve split_lstm_reserve(const at::Tensor& reserve, const LstmLayerSizes& 
   return r;
 }
 
+LayerSizes check_gru_layer_forward_args(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                        const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                        const c10::optional<at::Tensor>& b_hh,
+                                        const c10::optional<at::Tensor>& lengths) {
+  return check_layer_args("GRU", 3, x, h0, w_ih, w_hh, b_ih, b_hh, c10::nullopt, lengths);
+}
+
+LayerSizes check_gru_layer_backward_args(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                                         const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                         const at::Tensor& w_hh, const at::Tensor& y,
+                                         const at::Tensor& reserve,
+                                         const c10::optional<at::Tensor>& lengths) {
+  LayerSizes s = check_gru_layer_forward_args(x, h0, w_ih, w_hh, c10::nullopt, c10::nullopt, lengths);
+  check_shape(grad_y, {s.seq_len, s.batch, s.hidden_size}, "grad_y");
+  check_shape(grad_h_n, {s.batch, s.hidden_size}, "grad_h_n");
+  check_shape(y, {s.seq_len, s.batch, s.hidden_size}, "y");
+  check_shape(reserve, {gru_reserve_numel(s)}, "reserve");
+  check_same_kind(grad_y, x, "grad_y");
+  check_same_kind(grad_h_n, x, "grad_h_n");
+  check_same_kind(y, x, "y");
+  check_same_kind(reserve, x, "reserve");
+  return s;
+}
+
+GruReserve split_gru_reserve(const at::Tensor& reserve, const LayerSizes& s) {
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
+  GruReserve r;
+  r.gates = reserve.narrow(0, 0, T * B * 3 * H).view({T, B, 3 * H});
+  r.hidden_n_proj = reserve.narrow(0, T * B * 3 * H, T * B * H).view({T, B, H});
+  return r;
+}
+
 at::Tensor gather_previous_hidden(const at::Tensor& y, const at::Tensor& h0,
-                                  const LstmLayerSizes& s, bool reverse) {
+                                  const LayerSizes& s, bool reverse) {
   const int64_t T = s.seq_len;
   at::Tensor prev = at::empty_like(y);
   if (T == 0) return prev;

@@ -1,0 +1,127 @@
+// CPU kernels of the GRU layer ops (float32, float64): per step the recurrent GEMM into a scratch
+// row block, then one vectorised pass (cell_math.h) for the gates and the new state; backward in
+// reverse time with the weight and input gradients as GEMMs after the loop (layer_loops.h).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../cell_math.h"
+#include "../layer_loops.h"
+#include "cpu_common.h"
+
+namespace lstm_fused {
+namespace {
+
+using at::Tensor;
+
+// hidden_proj [rows,3H]: h_{t-1} W_hh^T + b_hh for this step (see GruForwardStep for the rest).
+template <typename scalar_t>
+void gru_pointwise_forward(const GruForwardStep& step, const scalar_t* hidden_proj, int64_t H) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  scalar_t* gates = step.gates.data_ptr<scalar_t>();
+  scalar_t* hn_out = step.hidden_n_proj.data_ptr<scalar_t>();
+  const scalar_t* h_prev = step.h_prev.data_ptr<scalar_t>();
+  scalar_t* h_out = step.h_out.data_ptr<scalar_t>();
+  scalar_t* h_next = step.h_next.data_ptr<scalar_t>();
+  at::parallel_for(0, step.rows, row_grain(3 * H), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      scalar_t* g = gates + b * 3 * H;
+      const scalar_t* hp = hidden_proj + b * 3 * H;
+      for_each_vector<scalar_t>(H, [&](int64_t j, int n) {
+        const int64_t k = b * H + j;
+        Vec r = Vec::loadu(g + j, n), z = Vec::loadu(g + H + j, n), nn = Vec::loadu(g + 2 * H + j, n);
+        const Vec hn = Vec::loadu(hp + 2 * H + j, n);
+        Vec h;
+        gru_cell_forward<Vec, VecActivations<scalar_t>>(r, z, nn, Vec::loadu(hp + j, n),
+                                                        Vec::loadu(hp + H + j, n), hn,
+                                                        Vec::loadu(h_prev + k, n), h);
+        r.store(g + j, n);
+        z.store(g + H + j, n);
+        nn.store(g + 2 * H + j, n);
+        hn.store(hn_out + k, n);
+        h.store(h_out + k, n);
+        h.store(h_next + k, n);
+      });
+    }
+  });
+}
+
+template <typename scalar_t>
+void gru_pointwise_backward(const GruBackwardStep& step, int64_t H) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const scalar_t* gates = step.gates.data_ptr<scalar_t>();
+  const scalar_t* hn_in = step.hidden_n_proj.data_ptr<scalar_t>();
+  const scalar_t* h_prev = step.h_prev.data_ptr<scalar_t>();
+  scalar_t* dh = step.dh.data_ptr<scalar_t>();
+  scalar_t* d_input = step.d_input_gates.data_ptr<scalar_t>();
+  scalar_t* d_hidden = step.d_hidden_gates.data_ptr<scalar_t>();
+  at::parallel_for(0, step.rows, row_grain(3 * H), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* g = gates + b * 3 * H;
+      scalar_t* di = d_input + b * 3 * H;
+      scalar_t* dhid = d_hidden + b * 3 * H;
+      for_each_vector<scalar_t>(H, [&](int64_t j, int n) {
+        const int64_t k = b * H + j;
+        Vec r = Vec::loadu(g + j, n), z = Vec::loadu(g + H + j, n), nn = Vec::loadu(g + 2 * H + j, n);
+        Vec d_hn, dh_prev;
+        gru_cell_backward<Vec, VecActivations<scalar_t>>(r, z, nn, Vec::loadu(hn_in + k, n),
+                                                         Vec::loadu(h_prev + k, n), Vec::loadu(dh + k, n),
+                                                         d_hn, dh_prev);
+        r.store(di + j, n);
+        z.store(di + H + j, n);
+        nn.store(di + 2 * H + j, n);
+        r.store(dhid + j, n);
+        z.store(dhid + H + j, n);
+        d_hn.store(dhid + 2 * H + j, n);
+        dh_prev.store(dh + k, n);
+      });
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cpu(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+                                                         const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+                                                         const c10::optional<Tensor>& b_hh,
+                                                         const c10::optional<Tensor>& lengths, bool reverse) {
+  const LayerSizes s = check_gru_layer_forward_args(x, h0, w_ih, w_hh, b_ih, b_hh, lengths);
+  check_cpu_dtype(x);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const Tensor w_hh_t = w_hh.t();
+  Tensor hidden_proj = at::empty({s.batch, 3 * s.hidden_size}, x.options());
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_forward_cpu", [&] {
+    return run_gru_layer_forward(s, x, h0, w_ih, b_ih, lengths.has_value(), reverse, [&](GruForwardStep& step) {
+      Tensor hidden_proj_t = hidden_proj.narrow(0, 0, step.rows);
+      if (s.has_bias) {
+        at::addmm_out(hidden_proj_t, *b_hh, step.h_prev, w_hh_t);
+      } else {
+        at::mm_out(hidden_proj_t, step.h_prev, w_hh_t);
+      }
+      gru_pointwise_forward<scalar_t>(step, hidden_proj_t.data_ptr<scalar_t>(), s.hidden_size);
+    });
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cpu(
+    const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+    const Tensor& w_hh, const Tensor& y, const Tensor& reserve, const c10::optional<Tensor>& lengths,
+    bool reverse) {
+  const LayerSizes s = check_gru_layer_backward_args(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths);
+  check_cpu_dtype(x);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_backward_cpu", [&] {
+    return run_gru_layer_backward(s, grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths.has_value(),
+                                  reverse, [&](GruBackwardStep& step) {
+                                    gru_pointwise_backward<scalar_t>(step, s.hidden_size);
+                                  });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
+  m.impl("gru_layer_forward", &gru_layer_forward_cpu);
+  m.impl("gru_layer_backward", &gru_layer_backward_cpu);
+}
+
+}  // namespace lstm_fused
