@@ -1,5 +1,7 @@
 """Fused LSTM and GRU kernels for PyTorch, with drop-in replacements for torch.nn.LSTM, LSTMCell,
 GRU and GRUCell."""
+import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
 try:
     from . import _C  # noqa: F401  (loading it registers the torch.ops.lstm_fused operators)
 except ImportError as error:  # pragma: no cover - exercised only on a broken install
