@@ -7,6 +7,7 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST    GPU architectures (default below when no GPU is visible)
   LSTM_FUSED_CPU_CAPABILITY  avx512 | avx2 | default: SIMD level of the CPU kernels
                           (default: the best the build machine supports)
+  LSTM_FUSED_PTXAS_VERBOSE=1  print each CUDA kernel's registers, shared memory and spills
 """
 import glob
 import os
@@ -145,6 +146,8 @@ def make_extension():
     if cuda_home is not None:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        if _env_flag("LSTM_FUSED_PTXAS_VERBOSE"):
+            extra_compile_args["nvcc"].append("-Xptxas=-v")
         define_macros.append(("LSTM_FUSED_WITH_CUDA", None))
         ext_class = cpp_extension.CUDAExtension
     else:

@@ -17,8 +17,9 @@ py=${PYTHON:-python}
 echo "== 1. build"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} FORCE_CUDA=${FORCE_CUDA:-1}
+export LSTM_FUSED_PTXAS_VERBOSE=1
 t0=$(date +%s)
-if ! $py -m pip install --no-build-isolation --no-deps -e . > "$log_dir/build.log" 2>&1; then
+if ! $py -m pip install -v --no-build-isolation --no-deps -e . > "$log_dir/build.log" 2>&1; then
     tail -30 "$log_dir/build.log"; echo "BUILD FAILED"; exit 1
 fi
 echo "built in $(( $(date +%s) - t0 ))s"
