@@ -16,7 +16,8 @@ struct LstmForwardStep {
   int64_t t = 0;
   int64_t rows = 0;
   at::Tensor h_prev;   // [rows, P]  recurrent input h_{t-1}
-  at::Tensor gates;    // [rows, 4H] input projection (biases included) in, activated gates out
+  at::Tensor gates;    // [rows, 4H] input projection x W_ih^T in, activated gates out
+  at::Tensor bias;     // [4H] b_ih + b_hh, for the step to add; undefined without biases
   at::Tensor c_state;  // [rows, H]  c_{t-1} in, c_t out (in the cell dtype)
   at::Tensor cells;    // [rows, H]  receives c_t for the reserve
   at::Tensor h_out;    // [rows, H]  receives o * tanh(c_t)
@@ -33,6 +34,7 @@ struct LstmBackwardStep {
   at::Tensor c0;          // [B, H]     the initial cell state
   at::Tensor d_cell_out;  // [rows, H]  gradient reaching o * tanh(c_t)
   at::Tensor dc_state;    // [rows, H]  gradient reaching c_t in, c_{t-1} out (in the cell dtype)
+  at::Tensor dh_prev;     // [rows, P]  receives d_gates W_hh, the gradient reaching h_{t-1}
 };
 
 // With lengths, rows that do not advance are never written: those buffers start from zeros so
@@ -78,14 +80,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_lstm_layer_forwar
   const LstmReserve r = split_lstm_reserve(reserve, s);
   at::Tensor y = layer_buffer({T, B, P}, x.options(), padded);
 
-  // The input projection of every step in one GEMM, both biases folded in.
+  // The input projection of every step in one GEMM. The biases are added by each step's
+  // pointwise pass, where they cost nothing, rather than broadcast into this [T*B, 4H] buffer
+  // first (a whole extra pass over it).
   at::Tensor gates_2d = r.gates.view({T * B, 4 * H});
-  const at::Tensor x_2d = x.reshape({T * B, s.input_size});
-  if (s.has_bias) {
-    at::addmm_out(gates_2d, *b_ih + *b_hh, x_2d, w_ih.t());
-  } else {
-    at::mm_out(gates_2d, x_2d, w_ih.t());
-  }
+  at::mm_out(gates_2d, x.reshape({T * B, s.input_size}), w_ih.t());
+  const at::Tensor bias = s.has_bias ? (*b_ih + *b_hh).contiguous() : at::Tensor();
 
   at::Tensor h_buffers[2];
   init_hidden_buffers(h_buffers, h0);
@@ -100,6 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_lstm_layer_forwar
     fs.rows = rows;
     fs.h_prev = h_buffers[step_index % 2].narrow(0, 0, rows);
     fs.gates = r.gates[t].narrow(0, 0, rows);
+    fs.bias = bias;
     fs.c_state = c.narrow(0, 0, rows);
     fs.cells = r.cells[t].narrow(0, 0, rows);
     fs.h_out = (s.has_proj ? r.proj_in : y)[t].narrow(0, 0, rows);
@@ -154,8 +155,8 @@ run_lstm_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at:
     bs.cells = r.cells;
     bs.c0 = c0_c;
     bs.dc_state = dc.narrow(0, 0, rows);
+    bs.dh_prev = dh_t;
     step(bs);
-    at::mm_out(dh_t, bs.d_gates, w_hh);  // the gradient reaching h_{t-1}
   }
 
   const at::Tensor d_gates_2d = d_gates.view({T * B, 4 * H});
@@ -175,7 +176,9 @@ struct GruForwardStep {
   int64_t t = 0;
   int64_t rows = 0;
   at::Tensor h_prev;         // [rows, H]  h_{t-1}
-  at::Tensor gates;          // [rows, 3H] input projection (b_ih included) in, activated r, z, n out
+  at::Tensor gates;          // [rows, 3H] input projection x W_ih^T in, activated r, z, n out
+  at::Tensor input_bias;     // [3H] b_ih, for the step to add; undefined without biases
+  at::Tensor hidden_bias;    // [3H] b_hh, likewise
   at::Tensor hidden_n_proj;  // [rows, H]  receives h_{t-1} W_hn^T + b_hn (reserve)
   at::Tensor h_out;          // [rows, H]  receives h_t (the layer output y[t])
   at::Tensor h_next;         // [rows, H]  receives h_t too, as the next step's h
@@ -188,7 +191,8 @@ struct GruBackwardStep {
   at::Tensor gates;           // [rows, 3H] activated r, z, n
   at::Tensor hidden_n_proj;   // [rows, H]  h_{t-1} W_hn^T + b_hn
   at::Tensor h_prev;          // [rows, H]  h_{t-1}
-  at::Tensor dh;              // [rows, H]  gradient reaching h_t in; its direct part z*dh to h_{t-1} out
+  at::Tensor dh;              // [rows, H]  gradient reaching h_t in; the whole gradient reaching
+                              //            h_{t-1} out: z*dh (pointwise) + d_hidden_gates W_hh
   at::Tensor d_input_gates;   // [rows, 3H] receives the gradients of x W_ih^T + b_ih
   at::Tensor d_hidden_gates;  // [rows, 3H] receives the gradients of h W_hh^T + b_hh
 };
@@ -196,20 +200,19 @@ struct GruBackwardStep {
 template <typename StepFn>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_gru_layer_forward(
     const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
-    const c10::optional<at::Tensor>& b_ih, bool padded, bool reverse, StepFn&& step) {
+    const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh, bool padded, bool reverse,
+    StepFn&& step) {
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
   at::Tensor reserve = layer_buffer({gru_reserve_numel(s)}, x.options(), padded);
   const GruReserve r = split_gru_reserve(reserve, s);
   at::Tensor y = layer_buffer({T, B, H}, x.options(), padded);
 
-  // The input projection of every step in one GEMM. Only b_ih folds in: b_hn sits inside r * (.).
+  // The input projection of every step in one GEMM; the steps add the biases (b_hn must stay
+  // apart anyway: it sits inside r * (.)).
   at::Tensor gates_2d = r.gates.view({T * B, 3 * H});
-  const at::Tensor x_2d = x.reshape({T * B, s.input_size});
-  if (s.has_bias) {
-    at::addmm_out(gates_2d, *b_ih, x_2d, w_ih.t());
-  } else {
-    at::mm_out(gates_2d, x_2d, w_ih.t());
-  }
+  at::mm_out(gates_2d, x.reshape({T * B, s.input_size}), w_ih.t());
+  const at::Tensor input_bias = s.has_bias ? b_ih->contiguous() : at::Tensor();
+  const at::Tensor hidden_bias = s.has_bias ? b_hh->contiguous() : at::Tensor();
 
   at::Tensor h_buffers[2];
   init_hidden_buffers(h_buffers, h0);
@@ -222,6 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_gru_layer_forward(
     fs.rows = rows;
     fs.h_prev = h_buffers[step_index % 2].narrow(0, 0, rows);
     fs.gates = r.gates[t].narrow(0, 0, rows);
+    fs.input_bias = input_bias;
+    fs.hidden_bias = hidden_bias;
     fs.hidden_n_proj = r.hidden_n_proj[t].narrow(0, 0, rows);
     fs.h_out = y[t].narrow(0, 0, rows);
     fs.h_next = h_buffers[(step_index + 1) % 2].narrow(0, 0, rows);
@@ -258,7 +263,6 @@ run_gru_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::
     bs.d_input_gates = d_input_gates[t].narrow(0, 0, rows);
     bs.d_hidden_gates = d_hidden_gates[t].narrow(0, 0, rows);
     step(bs);
-    bs.dh.addmm_(bs.d_hidden_gates, w_hh);  // the gradient reaching h_{t-1}: z*dh + dG_h W_hh
   }
 
   const at::Tensor d_input_2d = d_input_gates.view({T * B, 3 * H});

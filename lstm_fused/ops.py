@@ -75,6 +75,8 @@ def _setup_context(ctx, inputs, output):
     ctx.reverse = reverse
     ctx.has_bias = b_ih is not None
     ctx.mark_non_differentiable(reserve)
+    # Unused outputs arrive as None rather than as zeros: the reserve alone is 5x the output.
+    ctx.set_materialize_grads(False)
 
 
 def _lstm_layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_reserve):
@@ -159,6 +161,7 @@ def _gru_setup_context(ctx, inputs, output):
     ctx.reverse = reverse
     ctx.has_bias = b_ih is not None
     ctx.mark_non_differentiable(reserve)
+    ctx.set_materialize_grads(False)
 
 
 def _gru_layer_backward(ctx, grad_y, grad_h_n, _grad_reserve):

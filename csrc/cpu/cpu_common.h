@@ -26,7 +26,7 @@ struct VecActivations {
 // Rows per parallel task for a pointwise pass touching `row_elements` values per row: enough
 // work per task that the thread pool's overhead stays small.
 inline int64_t row_grain(int64_t row_elements) {
-  return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, row_elements));
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_elements));
 }
 
 // Processes [0, n) in SIMD-width chunks; the last chunk may be partial (its width is passed).

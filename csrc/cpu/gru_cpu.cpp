@@ -9,13 +9,14 @@
 #include "../cell_math.h"
 #include "../layer_loops.h"
 #include "cpu_common.h"
+#include "recurrent_gemm.h"
 
 namespace lstm_fused {
 namespace {
 
 using at::Tensor;
 
-// hidden_proj [rows,3H]: h_{t-1} W_hh^T + b_hh for this step (see GruForwardStep for the rest).
+// hidden_proj [rows,3H]: h_{t-1} W_hh^T for this step (see GruForwardStep for the rest).
 template <typename scalar_t>
 void gru_pointwise_forward(const GruForwardStep& step, const scalar_t* hidden_proj, int64_t H) {
   using Vec = at::vec::Vectorized<scalar_t>;
@@ -24,6 +25,8 @@ void gru_pointwise_forward(const GruForwardStep& step, const scalar_t* hidden_pr
   const scalar_t* h_prev = step.h_prev.data_ptr<scalar_t>();
   scalar_t* h_out = step.h_out.data_ptr<scalar_t>();
   scalar_t* h_next = step.h_next.data_ptr<scalar_t>();
+  const scalar_t* b_ih = step.input_bias.defined() ? step.input_bias.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* b_hh = step.hidden_bias.defined() ? step.hidden_bias.data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, step.rows, row_grain(3 * H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       scalar_t* g = gates + b * 3 * H;
@@ -31,11 +34,17 @@ void gru_pointwise_forward(const GruForwardStep& step, const scalar_t* hidden_pr
       for_each_vector<scalar_t>(H, [&](int64_t j, int n) {
         const int64_t k = b * H + j;
         Vec r = Vec::loadu(g + j, n), z = Vec::loadu(g + H + j, n), nn = Vec::loadu(g + 2 * H + j, n);
-        const Vec hn = Vec::loadu(hp + 2 * H + j, n);
+        Vec hr = Vec::loadu(hp + j, n), hz = Vec::loadu(hp + H + j, n), hn = Vec::loadu(hp + 2 * H + j, n);
+        if (b_ih != nullptr) {
+          r = r + Vec::loadu(b_ih + j, n);
+          z = z + Vec::loadu(b_ih + H + j, n);
+          nn = nn + Vec::loadu(b_ih + 2 * H + j, n);
+          hr = hr + Vec::loadu(b_hh + j, n);
+          hz = hz + Vec::loadu(b_hh + H + j, n);
+          hn = hn + Vec::loadu(b_hh + 2 * H + j, n);
+        }
         Vec h;
-        gru_cell_forward<Vec, VecActivations<scalar_t>>(r, z, nn, Vec::loadu(hp + j, n),
-                                                        Vec::loadu(hp + H + j, n), hn,
-                                                        Vec::loadu(h_prev + k, n), h);
+        gru_cell_forward<Vec, VecActivations<scalar_t>>(r, z, nn, hr, hz, hn, Vec::loadu(h_prev + k, n), h);
         r.store(g + j, n);
         z.store(g + H + j, n);
         nn.store(g + 2 * H + j, n);
@@ -87,16 +96,12 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cpu(const Tensor& x, const 
   const LayerSizes s = check_gru_layer_forward_args(x, h0, w_ih, w_hh, b_ih, b_hh, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
-  const Tensor w_hh_t = w_hh.t();
+  const RecurrentGemm recurrent(w_hh, /*transposed=*/true, s.batch);
   Tensor hidden_proj = at::empty({s.batch, 3 * s.hidden_size}, x.options());
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_forward_cpu", [&] {
-    return run_gru_layer_forward(s, x, h0, w_ih, b_ih, lengths.has_value(), reverse, [&](GruForwardStep& step) {
+    return run_gru_layer_forward(s, x, h0, w_ih, b_ih, b_hh, lengths.has_value(), reverse, [&](GruForwardStep& step) {
       Tensor hidden_proj_t = hidden_proj.narrow(0, 0, step.rows);
-      if (s.has_bias) {
-        at::addmm_out(hidden_proj_t, *b_hh, step.h_prev, w_hh_t);
-      } else {
-        at::mm_out(hidden_proj_t, step.h_prev, w_hh_t);
-      }
+      recurrent.run(step.h_prev, hidden_proj_t, /*accumulate=*/false);
       gru_pointwise_forward<scalar_t>(step, hidden_proj_t.data_ptr<scalar_t>(), s.hidden_size);
     });
   });
@@ -109,10 +114,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cp
   const LayerSizes s = check_gru_layer_backward_args(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
+  const RecurrentGemm recurrent(w_hh, /*transposed=*/false, s.batch);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_backward_cpu", [&] {
     return run_gru_layer_backward(s, grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths.has_value(),
                                   reverse, [&](GruBackwardStep& step) {
                                     gru_pointwise_backward<scalar_t>(step, s.hidden_size);
+                                    recurrent.run(step.d_hidden_gates, step.dh, /*accumulate=*/true);
                                   });
   });
 }

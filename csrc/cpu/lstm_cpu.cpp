@@ -13,6 +13,7 @@
 #include "../cell_math.h"
 #include "../layer_loops.h"
 #include "cpu_common.h"
+#include "recurrent_gemm.h"
 
 namespace lstm_fused {
 namespace {
@@ -21,8 +22,8 @@ using at::Tensor;
 
 // The fused pointwise step over the rows of one time step (see LstmForwardStep).
 template <typename scalar_t>
-void lstm_pointwise_forward(scalar_t* gates, scalar_t* c_state, scalar_t* cells_out, scalar_t* h_out,
-                            scalar_t* h_state, int64_t rows, int64_t H) {
+void lstm_pointwise_forward(scalar_t* gates, const scalar_t* bias, scalar_t* c_state, scalar_t* cells_out,
+                            scalar_t* h_out, scalar_t* h_state, int64_t rows, int64_t H) {
   using Vec = at::vec::Vectorized<scalar_t>;
   at::parallel_for(0, rows, row_grain(4 * H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -31,6 +32,12 @@ void lstm_pointwise_forward(scalar_t* gates, scalar_t* c_state, scalar_t* cells_
         const int64_t k = b * H + j;
         Vec i = Vec::loadu(g + j, n), f = Vec::loadu(g + H + j, n);
         Vec gg = Vec::loadu(g + 2 * H + j, n), o = Vec::loadu(g + 3 * H + j, n);
+        if (bias != nullptr) {
+          i = i + Vec::loadu(bias + j, n);
+          f = f + Vec::loadu(bias + H + j, n);
+          gg = gg + Vec::loadu(bias + 2 * H + j, n);
+          o = o + Vec::loadu(bias + 3 * H + j, n);
+        }
         const Vec c_prev = Vec::loadu(c_state + k, n);
         Vec c, h;
         lstm_cell_forward<Vec, VecActivations<scalar_t>>(i, f, gg, o, c_prev, c, h);
@@ -85,14 +92,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   const LayerSizes s = check_lstm_layer_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
-  const Tensor w_hh_t = w_hh.t();
+  const RecurrentGemm recurrent(w_hh, /*transposed=*/true, s.batch);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_forward_cpu", [&] {
     return run_lstm_layer_forward(
         s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths.has_value(), reverse, x.scalar_type(),
         [&](LstmForwardStep& step) {
-          step.gates.addmm_(step.h_prev, w_hh_t);
+          recurrent.run(step.h_prev, step.gates, /*accumulate=*/true);
           lstm_pointwise_forward<scalar_t>(
-              step.gates.data_ptr<scalar_t>(), step.c_state.data_ptr<scalar_t>(),
+              step.gates.data_ptr<scalar_t>(), step.bias.defined() ? step.bias.data_ptr<scalar_t>() : nullptr,
+              step.c_state.data_ptr<scalar_t>(),
               step.cells.data_ptr<scalar_t>(), step.h_out.data_ptr<scalar_t>(),
               step.h_next.defined() ? step.h_next.data_ptr<scalar_t>() : nullptr, step.rows,
               s.hidden_size);
@@ -109,6 +117,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
                                                           w_hh, w_hr, y, reserve, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
+  const RecurrentGemm recurrent(w_hh, /*transposed=*/false, s.batch);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
     return run_lstm_layer_backward(
         s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, y, reserve, lengths.has_value(),
@@ -118,6 +127,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
               step.cells.data_ptr<scalar_t>(), step.c0.data_ptr<scalar_t>(),
               step.d_cell_out.data_ptr<scalar_t>(), step.dc_state.data_ptr<scalar_t>(), step.t,
               step.rows, s, reverse);
+          recurrent.run(step.d_gates, step.dh_prev, /*accumulate=*/false);
         });
   });
 }

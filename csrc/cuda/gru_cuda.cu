@@ -23,7 +23,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kStepThreads)
     gru_forward_step_kernel(const scalar_t* __restrict__ h_prev,  // [rows, H]
                             const scalar_t* __restrict__ w_hh,    // [3H, H]
-                            const scalar_t* __restrict__ b_hh,    // [3H] or null
+                            const scalar_t* __restrict__ b_ih,    // [3H] or null
+                            const scalar_t* __restrict__ b_hh,    // [3H] or null (with b_ih)
                             scalar_t* __restrict__ gates,         // [rows, 3H]
                             scalar_t* __restrict__ hidden_n_proj, // [rows, H]
                             scalar_t* __restrict__ h_out,         // [rows, H]
@@ -34,14 +35,17 @@ __global__ void __launch_bounds__(kStepThreads)
   const int row = blockIdx.y * kRowsPerBlock + threadIdx.x / kUnitsPerBlock;
   const int unit = blockIdx.x * kUnitsPerBlock + threadIdx.x % kUnitsPerBlock;
   if (row >= rows || unit >= H) return;
-  if (b_hh != nullptr) {
-#pragma unroll
-    for (int g = 0; g < 3; ++g) acc[g] += static_cast<acc_t>(b_hh[g * H + unit]);
-  }
   scalar_t* g = gates + (int64_t)row * 3 * H;
   acc_t r = static_cast<acc_t>(g[unit]);
   acc_t z = static_cast<acc_t>(g[H + unit]);
   acc_t n = static_cast<acc_t>(g[2 * H + unit]);
+  if (b_hh != nullptr) {
+#pragma unroll
+    for (int gate = 0; gate < 3; ++gate) acc[gate] += static_cast<acc_t>(b_hh[gate * H + unit]);
+    r += static_cast<acc_t>(b_ih[unit]);
+    z += static_cast<acc_t>(b_ih[H + unit]);
+    n += static_cast<acc_t>(b_ih[2 * H + unit]);
+  }
   const int64_t k = (int64_t)row * H + unit;
   acc_t h;
   gru_cell_forward<acc_t>(r, z, n, acc[0], acc[1], acc[2], static_cast<acc_t>(h_prev[k]), h);
@@ -88,15 +92,15 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(const Tensor& x, const
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::AutoDispatchBelowADInplaceOrView guard;
   const Tensor w_hh_c = w_hh.contiguous();
-  const Tensor b_hh_c = s.has_bias ? b_hh->contiguous() : Tensor();
   const int H = static_cast<int>(s.hidden_size);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gru_layer_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    return run_gru_layer_forward(s, x, h0, w_ih, b_ih, lengths.has_value(), reverse, [&](GruForwardStep& step) {
+    return run_gru_layer_forward(s, x, h0, w_ih, b_ih, b_hh, lengths.has_value(), reverse, [&](GruForwardStep& step) {
       gru_forward_step_kernel<scalar_t, acc_t>
           <<<step_grid(H, step.rows), kStepThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
               step.h_prev.data_ptr<scalar_t>(), w_hh_c.data_ptr<scalar_t>(),
-              s.has_bias ? b_hh_c.data_ptr<scalar_t>() : nullptr, step.gates.data_ptr<scalar_t>(),
+              s.has_bias ? step.input_bias.data_ptr<scalar_t>() : nullptr,
+              s.has_bias ? step.hidden_bias.data_ptr<scalar_t>() : nullptr, step.gates.data_ptr<scalar_t>(),
               step.hidden_n_proj.data_ptr<scalar_t>(), step.h_out.data_ptr<scalar_t>(),
               step.h_next.data_ptr<scalar_t>(), static_cast<int>(step.rows), H);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -124,6 +128,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
                   step.d_input_gates.data_ptr<scalar_t>(), step.d_hidden_gates.data_ptr<scalar_t>(),
                   static_cast<int>(step.rows), H);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
+          step.dh.addmm_(step.d_hidden_gates, w_hh);
         });
   });
 }

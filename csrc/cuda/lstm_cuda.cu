@@ -1,8 +1,8 @@
 // CUDA kernels of the LSTM layer ops: float32, float64, float16 and bfloat16, with float32
 // accumulation and a float32 running cell state for the half types.
 //
-// Forward, per step, one kernel does the recurrent product h_{t-1} W_hh^T, the activations and
-// the cell update together: each block owns a slice of hidden units across all four gates and a
+// Forward, per step, one kernel does the recurrent product h_{t-1} W_hh^T, the biases, the
+// activations and the cell update together: each block owns a slice of hidden units across all four gates and a
 // tile of batch rows, so the update needs nothing from other blocks. The input projection of all
 // steps is one cuBLAS GEMM before the loop (layer_loops.h).
 // Backward, per step: one pointwise kernel gives the gate gradients, and cuBLAS the product
@@ -31,6 +31,7 @@ __global__ void __launch_bounds__(kStepThreads)
     lstm_forward_step_kernel(const scalar_t* __restrict__ h_prev,  // [rows, P]
                              const scalar_t* __restrict__ w_hh,    // [4H, P]
                              scalar_t* __restrict__ gates,         // [rows, 4H]
+                             const scalar_t* __restrict__ bias,    // [4H] or null
                              acc_t* __restrict__ c_state,          // [rows, H]
                              scalar_t* __restrict__ cells,         // [rows, H]
                              scalar_t* __restrict__ h_out,         // [rows, H]
@@ -41,6 +42,10 @@ __global__ void __launch_bounds__(kStepThreads)
   const int row = blockIdx.y * kRowsPerBlock + threadIdx.x / kUnitsPerBlock;
   const int unit = blockIdx.x * kUnitsPerBlock + threadIdx.x % kUnitsPerBlock;
   if (row >= rows || unit >= H) return;
+  if (bias != nullptr) {
+#pragma unroll
+    for (int gate = 0; gate < 4; ++gate) acc[gate] += static_cast<acc_t>(bias[gate * H + unit]);
+  }
   scalar_t* g = gates + (int64_t)row * 4 * H;
   acc_t i = acc[0] + static_cast<acc_t>(g[unit]);
   acc_t f = acc[1] + static_cast<acc_t>(g[H + unit]);
@@ -110,7 +115,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cuda(
           lstm_forward_step_kernel<scalar_t, acc_t>
               <<<step_grid(H, step.rows), kStepThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
                   step.h_prev.data_ptr<scalar_t>(), w_hh_c.data_ptr<scalar_t>(),
-                  step.gates.data_ptr<scalar_t>(), step.c_state.data_ptr<acc_t>(),
+                  step.gates.data_ptr<scalar_t>(),
+                  step.bias.defined() ? step.bias.data_ptr<scalar_t>() : nullptr, step.c_state.data_ptr<acc_t>(),
                   step.cells.data_ptr<scalar_t>(), step.h_out.data_ptr<scalar_t>(),
                   step.h_next.defined() ? step.h_next.data_ptr<scalar_t>() : nullptr,
                   static_cast<int>(step.rows), H, P);
@@ -144,6 +150,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
                   lengths_device.data_ptr<int64_t>(), step.t, static_cast<int>(step.rows), B, H,
                   reverse);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
+          at::mm_out(step.dh_prev, step.d_gates, w_hh);
         });
   });
 }
