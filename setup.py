@@ -162,11 +162,11 @@ def make_extension():
     return ext, cpp_extension.BuildExtension
 
 
-extension, build_ext = make_extension()
-
-setup(
-    packages=find_packages(include=["lstm_fused", "lstm_fused.*"]),
-    ext_modules=[extension],
-    cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
-)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import it
+    extension, build_ext = make_extension()
+    setup(
+        packages=find_packages(include=["lstm_fused", "lstm_fused.*"]),
+        ext_modules=[extension],
+        cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    )

@@ -50,7 +50,8 @@ class _FusedRNNBase(nn.RNNBase):
         return self._flat_weights[start : start + per_layer]
 
     def _run_layers(self, x: Tensor, hx: States, lengths: Optional[Tensor]) -> Tuple[Tensor, States]:
-        """x is time-major [T, B, I]; each state tensor is [layers * directions, B, *]."""
+        """x is time-major [T, B, I]; each state tensor is [layers * directions, B, *]. Runs in
+        x's dtype (the weights are cast to it under autocast)."""
         num_directions = 2 if self.bidirectional else 1
         final: List[States] = []
         layer_input = x
@@ -58,8 +59,8 @@ class _FusedRNNBase(nn.RNNBase):
             outputs = []
             for direction in range(num_directions):
                 k = layer * num_directions + direction
-                y, state = self._run_layer(layer_input, tuple(s[k] for s in hx),
-                                           self._layer_weights(layer, direction), lengths, direction == 1)
+                weights = [w.to(x.dtype) for w in self._layer_weights(layer, direction)]
+                y, state = self._run_layer(layer_input, tuple(s[k] for s in hx), weights, lengths, direction == 1)
                 outputs.append(y)
                 final.append(state)
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
@@ -67,8 +68,43 @@ class _FusedRNNBase(nn.RNNBase):
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)
         return layer_input, tuple(torch.stack(parts) for parts in zip(*final))
 
+    def _autocast_dtypes(self, x: Tensor) -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
+        """(dtype to compute in, dtype to return) under autocast, following torch.nn: on CUDA the
+        RNNs run in the autocast dtype; on the CPU nn.LSTM returns it (oneDNN's RNN is on the CPU
+        autocast list) while nn.GRU ignores autocast. Our CPU kernels then compute in the weights'
+        dtype. (None, None) when autocast does not apply."""
+        device_type = x.device.type
+        if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+            return None, None
+        low = torch.get_autocast_dtype(device_type)
+        if device_type == "cuda":
+            return low, low
+        if self.mode == "LSTM":
+            return self._flat_weights[0].dtype, low
+        return None, None
+
     def forward(self, input, hx=None):
         self._update_flat_weights()
+        data = input.data if isinstance(input, PackedSequence) else input
+        compute, result = self._autocast_dtypes(data)
+        if compute is None:
+            return self._forward(input, hx)
+        if isinstance(input, PackedSequence):
+            input = PackedSequence(input.data.to(compute), input.batch_sizes, input.sorted_indices,
+                                   input.unsorted_indices)
+        else:
+            input = input.to(compute)
+        if hx is not None:
+            hx = tuple(h.to(compute) for h in hx) if isinstance(hx, tuple) else hx.to(compute)
+        with torch.autocast(data.device.type, enabled=False):
+            output, state = self._forward(input, hx)
+        state = tuple(s.to(result) for s in state) if isinstance(state, tuple) else state.to(result)
+        if isinstance(output, PackedSequence):
+            return PackedSequence(output.data.to(result), output.batch_sizes, output.sorted_indices,
+                                  output.unsorted_indices), state
+        return output.to(result), state
+
+    def _forward(self, input, hx):
         if isinstance(input, PackedSequence):
             return self._forward_packed(input, hx)
 
@@ -191,6 +227,11 @@ class _FusedCellBase(nn.RNNCellBase):
     """What LSTMCell and GRUCell share: 1-D / 2-D input and state, and the checks that the
     torch.nn cells make inside their C++ kernels (with the same exception types)."""
 
+    def _weights(self, x: Tensor) -> List[Optional[Tensor]]:
+        """weight_ih, weight_hh, bias_ih, bias_hh in x's dtype (they differ under autocast)."""
+        return [None if w is None else w.to(x.dtype)
+                for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)]
+
     def _prepare(self, input: Tensor, hx: Optional[Tuple[Tensor, ...]], name: str):
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: input must be 1-D (unbatched) or 2-D (batched), got {input.dim()}-D")
@@ -201,6 +242,11 @@ class _FusedCellBase(nn.RNNCellBase):
         is_batched = input.dim() == 2
         if not is_batched:
             input = input.unsqueeze(0)
+        # Under CUDA autocast torch.nn's cells run in the autocast dtype (on the CPU they ignore it).
+        if input.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            low = torch.get_autocast_dtype("cuda")
+            input = input.to(low)
+            hx = None if hx is None else tuple(s.to(low) for s in hx)
         if hx is None:
             hx = tuple(input.new_zeros(input.size(0), self.hidden_size) for _ in range(self._state_count))
         elif not is_batched:
@@ -232,7 +278,8 @@ class LSTMCell(_FusedCellBase):
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         x, (h0, c0), is_batched = self._prepare(input, hx, "LSTMCell")
-        _, h, c = lstm_layer(x, h0, c0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        with torch.autocast(x.device.type, enabled=False):
+            _, h, c = lstm_layer(x, h0, c0, *self._weights(x))
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -250,5 +297,6 @@ class GRUCell(_FusedCellBase):
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         x, (h0,), is_batched = self._prepare(input, None if hx is None else (hx,), "GRUCell")
-        _, h = gru_layer(x, h0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        with torch.autocast(x.device.type, enabled=False):
+            _, h = gru_layer(x, h0, *self._weights(x))
         return h if is_batched else h.squeeze(0)

@@ -1,0 +1,308 @@
+"""Reliability: mixed precision, determinism, long sequences and memory, threads, property-based
+comparison with torch.nn, distributed training, and faults in the environment."""
+import os
+import runpy
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence
+
+import lstm_fused
+from helpers import assert_error_bounded, run_with_grads
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+PAIRS = {"LSTM": (lstm_fused.LSTM, nn.LSTM), "GRU": (lstm_fused.GRU, nn.GRU)}
+
+
+def make_pair(cell, seed=0, device="cpu", **kwargs):
+    ours_class, torch_class = PAIRS[cell]
+    torch.manual_seed(seed)
+    ref = torch_class(**kwargs).to(device)
+    ours = ours_class(**kwargs).to(device)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+# --- mixed precision ---------------------------------------------------------------------------
+
+AUTOCAST = [("cpu", torch.bfloat16)] + [
+    pytest.param("cuda", dtype, marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="no CUDA device here"))
+    for dtype in (torch.float16, torch.bfloat16)
+]
+
+
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_autocast_gives_torch_dtypes_and_float32_values(cell, device, dtype):
+    ours, ref = make_pair(cell, device=device, input_size=5, hidden_size=16, num_layers=2)
+    x = torch.randn(7, 3, 5, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=dtype):
+        outs_ref, grads_ref, w = run_with_grads(ref, x)
+        outs, grads, _ = run_with_grads(ours, x, weights=w)
+    outs32, grads32, _ = run_with_grads(ours, x, weights=w)
+    for a, b, exact in zip(outs + grads, outs_ref + grads_ref, outs32 + grads32):
+        assert a.dtype == b.dtype, "same dtype as torch.nn under autocast"
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.float(), exact.float(), rtol=0.05, atol=0.05)
+
+
+# --- determinism -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_identical_runs_are_bitwise_identical(device, cell):
+    results = []
+    for _ in range(2):
+        ours, _ = make_pair(cell, seed=3, device=device, input_size=6, hidden_size=33, num_layers=2,
+                            bidirectional=True, dropout=0.3)
+        torch.manual_seed(5)  # the dropout masks
+        x = torch.randn(9, 4, 6, device=device, requires_grad=True)
+        outs, grads, _ = run_with_grads(ours, x)
+        results.append(outs + grads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# --- long sequences and memory -----------------------------------------------------------------
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_long_sequence_is_finite_and_matches_torch(cell):
+    ours, ref = make_pair(cell, input_size=8, hidden_size=32)
+    exact = make_pair(cell, input_size=8, hidden_size=32)[1].double()
+    x = torch.randn(5000, 4, 8, requires_grad=True)
+    outs_exact, grads_exact, w = run_with_grads(exact, x.detach().double().requires_grad_())
+    outs_ref, grads_ref, _ = run_with_grads(ref, x, weights=w)
+    outs, grads, _ = run_with_grads(ours, x, weights=w)
+    for a, b, e in zip(outs + grads, outs_ref + grads_ref, outs_exact + grads_exact):
+        assert torch.isfinite(a).all()
+        assert_error_bounded(a, b, e, f"{cell} T=5000", floor=1e-5)
+
+
+MEMORY_SCRIPT = """
+import os, sys, threading, time, torch, lstm_fused
+from torch import nn
+impl, T = sys.argv[1], int(sys.argv[2])
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+torch.manual_seed(0)
+model = (lstm_fused.LSTM if impl == "fused" else nn.LSTM)(16, 128)
+x = torch.randn(T, 16, 16, requires_grad=True)
+model(x[:2])[0].sum().backward()  # warm-up outside the measurement
+x.grad = None
+for p in model.parameters():
+    p.grad = None
+before, peak, done = rss(), [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.0005)
+sampler = threading.Thread(target=sample)
+sampler.start()
+out, _ = model(x)
+out.sum().backward()
+peak[0] = max(peak[0], rss())
+done.set()
+sampler.join()
+print((peak[0] - before) / 2**20)
+"""
+
+
+def _training_peak_mb(impl, seq_len):
+    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, impl, str(seq_len)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return float(done.stdout.split()[-1])
+
+
+def test_training_memory_grows_linearly_and_stays_under_nn_lstm():
+    ours = {T: _training_peak_mb("fused", T) for T in (2500, 5000)}
+    theirs = _training_peak_mb("torch", 5000)
+    growth = ours[5000] / ours[2500]
+    assert 1.6 < growth < 2.4, f"peak memory should double with T: {ours}"
+    assert ours[5000] <= 1.05 * theirs, f"ours {ours[5000]:.0f} MB, nn.LSTM {theirs:.0f} MB at T=5000"
+
+
+# --- threads -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_four_threads_calling_one_module(cell):
+    ours, _ = make_pair(cell, input_size=5, hidden_size=24, num_layers=2)
+    inputs = [torch.randn(12, 3 + k, 5) for k in range(4)]
+    with torch.no_grad():
+        expected = [ours(x)[0] for x in inputs]
+    results, errors = [None] * 4, []
+
+    def work(k):
+        try:
+            with torch.no_grad():
+                for _ in range(5):
+                    results[k] = ours(inputs[k])[0]
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for got, want in zip(results, expected):
+        assert torch.equal(got, want)
+
+
+# --- property-based comparison -----------------------------------------------------------------
+
+@st.composite
+def rnn_cases(draw, cell):
+    hidden = draw(st.integers(1, 7))
+    config = dict(
+        input_size=draw(st.integers(1, 5)),
+        hidden_size=hidden,
+        num_layers=draw(st.integers(1, 3)),
+        bias=draw(st.booleans()),
+        batch_first=draw(st.booleans()),
+        bidirectional=draw(st.booleans()),
+    )
+    if cell == "LSTM" and hidden > 1:
+        config["proj_size"] = draw(st.integers(0, hidden - 1))
+    lengths = draw(st.lists(st.integers(1, 6), min_size=1, max_size=4))
+    packed = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    return config, lengths, packed, seed
+
+
+def _property_check(cell, case):
+    config, lengths, packed, seed = case
+    ours, ref = make_pair(cell, seed=seed, **config)
+    ours.double(), ref.double()
+    gen = torch.Generator().manual_seed(seed)
+    if packed:
+        seqs = [torch.randn(n, config["input_size"], generator=gen, dtype=torch.float64) for n in lengths]
+        inputs = pack_sequence(seqs, enforce_sorted=False)
+        inputs.data.requires_grad_()
+    else:
+        T, B = max(lengths), len(lengths)
+        shape = (B, T, config["input_size"]) if config["batch_first"] else (T, B, config["input_size"])
+        inputs = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    outs_ref, grads_ref, w = run_with_grads(ref, inputs)
+    outs, grads, _ = run_with_grads(ours, inputs, weights=w)
+    for a, b in zip(outs + grads, outs_ref + grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rnn_cases("LSTM"))
+def test_property_lstm_matches_nn_lstm(case):
+    _property_check("LSTM", case)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rnn_cases("GRU"))
+def test_property_gru_matches_nn_gru(case):
+    _property_check("GRU", case)
+
+
+# --- distributed -------------------------------------------------------------------------------
+
+class _LastStepRegressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = lstm_fused.LSTM(4, 8, num_layers=2, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def _train(model, parameters_of, rank, world_size, steps):
+    """SGD on a fixed stream of batches; each rank takes its shard. Returns the first step's grads."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    first_grads = None
+    for step in range(steps):
+        x = torch.randn(8, 5, 4, generator=gen)
+        y = torch.randn(8, 1, generator=gen)
+        shard = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
+        loss = nn.functional.mse_loss(model(x[shard]), y[shard])
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            first_grads = {n: p.grad.clone() for n, p in parameters_of.named_parameters()}
+        optimizer.step()
+    return first_grads
+
+
+def _ddp_worker(rank, world_size, init_file, out_dir, steps):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = _LastStepRegressor()
+    grads = _train(DistributedDataParallel(model), model, rank, world_size, steps)
+    torch.save({"grads": grads, "params": {n: p.detach() for n, p in model.named_parameters()}},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_gloo_two_processes_match_full_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    steps = 3
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), steps), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = _LastStepRegressor()
+    full_batch_grads = _train(model, model, 0, 1, steps)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, p in model.named_parameters():
+        for r in range(2):
+            torch.testing.assert_close(ranks[r]["grads"][name], full_batch_grads[name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ranks[r]["params"][name], p.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), "ranks out of sync"
+
+
+# --- faults in the environment -----------------------------------------------------------------
+
+def _load_setup_py():
+    return runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="setup_under_test")
+
+
+def test_build_without_nvcc_falls_back_to_cpu(monkeypatch, capsys):
+    setup_py = _load_setup_py()
+    monkeypatch.delenv("FORCE_CUDA", raising=False)
+    monkeypatch.delenv("LSTM_FUSED_CPU_ONLY", raising=False)
+    decide_cuda = setup_py["decide_cuda"]
+    decide_cuda.__globals__["find_cuda_home"] = lambda: None
+    assert decide_cuda() is None
+    assert "building the CPU kernels only" in capsys.readouterr().out
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    with pytest.raises(SystemExit, match="FORCE_CUDA=1"):
+        decide_cuda()
+
+
+def test_missing_extension_raises_import_error_saying_how_to_build():
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'lstm_fused._C':\n"
+        "            raise ImportError('simulated: no compiled extension')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "try:\n"
+        "    import lstm_fused\n"
+        "except ImportError as error:\n"
+        "    print('IMPORT-ERROR:', error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "IMPORT-ERROR:" in done.stdout, done.stderr
+    assert "pip install --no-build-isolation -e ." in done.stdout
