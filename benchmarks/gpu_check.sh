@@ -30,6 +30,9 @@ echo "== 2. tests"
 $py -m pytest tests -q -p no:cacheprovider --junitxml="$log_dir/tests.xml" > "$log_dir/tests.log" 2>&1
 tail -25 "$log_dir/tests.log"
 
+echo "== 2b. DDP with nccl (one rank)"
+$py benchmarks/nccl_check.py 2>&1 | tail -3
+
 echo "== 3. compute-sanitizer"
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 sanitizer_errors=null

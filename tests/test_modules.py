@@ -177,3 +177,26 @@ def test_bad_input_raises_like_torch_nn(cell, case):
     if cell == "GRU" and len(args) == 2:
         args = (args[0], args[1][0])  # a GRU's state is h alone
     _expect_same_error(ours, ref, *args)
+
+
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("seed", SEEDS[:4])
+def test_half_precision_error_bounded_by_torch_nn(device, cell, dtype, seed):
+    """In float16 / bfloat16 our error against float64 may be at most twice torch.nn's (cuDNN's)
+    in the same dtype. The CPU kernels are float32/float64 only (autocast covers bfloat16 there)."""
+    if device == "cpu":
+        pytest.skip("the CPU kernels run float32 and float64; half types are CUDA-only")
+    config, T, B = random_config(200 + seed)
+    ours, ref = make_pair(device, dtype, seed, cell, **config)
+    exact = copy.deepcopy(ref).double()
+    x = make_input(T, B, config, device, dtype, seed)
+    hx = make_state(T, B, config, device, dtype, seed, cell)
+    outs_exact, grads_exact, w = run_with_grads(exact, x.detach().double().requires_grad_(), detached64(hx))
+    outs_ref, grads_ref, _ = run_with_grads(ref, x, hx, w)
+    outs, grads, _ = run_with_grads(ours, x, hx, w)
+    for k, (a, b, e) in enumerate(zip(outs + grads, outs_ref + grads_ref, outs_exact + grads_exact)):
+        assert a.dtype == dtype
+        assert_error_bounded(a, b, e, f"{cell} {dtype} tensor {k}", floor=1e-3)
