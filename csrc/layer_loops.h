@@ -1,6 +1,8 @@
 // The host side of the layer ops, shared by every device: buffers, the input-projection GEMM,
 // the time loop over active rows, and the weight/input-gradient GEMMs after the backward loop.
-// What differs per device is the work of one step, passed in as a callable.
+// What differs per device is the work of one step, passed in as a callable that receives raw
+// pointers: building tensor views per step would cost more than a small step's work on the CPU.
+// Every pointer covers only the `rows` rows that advance at step t; rows are contiguous.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,30 +13,66 @@
 
 namespace lstm_fused {
 
-// One forward step's device work. Every tensor covers only the `rows` rows that advance at t.
+// One LSTM forward step. cell_t is the running cell state's type (float for the half types).
+template <typename scalar_t, typename cell_t>
 struct LstmForwardStep {
   int64_t t = 0;
   int64_t rows = 0;
-  at::Tensor h_prev;   // [rows, P]  recurrent input h_{t-1}
-  at::Tensor gates;    // [rows, 4H] input projection x W_ih^T in, activated gates out
-  at::Tensor bias;     // [4H] b_ih + b_hh, for the step to add; undefined without biases
-  at::Tensor c_state;  // [rows, H]  c_{t-1} in, c_t out (in the cell dtype)
-  at::Tensor cells;    // [rows, H]  receives c_t for the reserve
-  at::Tensor h_out;    // [rows, H]  receives o * tanh(c_t)
-  at::Tensor h_next;   // [rows, H]  receives it too, as the next step's h; undefined with projection
+  const scalar_t* h_prev = nullptr;  // [rows, P]  recurrent input h_{t-1}
+  scalar_t* gates = nullptr;         // [rows, 4H] input projection x W_ih^T in, activated gates out
+  const scalar_t* bias = nullptr;    // [4H] b_ih + b_hh for the step to add; null without biases
+  cell_t* c_state = nullptr;         // [rows, H]  c_{t-1} in, c_t out
+  scalar_t* cells = nullptr;         // [rows, H]  receives c_t for the reserve
+  scalar_t* h_out = nullptr;         // [rows, H]  receives o * tanh(c_t)
+  scalar_t* h_next = nullptr;        // [rows, H]  receives it too, as the next h; null with projection
 };
 
-// One backward step's device work, over the `rows` rows that advance at t.
+// One LSTM backward step.
+template <typename scalar_t, typename cell_t>
 struct LstmBackwardStep {
   int64_t t = 0;
   int64_t rows = 0;
-  at::Tensor gates;       // [rows, 4H] activated gates of step t
-  at::Tensor d_gates;     // [rows, 4H] receives the pre-activation gradients
-  at::Tensor cells;       // [T, B, H]  every step's cell state (row b's c_{t-1} is at its previous step)
-  at::Tensor c0;          // [B, H]     the initial cell state
-  at::Tensor d_cell_out;  // [rows, H]  gradient reaching o * tanh(c_t)
-  at::Tensor dc_state;    // [rows, H]  gradient reaching c_t in, c_{t-1} out (in the cell dtype)
-  at::Tensor dh_prev;     // [rows, P]  receives d_gates W_hh, the gradient reaching h_{t-1}
+  const scalar_t* gates = nullptr;       // [rows, 4H] activated gates of step t
+  scalar_t* d_gates = nullptr;           // [rows, 4H] receives the pre-activation gradients
+  const scalar_t* cells = nullptr;       // [T, B, H]  every step's cell state (c_{t-1} of row b is at
+                                         //            its previous step, previous_step())
+  const scalar_t* c0 = nullptr;          // [B, H]     the initial cell state
+  const int64_t* lengths = nullptr;      // [B]        on the device of the tensors
+  const scalar_t* d_cell_out = nullptr;  // [rows, H]  gradient reaching o * tanh(c_t) from later steps
+  const scalar_t* grad_y = nullptr;      // [rows, H]  gradient of y[t], to add to d_cell_out; null
+                                         //            when the host has added it (projection)
+  cell_t* dc_state = nullptr;            // [rows, H]  gradient reaching c_t in, c_{t-1} out
+  scalar_t* dh_prev = nullptr;           // [rows, P]  receives d_gates W_hh, the gradient reaching h_{t-1}
+};
+
+// One GRU forward step.
+template <typename scalar_t>
+struct GruForwardStep {
+  int64_t t = 0;
+  int64_t rows = 0;
+  const scalar_t* h_prev = nullptr;       // [rows, H]  h_{t-1}
+  scalar_t* gates = nullptr;              // [rows, 3H] input projection x W_ih^T in, activated r, z, n out
+  const scalar_t* input_bias = nullptr;   // [3H] b_ih; null without biases
+  const scalar_t* hidden_bias = nullptr;  // [3H] b_hh; null without biases
+  scalar_t* hidden_n_proj = nullptr;      // [rows, H]  receives h_{t-1} W_hn^T + b_hn (reserve)
+  scalar_t* h_out = nullptr;              // [rows, H]  receives h_t (the layer output y[t])
+  scalar_t* h_next = nullptr;             // [rows, H]  receives h_t too, as the next step's h
+};
+
+// One GRU backward step.
+template <typename scalar_t>
+struct GruBackwardStep {
+  int64_t t = 0;
+  int64_t rows = 0;
+  const scalar_t* gates = nullptr;          // [rows, 3H] activated r, z, n
+  const scalar_t* hidden_n_proj = nullptr;  // [rows, H]  h_{t-1} W_hn^T + b_hn
+  const scalar_t* h_prev = nullptr;         // [rows, H]  h_{t-1}
+  const scalar_t* grad_y = nullptr;         // [rows, H]  gradient of y[t]
+  scalar_t* dh = nullptr;                   // [rows, H]  gradient reaching h_t from later steps in; the
+                                            //            whole gradient reaching h_{t-1} out:
+                                            //            z*dh (pointwise) + d_hidden_gates W_hh
+  scalar_t* d_input_gates = nullptr;        // [rows, 3H] receives the gradients of x W_ih^T + b_ih
+  scalar_t* d_hidden_gates = nullptr;       // [rows, 3H] receives the gradients of h W_hh^T + b_hh
 };
 
 // With lengths, rows that do not advance are never written: those buffers start from zeros so
@@ -68,13 +106,21 @@ inline at::Tensor final_hidden(const at::Tensor (&h_buffers)[2], const LayerSize
   return at::where(odd.to(h_buffers[0].device()), h_buffers[1], h_buffers[0]);
 }
 
-// cell_dtype: the dtype of the running cell state (float32 for half types, else x's dtype).
-template <typename StepFn>
+// The time step processed at position `index` of the loop (forward order for the forward pass).
+inline int64_t step_time(int64_t index, int64_t seq_len, bool reverse) {
+  return reverse ? seq_len - 1 - index : index;
+}
+
+// The lengths as an int64 tensor on `device`, for kernels that need each row's own first step.
+inline at::Tensor lengths_on(const LayerSizes& s, const at::Device& device) {
+  return at::tensor(s.lengths, at::TensorOptions().dtype(at::kLong)).to(device);
+}
+
+template <typename scalar_t, typename cell_t, typename StepFn>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_lstm_layer_forward(
     const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
-    const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
-    const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr, bool padded,
-    bool reverse, at::ScalarType cell_dtype, StepFn&& step) {
+    const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+    const c10::optional<at::Tensor>& w_hr, bool padded, bool reverse, StepFn&& step) {
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   at::Tensor reserve = layer_buffer({lstm_reserve_numel(s)}, x.options(), padded);
   const LstmReserve r = split_lstm_reserve(reserve, s);
@@ -89,42 +135,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_lstm_layer_forwar
 
   at::Tensor h_buffers[2];
   init_hidden_buffers(h_buffers, h0);
-  at::Tensor c = c0.to(cell_dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  for (int64_t step_index = 0; step_index < T; ++step_index) {
-    const int64_t t = reverse ? T - 1 - step_index : step_index;
-    const int64_t rows = s.active_rows[t];
-    if (rows == 0) continue;
-    at::Tensor h_next = h_buffers[(step_index + 1) % 2].narrow(0, 0, rows);
-    LstmForwardStep fs;
+  at::Tensor c = c0.to(c10::CppTypeToScalarType<cell_t>::value, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  scalar_t* h_ptr[2] = {h_buffers[0].data_ptr<scalar_t>(), h_buffers[1].data_ptr<scalar_t>()};
+  scalar_t* gates = r.gates.data_ptr<scalar_t>();
+  scalar_t* cells = r.cells.data_ptr<scalar_t>();
+  scalar_t* h_out = (s.has_proj ? r.proj_in : y).data_ptr<scalar_t>();
+
+  LstmForwardStep<scalar_t, cell_t> fs;
+  fs.bias = s.has_bias ? bias.data_ptr<scalar_t>() : nullptr;
+  fs.c_state = c.data_ptr<cell_t>();
+  for (int64_t index = 0; index < T; ++index) {
+    const int64_t t = step_time(index, T, reverse);
     fs.t = t;
-    fs.rows = rows;
-    fs.h_prev = h_buffers[step_index % 2].narrow(0, 0, rows);
-    fs.gates = r.gates[t].narrow(0, 0, rows);
-    fs.bias = bias;
-    fs.c_state = c.narrow(0, 0, rows);
-    fs.cells = r.cells[t].narrow(0, 0, rows);
-    fs.h_out = (s.has_proj ? r.proj_in : y)[t].narrow(0, 0, rows);
-    if (!s.has_proj) fs.h_next = h_next;
+    fs.rows = s.active_rows[t];
+    if (fs.rows == 0) continue;
+    fs.h_prev = h_ptr[index % 2];
+    fs.gates = gates + t * B * 4 * H;
+    fs.cells = cells + t * B * H;
+    fs.h_out = h_out + t * B * H;
+    fs.h_next = s.has_proj ? nullptr : h_ptr[(index + 1) % 2];
     step(fs);
     if (s.has_proj) {
-      at::Tensor y_t = y[t].narrow(0, 0, rows);
-      at::mm_out(y_t, fs.h_out, w_hr->t());
-      h_next.copy_(y_t);
+      at::Tensor y_t = y[t].narrow(0, 0, fs.rows);
+      at::mm_out(y_t, r.proj_in[t].narrow(0, 0, fs.rows), w_hr->t());
+      h_buffers[(index + 1) % 2].narrow(0, 0, fs.rows).copy_(y_t);
     }
   }
-
-  at::Tensor h_n = final_hidden(h_buffers, s, reverse);
-  return {y, h_n, c.to(x.scalar_type()), reserve};
+  return {y, final_hidden(h_buffers, s, reverse), c.to(x.scalar_type()), reserve};
 }
 
-template <typename StepFn>
+template <typename scalar_t, typename cell_t, typename StepFn>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 run_lstm_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                         const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& h0,
-                        const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                        const c10::optional<at::Tensor>& w_hr, const at::Tensor& y,
-                        const at::Tensor& reserve, bool padded, bool reverse,
-                        at::ScalarType cell_dtype, StepFn&& step) {
+                        const at::Tensor& c0, const at::Tensor& w_ih, const c10::optional<at::Tensor>& w_hr,
+                        const at::Tensor& y, const at::Tensor& reserve, bool padded, bool reverse,
+                        StepFn&& step) {
   const int64_t T = s.seq_len, B = s.batch, I = s.input_size, H = s.hidden_size, P = s.output_size;
   const LstmReserve r = split_lstm_reserve(reserve, s);
   at::Tensor d_gates = layer_buffer({T, B, 4 * H}, x.options(), padded);
@@ -132,30 +178,37 @@ run_lstm_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at:
   at::Tensor d_h_steps = s.has_proj ? layer_buffer({T, B, P}, x.options(), padded) : at::Tensor();
   at::Tensor d_proj_in = s.has_proj ? at::empty({B, H}, x.options()) : at::Tensor();
   at::Tensor dh = grad_h_n.clone(at::MemoryFormat::Contiguous);
-  at::Tensor dc = grad_c_n.to(cell_dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  at::Tensor dc = grad_c_n.to(c10::CppTypeToScalarType<cell_t>::value, /*non_blocking=*/false, /*copy=*/true)
+                      .contiguous();
   const at::Tensor c0_c = c0.contiguous();
+  const at::Tensor grad_y_c = grad_y.contiguous();
+  const at::Tensor lengths = lengths_on(s, x.device());
 
-  for (int64_t step_index = 0; step_index < T; ++step_index) {
-    const int64_t t = reverse ? step_index : T - 1 - step_index;
-    const int64_t rows = s.active_rows[t];
-    if (rows == 0) continue;
-    at::Tensor dh_t = dh.narrow(0, 0, rows);
-    dh_t.add_(grad_y[t].narrow(0, 0, rows));
-    LstmBackwardStep bs;
+  LstmBackwardStep<scalar_t, cell_t> bs;
+  bs.cells = r.cells.data_ptr<scalar_t>();
+  bs.c0 = c0_c.data_ptr<scalar_t>();
+  bs.lengths = lengths.data_ptr<int64_t>();
+  bs.dc_state = dc.data_ptr<cell_t>();
+  bs.dh_prev = dh.data_ptr<scalar_t>();
+  for (int64_t index = 0; index < T; ++index) {
+    const int64_t t = step_time(index, T, !reverse);
     bs.t = t;
-    bs.rows = rows;
-    bs.d_cell_out = dh_t;
+    bs.rows = s.active_rows[t];
+    if (bs.rows == 0) continue;
+    bs.gates = r.gates.data_ptr<scalar_t>() + t * B * 4 * H;
+    bs.d_gates = d_gates.data_ptr<scalar_t>() + t * B * 4 * H;
     if (s.has_proj) {
-      d_h_steps[t].narrow(0, 0, rows).copy_(dh_t);
-      bs.d_cell_out = d_proj_in.narrow(0, 0, rows);
-      at::mm_out(bs.d_cell_out, dh_t, *w_hr);
+      at::Tensor dh_t = dh.narrow(0, 0, bs.rows);
+      dh_t.add_(grad_y_c[t].narrow(0, 0, bs.rows));
+      d_h_steps[t].narrow(0, 0, bs.rows).copy_(dh_t);
+      at::Tensor d_proj_in_t = d_proj_in.narrow(0, 0, bs.rows);
+      at::mm_out(d_proj_in_t, dh_t, *w_hr);
+      bs.d_cell_out = d_proj_in_t.data_ptr<scalar_t>();
+      bs.grad_y = nullptr;
+    } else {
+      bs.d_cell_out = dh.data_ptr<scalar_t>();
+      bs.grad_y = grad_y_c.data_ptr<scalar_t>() + t * B * H;
     }
-    bs.gates = r.gates[t].narrow(0, 0, rows);
-    bs.d_gates = d_gates[t].narrow(0, 0, rows);
-    bs.cells = r.cells;
-    bs.c0 = c0_c;
-    bs.dc_state = dc.narrow(0, 0, rows);
-    bs.dh_prev = dh_t;
     step(bs);
   }
 
@@ -171,33 +224,7 @@ run_lstm_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at:
   return {grad_x, dh, dc.to(x.scalar_type()), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
-// One GRU forward step's device work, over the `rows` rows that advance at t.
-struct GruForwardStep {
-  int64_t t = 0;
-  int64_t rows = 0;
-  at::Tensor h_prev;         // [rows, H]  h_{t-1}
-  at::Tensor gates;          // [rows, 3H] input projection x W_ih^T in, activated r, z, n out
-  at::Tensor input_bias;     // [3H] b_ih, for the step to add; undefined without biases
-  at::Tensor hidden_bias;    // [3H] b_hh, likewise
-  at::Tensor hidden_n_proj;  // [rows, H]  receives h_{t-1} W_hn^T + b_hn (reserve)
-  at::Tensor h_out;          // [rows, H]  receives h_t (the layer output y[t])
-  at::Tensor h_next;         // [rows, H]  receives h_t too, as the next step's h
-};
-
-// One GRU backward step's device work, over the `rows` rows that advance at t.
-struct GruBackwardStep {
-  int64_t t = 0;
-  int64_t rows = 0;
-  at::Tensor gates;           // [rows, 3H] activated r, z, n
-  at::Tensor hidden_n_proj;   // [rows, H]  h_{t-1} W_hn^T + b_hn
-  at::Tensor h_prev;          // [rows, H]  h_{t-1}
-  at::Tensor dh;              // [rows, H]  gradient reaching h_t in; the whole gradient reaching
-                              //            h_{t-1} out: z*dh (pointwise) + d_hidden_gates W_hh
-  at::Tensor d_input_gates;   // [rows, 3H] receives the gradients of x W_ih^T + b_ih
-  at::Tensor d_hidden_gates;  // [rows, 3H] receives the gradients of h W_hh^T + b_hh
-};
-
-template <typename StepFn>
+template <typename scalar_t, typename StepFn>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_gru_layer_forward(
     const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
     const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh, bool padded, bool reverse,
@@ -216,52 +243,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_gru_layer_forward(
 
   at::Tensor h_buffers[2];
   init_hidden_buffers(h_buffers, h0);
-  for (int64_t step_index = 0; step_index < T; ++step_index) {
-    const int64_t t = reverse ? T - 1 - step_index : step_index;
-    const int64_t rows = s.active_rows[t];
-    if (rows == 0) continue;
-    GruForwardStep fs;
+  scalar_t* h_ptr[2] = {h_buffers[0].data_ptr<scalar_t>(), h_buffers[1].data_ptr<scalar_t>()};
+  GruForwardStep<scalar_t> fs;
+  fs.input_bias = s.has_bias ? input_bias.data_ptr<scalar_t>() : nullptr;
+  fs.hidden_bias = s.has_bias ? hidden_bias.data_ptr<scalar_t>() : nullptr;
+  for (int64_t index = 0; index < T; ++index) {
+    const int64_t t = step_time(index, T, reverse);
     fs.t = t;
-    fs.rows = rows;
-    fs.h_prev = h_buffers[step_index % 2].narrow(0, 0, rows);
-    fs.gates = r.gates[t].narrow(0, 0, rows);
-    fs.input_bias = input_bias;
-    fs.hidden_bias = hidden_bias;
-    fs.hidden_n_proj = r.hidden_n_proj[t].narrow(0, 0, rows);
-    fs.h_out = y[t].narrow(0, 0, rows);
-    fs.h_next = h_buffers[(step_index + 1) % 2].narrow(0, 0, rows);
+    fs.rows = s.active_rows[t];
+    if (fs.rows == 0) continue;
+    fs.h_prev = h_ptr[index % 2];
+    fs.gates = r.gates.data_ptr<scalar_t>() + t * B * 3 * H;
+    fs.hidden_n_proj = r.hidden_n_proj.data_ptr<scalar_t>() + t * B * H;
+    fs.h_out = y.data_ptr<scalar_t>() + t * B * H;
+    fs.h_next = h_ptr[(index + 1) % 2];
     step(fs);
   }
   return {y, final_hidden(h_buffers, s, reverse), reserve};
 }
 
-template <typename StepFn>
+template <typename scalar_t, typename StepFn>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 run_gru_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                        const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
-                       const at::Tensor& w_hh, const at::Tensor& y, const at::Tensor& reserve,
-                       bool padded, bool reverse, StepFn&& step) {
+                       const at::Tensor& y, const at::Tensor& reserve, bool padded, bool reverse,
+                       StepFn&& step) {
   const int64_t T = s.seq_len, B = s.batch, I = s.input_size, H = s.hidden_size;
   const GruReserve r = split_gru_reserve(reserve, s);
   at::Tensor d_input_gates = layer_buffer({T, B, 3 * H}, x.options(), padded);
   at::Tensor d_hidden_gates = layer_buffer({T, B, 3 * H}, x.options(), padded);
   const at::Tensor h_prev = gather_previous_hidden(y, h0, s, reverse);
   at::Tensor dh = grad_h_n.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor grad_y_c = grad_y.contiguous();
 
-  for (int64_t step_index = 0; step_index < T; ++step_index) {
-    const int64_t t = reverse ? step_index : T - 1 - step_index;
-    const int64_t rows = s.active_rows[t];
-    if (rows == 0) continue;
-    GruBackwardStep bs;
+  GruBackwardStep<scalar_t> bs;
+  bs.dh = dh.data_ptr<scalar_t>();
+  for (int64_t index = 0; index < T; ++index) {
+    const int64_t t = step_time(index, T, !reverse);
     bs.t = t;
-    bs.rows = rows;
-    bs.dh = dh.narrow(0, 0, rows);
-    bs.dh.add_(grad_y[t].narrow(0, 0, rows));
-    bs.gates = r.gates[t].narrow(0, 0, rows);
-    bs.hidden_n_proj = r.hidden_n_proj[t].narrow(0, 0, rows);
-    bs.h_prev = h_prev[t].narrow(0, 0, rows);
-    bs.d_input_gates = d_input_gates[t].narrow(0, 0, rows);
-    bs.d_hidden_gates = d_hidden_gates[t].narrow(0, 0, rows);
+    bs.rows = s.active_rows[t];
+    if (bs.rows == 0) continue;
+    bs.gates = r.gates.data_ptr<scalar_t>() + t * B * 3 * H;
+    bs.hidden_n_proj = r.hidden_n_proj.data_ptr<scalar_t>() + t * B * H;
+    bs.h_prev = h_prev.data_ptr<scalar_t>() + t * B * H;
+    bs.grad_y = grad_y_c.data_ptr<scalar_t>() + t * B * H;
+    bs.d_input_gates = d_input_gates.data_ptr<scalar_t>() + t * B * 3 * H;
+    bs.d_hidden_gates = d_hidden_gates.data_ptr<scalar_t>() + t * B * 3 * H;
     step(bs);
   }
 

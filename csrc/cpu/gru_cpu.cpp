@@ -1,6 +1,7 @@
 // CPU kernels of the GRU layer ops (float32, float64): per step the recurrent GEMM into a scratch
-// row block, then one vectorised pass (cell_math.h) for the gates and the new state; backward in
-// reverse time with the weight and input gradients as GEMMs after the loop (layer_loops.h).
+// row block (W_hh packed once per call), then one vectorised pass (cell_math.h) for the biases,
+// the gates and the new state; backward in reverse time with the weight and input gradients as
+// GEMMs after the loop (layer_loops.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,20 +17,15 @@ namespace {
 
 using at::Tensor;
 
-// hidden_proj [rows,3H]: h_{t-1} W_hh^T for this step (see GruForwardStep for the rest).
+// hidden_proj [rows, 3H]: h_{t-1} W_hh^T for this step.
 template <typename scalar_t>
-void gru_pointwise_forward(const GruForwardStep& step, const scalar_t* hidden_proj, int64_t H) {
+void gru_pointwise_forward(const GruForwardStep<scalar_t>& step, const scalar_t* hidden_proj, int64_t H) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  scalar_t* gates = step.gates.data_ptr<scalar_t>();
-  scalar_t* hn_out = step.hidden_n_proj.data_ptr<scalar_t>();
-  const scalar_t* h_prev = step.h_prev.data_ptr<scalar_t>();
-  scalar_t* h_out = step.h_out.data_ptr<scalar_t>();
-  scalar_t* h_next = step.h_next.data_ptr<scalar_t>();
-  const scalar_t* b_ih = step.input_bias.defined() ? step.input_bias.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* b_hh = step.hidden_bias.defined() ? step.hidden_bias.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* b_ih = step.input_bias;
+  const scalar_t* b_hh = step.hidden_bias;
   at::parallel_for(0, step.rows, row_grain(3 * H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      scalar_t* g = gates + b * 3 * H;
+      scalar_t* g = step.gates + b * 3 * H;
       const scalar_t* hp = hidden_proj + b * 3 * H;
       for_each_vector<scalar_t>(H, [&](int64_t j, int n) {
         const int64_t k = b * H + j;
@@ -44,46 +40,40 @@ void gru_pointwise_forward(const GruForwardStep& step, const scalar_t* hidden_pr
           hn = hn + Vec::loadu(b_hh + 2 * H + j, n);
         }
         Vec h;
-        gru_cell_forward<Vec, VecActivations<scalar_t>>(r, z, nn, hr, hz, hn, Vec::loadu(h_prev + k, n), h);
+        gru_cell_forward<Vec, VecActivations<scalar_t>>(r, z, nn, hr, hz, hn, Vec::loadu(step.h_prev + k, n), h);
         r.store(g + j, n);
         z.store(g + H + j, n);
         nn.store(g + 2 * H + j, n);
-        hn.store(hn_out + k, n);
-        h.store(h_out + k, n);
-        h.store(h_next + k, n);
+        hn.store(step.hidden_n_proj + k, n);
+        h.store(step.h_out + k, n);
+        h.store(step.h_next + k, n);
       });
     }
   });
 }
 
 template <typename scalar_t>
-void gru_pointwise_backward(const GruBackwardStep& step, int64_t H) {
+void gru_pointwise_backward(const GruBackwardStep<scalar_t>& step, int64_t H) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  const scalar_t* gates = step.gates.data_ptr<scalar_t>();
-  const scalar_t* hn_in = step.hidden_n_proj.data_ptr<scalar_t>();
-  const scalar_t* h_prev = step.h_prev.data_ptr<scalar_t>();
-  scalar_t* dh = step.dh.data_ptr<scalar_t>();
-  scalar_t* d_input = step.d_input_gates.data_ptr<scalar_t>();
-  scalar_t* d_hidden = step.d_hidden_gates.data_ptr<scalar_t>();
   at::parallel_for(0, step.rows, row_grain(3 * H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const scalar_t* g = gates + b * 3 * H;
-      scalar_t* di = d_input + b * 3 * H;
-      scalar_t* dhid = d_hidden + b * 3 * H;
+      const scalar_t* g = step.gates + b * 3 * H;
+      scalar_t* di = step.d_input_gates + b * 3 * H;
+      scalar_t* dhid = step.d_hidden_gates + b * 3 * H;
       for_each_vector<scalar_t>(H, [&](int64_t j, int n) {
         const int64_t k = b * H + j;
         Vec r = Vec::loadu(g + j, n), z = Vec::loadu(g + H + j, n), nn = Vec::loadu(g + 2 * H + j, n);
+        const Vec dh = Vec::loadu(step.dh + k, n) + Vec::loadu(step.grad_y + k, n);
         Vec d_hn, dh_prev;
-        gru_cell_backward<Vec, VecActivations<scalar_t>>(r, z, nn, Vec::loadu(hn_in + k, n),
-                                                         Vec::loadu(h_prev + k, n), Vec::loadu(dh + k, n),
-                                                         d_hn, dh_prev);
+        gru_cell_backward<Vec, VecActivations<scalar_t>>(r, z, nn, Vec::loadu(step.hidden_n_proj + k, n),
+                                                         Vec::loadu(step.h_prev + k, n), dh, d_hn, dh_prev);
         r.store(di + j, n);
         z.store(di + H + j, n);
         nn.store(di + 2 * H + j, n);
         r.store(dhid + j, n);
         z.store(dhid + H + j, n);
         d_hn.store(dhid + 2 * H + j, n);
-        dh_prev.store(dh + k, n);
+        dh_prev.store(step.dh + k, n);
       });
     }
   });
@@ -99,11 +89,12 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cpu(const Tensor& x, const 
   const RecurrentGemm recurrent(w_hh, /*transposed=*/true, s.batch);
   Tensor hidden_proj = at::empty({s.batch, 3 * s.hidden_size}, x.options());
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_forward_cpu", [&] {
-    return run_gru_layer_forward(s, x, h0, w_ih, b_ih, b_hh, lengths.has_value(), reverse, [&](GruForwardStep& step) {
-      Tensor hidden_proj_t = hidden_proj.narrow(0, 0, step.rows);
-      recurrent.run(step.h_prev, hidden_proj_t, /*accumulate=*/false);
-      gru_pointwise_forward<scalar_t>(step, hidden_proj_t.data_ptr<scalar_t>(), s.hidden_size);
-    });
+    scalar_t* hidden_proj_ptr = hidden_proj.data_ptr<scalar_t>();
+    return run_gru_layer_forward<scalar_t>(
+        s, x, h0, w_ih, b_ih, b_hh, lengths.has_value(), reverse, [&](const GruForwardStep<scalar_t>& step) {
+          recurrent.run(step.h_prev, step.rows, hidden_proj_ptr, /*accumulate=*/false);
+          gru_pointwise_forward<scalar_t>(step, hidden_proj_ptr, s.hidden_size);
+        });
   });
 }
 
@@ -116,11 +107,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cp
   at::AutoDispatchBelowADInplaceOrView guard;
   const RecurrentGemm recurrent(w_hh, /*transposed=*/false, s.batch);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_backward_cpu", [&] {
-    return run_gru_layer_backward(s, grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths.has_value(),
-                                  reverse, [&](GruBackwardStep& step) {
-                                    gru_pointwise_backward<scalar_t>(step, s.hidden_size);
-                                    recurrent.run(step.d_hidden_gates, step.dh, /*accumulate=*/true);
-                                  });
+    return run_gru_layer_backward<scalar_t>(
+        s, grad_y, grad_h_n, x, h0, w_ih, y, reserve, lengths.has_value(), reverse,
+        [&](const GruBackwardStep<scalar_t>& step) {
+          gru_pointwise_backward<scalar_t>(step, s.hidden_size);
+          recurrent.run(step.d_hidden_gates, step.rows, step.dh, /*accumulate=*/true);
+        });
   });
 }
 

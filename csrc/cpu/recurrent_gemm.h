@@ -47,30 +47,34 @@ class RecurrentGemm {
     }
   }
 
-  // c[rows, n] = a[rows, k] * op(W) + (accumulate ? c : 0). a and c are row-contiguous views.
-  void run(const at::Tensor& a, at::Tensor& c, bool accumulate) const {
-    const int64_t rows = a.size(0);
+  // c[rows, n] = a[rows, k] * op(W) + (accumulate ? c : 0), all rows contiguous.
+  template <typename scalar_t>
+  void run(const scalar_t* a, int64_t rows, scalar_t* c, bool accumulate) const {
     if (rows == 0) return;
-    if (weight_.scalar_type() == at::kFloat && mkl_available()) {
-      const float beta = accumulate ? 1.0f : 0.0f;
-      if (packed_.defined() && rows == max_rows_) {
-        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(rows), int(n_), int(k_), a.data_ptr<float>(),
-                            int(k_), packed_.data_ptr<float>(), int(n_), beta, c.data_ptr<float>(), int(n_));
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (mkl_available()) {
+        const float beta = accumulate ? 1.0f : 0.0f;
+        if (packed_.defined() && rows == max_rows_) {
+          cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(rows), int(n_), int(k_), a, int(k_),
+                              packed_.data_ptr<float>(), int(n_), beta, c, int(n_));
+          return;
+        }
+        // Row-major C = A op(W) is column-major C^T = op(W)^T A^T.
+        const char trans_w = transposed_ ? 'T' : 'N', no_trans = 'N';
+        const int m = int(n_), n = int(rows), k = int(k_), ldw = int(weight_.size(1));
+        const float alpha = 1.0f;
+        sgemm_(&trans_w, &no_trans, &m, &n, &k, &alpha, weight_.data_ptr<float>(), &ldw, a, &k, &beta, c, &m);
         return;
       }
-      // Row-major C = A op(W) is column-major C^T = op(W)^T A^T.
-      const char trans_w = transposed_ ? 'T' : 'N', no_trans = 'N';
-      const int m = int(n_), n = int(rows), k = int(k_), ldw = int(weight_.size(1));
-      const float alpha = 1.0f;
-      sgemm_(&trans_w, &no_trans, &m, &n, &k, &alpha, weight_.data_ptr<float>(), &ldw, a.data_ptr<float>(),
-             &k, &beta, c.data_ptr<float>(), &m);
-      return;
     }
+    const auto options = weight_.options();
+    const at::Tensor a_t = at::from_blob(const_cast<scalar_t*>(a), {rows, k_}, options);
+    at::Tensor c_t = at::from_blob(c, {rows, n_}, options);
     const at::Tensor op_w = transposed_ ? weight_.t() : weight_;
     if (accumulate) {
-      c.addmm_(a, op_w);
+      c_t.addmm_(a_t, op_w);
     } else {
-      at::mm_out(c, a, op_w);
+      at::mm_out(c_t, a_t, op_w);
     }
   }
 

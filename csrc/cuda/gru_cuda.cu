@@ -62,6 +62,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void gru_backward_pointwise_kernel(const scalar_t* __restrict__ gates,          // [rows, 3H]
                                               const scalar_t* __restrict__ hidden_n_proj,  // [rows, H]
                                               const scalar_t* __restrict__ h_prev,         // [rows, H]
+                                              const scalar_t* __restrict__ grad_y,         // [rows, H]
                                               scalar_t* __restrict__ dh,                   // [rows, H]
                                               scalar_t* __restrict__ d_input_gates,        // [rows, 3H]
                                               scalar_t* __restrict__ d_hidden_gates,       // [rows, 3H]
@@ -74,7 +75,7 @@ __global__ void gru_backward_pointwise_kernel(const scalar_t* __restrict__ gates
   acc_t n = static_cast<acc_t>(g[2 * H + unit]);
   acc_t d_hn, dh_prev;
   gru_cell_backward<acc_t>(r, z, n, static_cast<acc_t>(hidden_n_proj[index]), static_cast<acc_t>(h_prev[index]),
-                           static_cast<acc_t>(dh[index]), d_hn, dh_prev);
+                           static_cast<acc_t>(dh[index]) + static_cast<acc_t>(grad_y[index]), d_hn, dh_prev);
   scalar_t* di = d_input_gates + row * 3 * H;
   scalar_t* dhid = d_hidden_gates + row * 3 * H;
   di[unit] = dhid[unit] = static_cast<scalar_t>(r);
@@ -95,16 +96,14 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(const Tensor& x, const
   const int H = static_cast<int>(s.hidden_size);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gru_layer_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    return run_gru_layer_forward(s, x, h0, w_ih, b_ih, b_hh, lengths.has_value(), reverse, [&](GruForwardStep& step) {
-      gru_forward_step_kernel<scalar_t, acc_t>
-          <<<step_grid(H, step.rows), kStepThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-              step.h_prev.data_ptr<scalar_t>(), w_hh_c.data_ptr<scalar_t>(),
-              s.has_bias ? step.input_bias.data_ptr<scalar_t>() : nullptr,
-              s.has_bias ? step.hidden_bias.data_ptr<scalar_t>() : nullptr, step.gates.data_ptr<scalar_t>(),
-              step.hidden_n_proj.data_ptr<scalar_t>(), step.h_out.data_ptr<scalar_t>(),
-              step.h_next.data_ptr<scalar_t>(), static_cast<int>(step.rows), H);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    return run_gru_layer_forward<scalar_t>(
+        s, x, h0, w_ih, b_ih, b_hh, lengths.has_value(), reverse, [&](const GruForwardStep<scalar_t>& step) {
+          gru_forward_step_kernel<scalar_t, acc_t>
+              <<<step_grid(H, step.rows), kStepThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                  step.h_prev, w_hh_c.data_ptr<scalar_t>(), step.input_bias, step.hidden_bias, step.gates,
+                  step.hidden_n_proj, step.h_out, step.h_next, static_cast<int>(step.rows), H);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
   });
 }
 
@@ -118,17 +117,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
   const int H = static_cast<int>(s.hidden_size);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gru_layer_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    return run_gru_layer_backward(
-        s, grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths.has_value(), reverse,
-        [&](GruBackwardStep& step) {
+    return run_gru_layer_backward<scalar_t>(
+        s, grad_y, grad_h_n, x, h0, w_ih, y, reserve, lengths.has_value(), reverse,
+        [&](const GruBackwardStep<scalar_t>& step) {
           gru_backward_pointwise_kernel<scalar_t, acc_t>
               <<<pointwise_blocks(step.rows * H), kPointwiseThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-                  step.gates.data_ptr<scalar_t>(), step.hidden_n_proj.data_ptr<scalar_t>(),
-                  step.h_prev.data_ptr<scalar_t>(), step.dh.data_ptr<scalar_t>(),
-                  step.d_input_gates.data_ptr<scalar_t>(), step.d_hidden_gates.data_ptr<scalar_t>(),
-                  static_cast<int>(step.rows), H);
+                  step.gates, step.hidden_n_proj, step.h_prev, step.grad_y, step.dh, step.d_input_gates,
+                  step.d_hidden_gates, static_cast<int>(step.rows), H);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          step.dh.addmm_(step.d_hidden_gates, w_hh);
+          Tensor dh = at::from_blob(step.dh, {step.rows, s.hidden_size}, x.options());
+          const Tensor d_hidden = at::from_blob(step.d_hidden_gates, {step.rows, 3 * s.hidden_size}, x.options());
+          dh.addmm_(d_hidden, w_hh);
         });
   });
 }

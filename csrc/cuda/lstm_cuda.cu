@@ -71,6 +71,7 @@ __global__ void lstm_backward_pointwise_kernel(const scalar_t* __restrict__ gate
                                                const scalar_t* __restrict__ cells,   // [T, B, H]
                                                const scalar_t* __restrict__ c0,      // [B, H]
                                                const scalar_t* __restrict__ d_cell_out,  // [rows, H]
+                                               const scalar_t* __restrict__ grad_y,  // [rows, H] or null
                                                acc_t* __restrict__ dc_state,         // [rows, H]
                                                const int64_t* __restrict__ lengths,  // [B]
                                                int64_t t, int rows, int B, int H, bool reverse) {
@@ -83,9 +84,10 @@ __global__ void lstm_backward_pointwise_kernel(const scalar_t* __restrict__ gate
   acc_t i = static_cast<acc_t>(g[unit]), f = static_cast<acc_t>(g[H + unit]);
   acc_t gg = static_cast<acc_t>(g[2 * H + unit]), o = static_cast<acc_t>(g[3 * H + unit]);
   acc_t dc = dc_state[index];
+  acc_t dh = static_cast<acc_t>(d_cell_out[index]);
+  if (grad_y != nullptr) dh += static_cast<acc_t>(grad_y[index]);
   lstm_cell_backward<acc_t>(i, f, gg, o, static_cast<acc_t>(c_prev),
-                            static_cast<acc_t>(cells[(t * B + row) * H + unit]),
-                            static_cast<acc_t>(d_cell_out[index]), dc);
+                            static_cast<acc_t>(cells[(t * B + row) * H + unit]), dh, dc);
   scalar_t* dg = d_gates + (int64_t)row * 4 * H;
   dg[unit] = static_cast<scalar_t>(i);
   dg[H + unit] = static_cast<scalar_t>(f);
@@ -94,8 +96,10 @@ __global__ void lstm_backward_pointwise_kernel(const scalar_t* __restrict__ gate
   dc_state[index] = dc;
 }
 
-at::ScalarType cell_dtype_for(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+// A [rows, cols] tensor over device memory the step structs point into.
+template <typename scalar_t>
+Tensor rows_view(const scalar_t* data, int64_t rows, int64_t cols, const Tensor& like) {
+  return at::from_blob(const_cast<scalar_t*>(data), {rows, cols}, like.options());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cuda(
@@ -109,17 +113,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cuda(
   const int H = static_cast<int>(s.hidden_size), P = static_cast<int>(s.output_size);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    return run_lstm_layer_forward(
-        s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths.has_value(), reverse,
-        cell_dtype_for(x.scalar_type()), [&](LstmForwardStep& step) {
+    return run_lstm_layer_forward<scalar_t, acc_t>(
+        s, x, h0, c0, w_ih, b_ih, b_hh, w_hr, lengths.has_value(), reverse,
+        [&](const LstmForwardStep<scalar_t, acc_t>& step) {
           lstm_forward_step_kernel<scalar_t, acc_t>
               <<<step_grid(H, step.rows), kStepThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-                  step.h_prev.data_ptr<scalar_t>(), w_hh_c.data_ptr<scalar_t>(),
-                  step.gates.data_ptr<scalar_t>(),
-                  step.bias.defined() ? step.bias.data_ptr<scalar_t>() : nullptr, step.c_state.data_ptr<acc_t>(),
-                  step.cells.data_ptr<scalar_t>(), step.h_out.data_ptr<scalar_t>(),
-                  step.h_next.defined() ? step.h_next.data_ptr<scalar_t>() : nullptr,
-                  static_cast<int>(step.rows), H, P);
+                  step.h_prev, w_hh_c.data_ptr<scalar_t>(), step.gates, step.bias, step.c_state, step.cells,
+                  step.h_out, step.h_next, static_cast<int>(step.rows), H, P);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
   });
@@ -131,26 +131,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const c10::optional<Tensor>& w_hr, const Tensor& y, const Tensor& reserve,
     const c10::optional<Tensor>& lengths, bool reverse) {
   const LayerSizes s = check_lstm_layer_backward_args(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih,
-                                                          w_hh, w_hr, y, reserve, lengths);
+                                                      w_hh, w_hr, y, reserve, lengths);
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::AutoDispatchBelowADInplaceOrView guard;
-  const Tensor lengths_device =
-      at::tensor(s.lengths, at::TensorOptions().dtype(at::kLong)).to(x.device());
   const int B = static_cast<int>(s.batch), H = static_cast<int>(s.hidden_size);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    return run_lstm_layer_backward(
-        s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, y, reserve, lengths.has_value(),
-        reverse, cell_dtype_for(x.scalar_type()), [&](LstmBackwardStep& step) {
+    return run_lstm_layer_backward<scalar_t, acc_t>(
+        s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hr, y, reserve, lengths.has_value(), reverse,
+        [&](const LstmBackwardStep<scalar_t, acc_t>& step) {
           lstm_backward_pointwise_kernel<scalar_t, acc_t>
-              <<<pointwise_blocks(step.rows * s.hidden_size), kPointwiseThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-                  step.gates.data_ptr<scalar_t>(), step.d_gates.data_ptr<scalar_t>(),
-                  step.cells.data_ptr<scalar_t>(), step.c0.data_ptr<scalar_t>(),
-                  step.d_cell_out.data_ptr<scalar_t>(), step.dc_state.data_ptr<acc_t>(),
-                  lengths_device.data_ptr<int64_t>(), step.t, static_cast<int>(step.rows), B, H,
-                  reverse);
+              <<<pointwise_blocks(step.rows * s.hidden_size), kPointwiseThreads, 0,
+                 c10::cuda::getCurrentCUDAStream()>>>(
+                  step.gates, step.d_gates, step.cells, step.c0, step.d_cell_out, step.grad_y, step.dc_state,
+                  step.lengths, step.t, static_cast<int>(step.rows), B, H, reverse);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          at::mm_out(step.dh_prev, step.d_gates, w_hh);
+          Tensor dh_prev = rows_view(step.dh_prev, step.rows, s.output_size, x);
+          at::mm_out(dh_prev, rows_view(step.d_gates, step.rows, 4 * s.hidden_size, x), w_hh);
         });
   });
 }
