@@ -6,6 +6,7 @@ forward (inference) and forward + backward, timed with CUDA events (median of re
 """
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -100,6 +101,12 @@ def bench_config(name, spec, device, measure):
         model.train()
         result[f"{label}_fwd_ms"] = measure(forward(model))
         result[f"{label}_fwdbwd_ms"] = measure(forward_backward(model))
+    if cell == "lstm":  # the per-step kernels too, where the persistent one is picked by default
+        os.environ["LSTM_FUSED_PERSISTENT"] = "0"
+        try:
+            result["ours_per_step_fwd_ms"] = measure(forward(ours))
+        finally:
+            del os.environ["LSTM_FUSED_PERSISTENT"]
     gates = 4 if cell == "lstm" else 3
     steps = T if packed is None else float(lengths.float().mean())  # packed: the real work only
     flops = lstm_flops(B, steps, I, H, gates)

@@ -85,14 +85,15 @@ with open(base + ".json", "w") as f:
     json.dump(record, f, indent=1)
 lines = [f"# GPU check: {record['device']}, torch {record['torch']}, csrc tree {csrc_tree[:12]}", "",
          f"tests: {passed} passed, {failed} failed; sanitizer errors: {record['sanitizer_errors']}", "",
-         "| config | ours fwd ms | cuDNN fwd ms | fwd speedup | ours fwd+bwd ms | cuDNN fwd+bwd ms | fwd+bwd speedup |",
-         "|---|---:|---:|---:|---:|---:|---:|"]
+         "| config | ours fwd ms | per-step kernels fwd ms | cuDNN fwd ms | fwd speedup | ours fwd+bwd ms | cuDNN fwd+bwd ms | fwd+bwd speedup |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|"]
 for name, c in record["configs"].items():
     if "error" in c:
-        lines.append(f"| {name} | {c['error']} | | | | | |")
+        lines.append(f"| {name} | {c['error']} | | | | | | |")
         continue
     s = record["speedup_vs_cudnn"][name]
-    lines.append(f"| {name} | {c['ours_fwd_ms']:.3f} | {c['cudnn_fwd_ms']:.3f} | {s['fwd']:.2f}x | "
+    per_step = f"{c['ours_per_step_fwd_ms']:.3f}" if "ours_per_step_fwd_ms" in c else "-"
+    lines.append(f"| {name} | {c['ours_fwd_ms']:.3f} | {per_step} | {c['cudnn_fwd_ms']:.3f} | {s['fwd']:.2f}x | "
                  f"{c['ours_fwdbwd_ms']:.3f} | {c['cudnn_fwdbwd_ms']:.3f} | {s['fwdbwd']:.2f}x |")
 for key, value in bench.get("peaks", {}).items():
     lines.append(f"\n{key}: {value:.1f}")

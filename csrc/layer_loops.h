@@ -116,34 +116,59 @@ inline at::Tensor lengths_on(const LayerSizes& s, const at::Device& device) {
   return at::tensor(s.lengths, at::TensorOptions().dtype(at::kLong)).to(device);
 }
 
+// The buffers of one LSTM forward pass, set up before its time loop (the per-step loop below, or
+// a device's whole-sequence kernel) and turned into the op's outputs after it.
+template <typename cell_t>
+struct LstmForwardBuffers {
+  at::Tensor reserve;       // the op's reserve output
+  LstmReserve r;            // its views
+  at::Tensor y;             // [T, B, P]
+  at::Tensor bias;          // [4H] b_ih + b_hh, undefined without biases
+  at::Tensor c;             // [B, H] the running cell state, in cell_t
+  at::Tensor h_buffers[2];  // [B, P] the ping-pong hidden states (init_hidden_buffers)
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs(const LayerSizes& s, bool reverse,
+                                                                     at::ScalarType dtype) const {
+    return {y, final_hidden(h_buffers, s, reverse), c.to(dtype), reserve};
+  }
+};
+
+template <typename cell_t>
+LstmForwardBuffers<cell_t> begin_lstm_forward(const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0,
+                                              const at::Tensor& c0, const at::Tensor& w_ih,
+                                              const c10::optional<at::Tensor>& b_ih,
+                                              const c10::optional<at::Tensor>& b_hh, bool padded) {
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
+  LstmForwardBuffers<cell_t> f;
+  f.reserve = layer_buffer({lstm_reserve_numel(s)}, x.options(), padded);
+  f.r = split_lstm_reserve(f.reserve, s);
+  f.y = layer_buffer({T, B, P}, x.options(), padded);
+  // The input projection of every step in one GEMM. The biases are added by each step's
+  // pointwise pass, where they cost nothing, rather than broadcast into this [T*B, 4H] buffer
+  // first (a whole extra pass over it).
+  at::Tensor gates_2d = f.r.gates.view({T * B, 4 * H});
+  at::mm_out(gates_2d, x.reshape({T * B, s.input_size}), w_ih.t());
+  if (s.has_bias) f.bias = (*b_ih + *b_hh).contiguous();
+  init_hidden_buffers(f.h_buffers, h0);
+  f.c = c0.to(c10::CppTypeToScalarType<cell_t>::value, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  return f;
+}
+
 template <typename scalar_t, typename cell_t, typename StepFn>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_lstm_layer_forward(
     const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
     const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
     const c10::optional<at::Tensor>& w_hr, bool padded, bool reverse, StepFn&& step) {
-  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
-  at::Tensor reserve = layer_buffer({lstm_reserve_numel(s)}, x.options(), padded);
-  const LstmReserve r = split_lstm_reserve(reserve, s);
-  at::Tensor y = layer_buffer({T, B, P}, x.options(), padded);
-
-  // The input projection of every step in one GEMM. The biases are added by each step's
-  // pointwise pass, where they cost nothing, rather than broadcast into this [T*B, 4H] buffer
-  // first (a whole extra pass over it).
-  at::Tensor gates_2d = r.gates.view({T * B, 4 * H});
-  at::mm_out(gates_2d, x.reshape({T * B, s.input_size}), w_ih.t());
-  const at::Tensor bias = s.has_bias ? (*b_ih + *b_hh).contiguous() : at::Tensor();
-
-  at::Tensor h_buffers[2];
-  init_hidden_buffers(h_buffers, h0);
-  at::Tensor c = c0.to(c10::CppTypeToScalarType<cell_t>::value, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  scalar_t* h_ptr[2] = {h_buffers[0].data_ptr<scalar_t>(), h_buffers[1].data_ptr<scalar_t>()};
-  scalar_t* gates = r.gates.data_ptr<scalar_t>();
-  scalar_t* cells = r.cells.data_ptr<scalar_t>();
-  scalar_t* h_out = (s.has_proj ? r.proj_in : y).data_ptr<scalar_t>();
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
+  LstmForwardBuffers<cell_t> f = begin_lstm_forward<cell_t>(s, x, h0, c0, w_ih, b_ih, b_hh, padded);
+  scalar_t* h_ptr[2] = {f.h_buffers[0].template data_ptr<scalar_t>(), f.h_buffers[1].template data_ptr<scalar_t>()};
+  scalar_t* gates = f.r.gates.template data_ptr<scalar_t>();
+  scalar_t* cells = f.r.cells.template data_ptr<scalar_t>();
+  scalar_t* h_out = (s.has_proj ? f.r.proj_in : f.y).template data_ptr<scalar_t>();
 
   LstmForwardStep<scalar_t, cell_t> fs;
-  fs.bias = s.has_bias ? bias.data_ptr<scalar_t>() : nullptr;
-  fs.c_state = c.data_ptr<cell_t>();
+  fs.bias = s.has_bias ? f.bias.template data_ptr<scalar_t>() : nullptr;
+  fs.c_state = f.c.template data_ptr<cell_t>();
   for (int64_t index = 0; index < T; ++index) {
     const int64_t t = step_time(index, T, reverse);
     fs.t = t;
@@ -156,12 +181,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_lstm_layer_forwar
     fs.h_next = s.has_proj ? nullptr : h_ptr[(index + 1) % 2];
     step(fs);
     if (s.has_proj) {
-      at::Tensor y_t = y[t].narrow(0, 0, fs.rows);
-      at::mm_out(y_t, r.proj_in[t].narrow(0, 0, fs.rows), w_hr->t());
-      h_buffers[(index + 1) % 2].narrow(0, 0, fs.rows).copy_(y_t);
+      at::Tensor y_t = f.y[t].narrow(0, 0, fs.rows);
+      at::mm_out(y_t, f.r.proj_in[t].narrow(0, 0, fs.rows), w_hr->t());
+      f.h_buffers[(index + 1) % 2].narrow(0, 0, fs.rows).copy_(y_t);
     }
   }
-  return {y, final_hidden(h_buffers, s, reverse), c.to(x.scalar_type()), reserve};
+  return f.outputs(s, reverse, x.scalar_type());
 }
 
 template <typename scalar_t, typename cell_t, typename StepFn>

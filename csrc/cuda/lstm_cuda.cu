@@ -1,7 +1,8 @@
 // CUDA kernels of the LSTM layer ops: float32, float64, float16 and bfloat16, with float32
 // accumulation and a float32 running cell state for the half types.
 //
-// Forward, per step, one kernel does the recurrent product h_{t-1} W_hh^T, the biases, the
+// Forward: the persistent kernel (lstm_persistent.cu) when the plan allows it; otherwise per
+// step, one kernel does the recurrent product h_{t-1} W_hh^T, the biases, the
 // activations and the cell update together: each block owns a slice of hidden units across all four gates and a
 // tile of batch rows, so the update needs nothing from other blocks. The input projection of all
 // steps is one cuBLAS GEMM before the loop (layer_loops.h).
@@ -17,6 +18,8 @@
 
 #include "../cell_math.h"
 #include "../layer_loops.h"
+#include "lstm_persistent.h"
+#include "lstm_unit.cuh"
 #include "recurrent_step.cuh"
 
 namespace lstm_fused {
@@ -42,26 +45,9 @@ __global__ void __launch_bounds__(kStepThreads)
   const int row = blockIdx.y * kRowsPerBlock + threadIdx.x / kUnitsPerBlock;
   const int unit = blockIdx.x * kUnitsPerBlock + threadIdx.x % kUnitsPerBlock;
   if (row >= rows || unit >= H) return;
-  if (bias != nullptr) {
-#pragma unroll
-    for (int gate = 0; gate < 4; ++gate) acc[gate] += static_cast<acc_t>(bias[gate * H + unit]);
-  }
-  scalar_t* g = gates + (int64_t)row * 4 * H;
-  acc_t i = acc[0] + static_cast<acc_t>(g[unit]);
-  acc_t f = acc[1] + static_cast<acc_t>(g[H + unit]);
-  acc_t gg = acc[2] + static_cast<acc_t>(g[2 * H + unit]);
-  acc_t o = acc[3] + static_cast<acc_t>(g[3 * H + unit]);
   const int64_t k = (int64_t)row * H + unit;
-  acc_t c, h;
-  lstm_cell_forward<acc_t>(i, f, gg, o, c_state[k], c, h);
-  g[unit] = static_cast<scalar_t>(i);
-  g[H + unit] = static_cast<scalar_t>(f);
-  g[2 * H + unit] = static_cast<scalar_t>(gg);
-  g[3 * H + unit] = static_cast<scalar_t>(o);
-  c_state[k] = c;
-  cells[k] = static_cast<scalar_t>(c);
-  h_out[k] = static_cast<scalar_t>(h);
-  if (h_next != nullptr) h_next[k] = static_cast<scalar_t>(h);
+  lstm_finish_unit(acc, gates + (int64_t)row * 4 * H, bias, unit, H, c_state + k, cells + k, h_out + k,
+                   h_next == nullptr ? nullptr : h_next + k);
 }
 
 // One backward step's pointwise work over `rows` rows of time step t: one thread per (row, unit).
@@ -109,6 +95,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cuda(
   const LayerSizes s = check_lstm_layer_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::AutoDispatchBelowADInplaceOrView guard;
+  // The whole sequence in one launch when the weights fit on chip (persistent_plan.h).
+  if (auto whole = lstm_layer_forward_persistent(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths.has_value(), reverse)) {
+    return *whole;
+  }
   const Tensor w_hh_c = w_hh.contiguous();
   const int H = static_cast<int>(s.hidden_size), P = static_cast<int>(s.output_size);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_forward_cuda", [&] {

@@ -1,0 +1,21 @@
+// The persistent whole-sequence LSTM forward kernel's entry point (lstm_persistent.cu).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+#include "../layer_args.h"
+
+namespace lstm_fused {
+
+// Runs the forward pass of one LSTM layer (no projection) as one cooperative launch, when
+// persistent_plan.h allows it on this device and LSTM_FUSED_PERSISTENT is not "0". Returns the
+// op's outputs, or nullopt when the caller must run the per-step kernels instead.
+c10::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> lstm_layer_forward_persistent(
+    const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+    bool padded, bool reverse);
+
+}  // namespace lstm_fused

@@ -1,0 +1,28 @@
+// lstm_fused::_persistent_plan: the persistent kernel's partitioning rule (persistent_plan.h),
+// exposed so that tests check it on machines without a GPU.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "persistent_plan.h"
+
+namespace lstm_fused {
+namespace {
+
+std::vector<int64_t> persistent_plan_op(int64_t hidden, int64_t recurrent_size, int64_t batch, int64_t gates,
+                                        int64_t element_bytes, int64_t sm_count, int64_t max_shared_bytes) {
+  const PersistentPlan plan = plan_persistent_layer(hidden, recurrent_size, batch, gates, element_bytes, sm_count,
+                                                    max_shared_bytes);
+  return {plan.usable ? 1 : 0, plan.units_per_block, plan.blocks, plan.shared_bytes};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
+  // -> [usable, units_per_block, blocks, shared_bytes]
+  m.def("_persistent_plan(int hidden, int recurrent_size, int batch, int gates, int element_bytes, "
+        "int sm_count, int max_shared_bytes) -> int[]",
+        &persistent_plan_op);
+}
+
+}  // namespace lstm_fused
