@@ -1,0 +1,62 @@
+"""Paired CPU timings: each repetition runs torch.nn then lstm_fused back to back on the same
+input, and the figure is the median of the per-pair ratios. On a noisy machine this is steadier
+than timing each implementation as a block (as pytest-benchmark does).
+
+    python benchmarks/paired.py lstm      # or gru
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import lstm_fused
+
+CONFIGS = [(32, 100, 32, 128), (64, 50, 256, 256), (8, 200, 1, 64), (128, 35, 512, 512)]  # B, T, I, H
+
+
+def seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cell", choices=["lstm", "gru"])
+    parser.add_argument("--pairs", type=int, default=25)
+    args = parser.parse_args()
+    torch_class, our_class = (nn.LSTM, lstm_fused.LSTM) if args.cell == "lstm" else (nn.GRU, lstm_fused.GRU)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratio = torch.nn time / lstm_fused time")
+    for B, T, I, H in CONFIGS:
+        torch.manual_seed(0)
+        ref, ours = torch_class(I, H), our_class(I, H)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(T, B, I)
+        x_grad = x.clone().requires_grad_()
+
+        def inference(model):
+            with torch.inference_mode():
+                model(x)
+
+        def training(model):
+            out, _ = model(x_grad)
+            out.sum().backward()
+
+        cells = []
+        for mode, run in (("inference", inference), ("training", training)):
+            for _ in range(2):
+                run(ref), run(ours)
+            pairs = max(5, args.pairs // 4) if B >= 128 else args.pairs
+            ratios, theirs, mine = [], [], []
+            for _ in range(pairs):
+                a, b = seconds(lambda: run(ref)), seconds(lambda: run(ours))
+                ratios.append(a / b), theirs.append(a), mine.append(b)
+            cells.append(f"{mode} {statistics.median(ratios):.2f}x (torch.nn {statistics.median(theirs) * 1e3:.1f} ms, "
+                         f"ours {statistics.median(mine) * 1e3:.1f} ms)")
+        print(f"{args.cell} B{B} T{T} I{I} H{H}: " + " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
