@@ -106,9 +106,22 @@ inline at::Tensor final_hidden(const at::Tensor (&h_buffers)[2], const LayerSize
   return at::where(odd.to(h_buffers[0].device()), h_buffers[1], h_buffers[0]);
 }
 
-// The time step processed at position `index` of the loop (forward order for the forward pass).
-inline int64_t step_time(int64_t index, int64_t seq_len, bool reverse) {
-  return reverse ? seq_len - 1 - index : index;
+// Calls fn(index, t, rows) for every step with rows to advance, in processing order: t runs
+// backwards in time when `backwards` (a reverse direction's forward pass, a forward direction's
+// backward pass). `index` counts the steps (its parity picks the ping-pong hidden buffer).
+template <typename Fn>
+void for_each_active_step(const LayerSizes& s, bool backwards, Fn&& fn) {
+  for (int64_t index = 0; index < s.seq_len; ++index) {
+    const int64_t t = backwards ? s.seq_len - 1 - index : index;
+    if (s.active_rows[t] > 0) fn(index, t, s.active_rows[t]);
+  }
+}
+
+// The gradients of x and W_ih from the gate gradients of every step: two GEMMs after the loop.
+inline std::pair<at::Tensor, at::Tensor> input_gradients(const at::Tensor& d_gates_2d, const at::Tensor& w_ih,
+                                                         const at::Tensor& x) {
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
+  return {at::mm(d_gates_2d, w_ih).view({T, B, I}), at::mm(d_gates_2d.t(), x.reshape({T * B, I}))};
 }
 
 // The lengths as an int64 tensor on `device`, for kernels that need each row's own first step.
@@ -159,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_lstm_layer_forwar
     const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
     const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
     const c10::optional<at::Tensor>& w_hr, bool padded, bool reverse, StepFn&& step) {
-  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
+  const int64_t B = s.batch, H = s.hidden_size;
   LstmForwardBuffers<cell_t> f = begin_lstm_forward<cell_t>(s, x, h0, c0, w_ih, b_ih, b_hh, padded);
   scalar_t* h_ptr[2] = {f.h_buffers[0].template data_ptr<scalar_t>(), f.h_buffers[1].template data_ptr<scalar_t>()};
   scalar_t* gates = f.r.gates.template data_ptr<scalar_t>();
@@ -169,11 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_lstm_layer_forwar
   LstmForwardStep<scalar_t, cell_t> fs;
   fs.bias = s.has_bias ? f.bias.template data_ptr<scalar_t>() : nullptr;
   fs.c_state = f.c.template data_ptr<cell_t>();
-  for (int64_t index = 0; index < T; ++index) {
-    const int64_t t = step_time(index, T, reverse);
+  for_each_active_step(s, reverse, [&](int64_t index, int64_t t, int64_t rows) {
     fs.t = t;
-    fs.rows = s.active_rows[t];
-    if (fs.rows == 0) continue;
+    fs.rows = rows;
     fs.h_prev = h_ptr[index % 2];
     fs.gates = gates + t * B * 4 * H;
     fs.cells = cells + t * B * H;
@@ -185,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_lstm_layer_forwar
       at::mm_out(y_t, f.r.proj_in[t].narrow(0, 0, fs.rows), w_hr->t());
       f.h_buffers[(index + 1) % 2].narrow(0, 0, fs.rows).copy_(y_t);
     }
-  }
+  });
   return f.outputs(s, reverse, x.scalar_type());
 }
 
@@ -196,7 +207,7 @@ run_lstm_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at:
                         const at::Tensor& c0, const at::Tensor& w_ih, const c10::optional<at::Tensor>& w_hr,
                         const at::Tensor& y, const at::Tensor& reserve, bool padded, bool reverse,
                         StepFn&& step) {
-  const int64_t T = s.seq_len, B = s.batch, I = s.input_size, H = s.hidden_size, P = s.output_size;
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   const LstmReserve r = split_lstm_reserve(reserve, s);
   at::Tensor d_gates = layer_buffer({T, B, 4 * H}, x.options(), padded);
   // With a projection, the total gradient reaching each step's h is kept for the dW_hr GEMM.
@@ -215,11 +226,9 @@ run_lstm_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at:
   bs.lengths = lengths.data_ptr<int64_t>();
   bs.dc_state = dc.data_ptr<cell_t>();
   bs.dh_prev = dh.data_ptr<scalar_t>();
-  for (int64_t index = 0; index < T; ++index) {
-    const int64_t t = step_time(index, T, !reverse);
+  for_each_active_step(s, !reverse, [&](int64_t, int64_t t, int64_t rows) {
     bs.t = t;
-    bs.rows = s.active_rows[t];
-    if (bs.rows == 0) continue;
+    bs.rows = rows;
     bs.gates = r.gates.data_ptr<scalar_t>() + t * B * 4 * H;
     bs.d_gates = d_gates.data_ptr<scalar_t>() + t * B * 4 * H;
     if (s.has_proj) {
@@ -235,11 +244,10 @@ run_lstm_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at:
       bs.grad_y = grad_y_c.data_ptr<scalar_t>() + t * B * H;
     }
     step(bs);
-  }
+  });
 
   const at::Tensor d_gates_2d = d_gates.view({T * B, 4 * H});
-  at::Tensor grad_x = at::mm(d_gates_2d, w_ih).view({T, B, I});
-  at::Tensor grad_w_ih = at::mm(d_gates_2d.t(), x.reshape({T * B, I}));
+  auto [grad_x, grad_w_ih] = input_gradients(d_gates_2d, w_ih, x);
   at::Tensor grad_bias = d_gates_2d.sum(0);
   const at::Tensor h_prev = gather_previous_hidden(y, h0, s, reverse);
   at::Tensor grad_w_hh = at::mm(d_gates_2d.t(), h_prev.view({T * B, P}));
@@ -272,18 +280,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_gru_layer_forward(
   GruForwardStep<scalar_t> fs;
   fs.input_bias = s.has_bias ? input_bias.data_ptr<scalar_t>() : nullptr;
   fs.hidden_bias = s.has_bias ? hidden_bias.data_ptr<scalar_t>() : nullptr;
-  for (int64_t index = 0; index < T; ++index) {
-    const int64_t t = step_time(index, T, reverse);
+  for_each_active_step(s, reverse, [&](int64_t index, int64_t t, int64_t rows) {
     fs.t = t;
-    fs.rows = s.active_rows[t];
-    if (fs.rows == 0) continue;
+    fs.rows = rows;
     fs.h_prev = h_ptr[index % 2];
     fs.gates = r.gates.data_ptr<scalar_t>() + t * B * 3 * H;
     fs.hidden_n_proj = r.hidden_n_proj.data_ptr<scalar_t>() + t * B * H;
     fs.h_out = y.data_ptr<scalar_t>() + t * B * H;
     fs.h_next = h_ptr[(index + 1) % 2];
     step(fs);
-  }
+  });
   return {y, final_hidden(h_buffers, s, reverse), reserve};
 }
 
@@ -293,7 +299,7 @@ run_gru_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::
                        const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
                        const at::Tensor& y, const at::Tensor& reserve, bool padded, bool reverse,
                        StepFn&& step) {
-  const int64_t T = s.seq_len, B = s.batch, I = s.input_size, H = s.hidden_size;
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
   const GruReserve r = split_gru_reserve(reserve, s);
   at::Tensor d_input_gates = layer_buffer({T, B, 3 * H}, x.options(), padded);
   at::Tensor d_hidden_gates = layer_buffer({T, B, 3 * H}, x.options(), padded);
@@ -303,11 +309,9 @@ run_gru_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::
 
   GruBackwardStep<scalar_t> bs;
   bs.dh = dh.data_ptr<scalar_t>();
-  for (int64_t index = 0; index < T; ++index) {
-    const int64_t t = step_time(index, T, !reverse);
+  for_each_active_step(s, !reverse, [&](int64_t, int64_t t, int64_t rows) {
     bs.t = t;
-    bs.rows = s.active_rows[t];
-    if (bs.rows == 0) continue;
+    bs.rows = rows;
     bs.gates = r.gates.data_ptr<scalar_t>() + t * B * 3 * H;
     bs.hidden_n_proj = r.hidden_n_proj.data_ptr<scalar_t>() + t * B * H;
     bs.h_prev = h_prev.data_ptr<scalar_t>() + t * B * H;
@@ -315,12 +319,11 @@ run_gru_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::
     bs.d_input_gates = d_input_gates.data_ptr<scalar_t>() + t * B * 3 * H;
     bs.d_hidden_gates = d_hidden_gates.data_ptr<scalar_t>() + t * B * 3 * H;
     step(bs);
-  }
+  });
 
   const at::Tensor d_input_2d = d_input_gates.view({T * B, 3 * H});
   const at::Tensor d_hidden_2d = d_hidden_gates.view({T * B, 3 * H});
-  at::Tensor grad_x = at::mm(d_input_2d, w_ih).view({T, B, I});
-  at::Tensor grad_w_ih = at::mm(d_input_2d.t(), x.reshape({T * B, I}));
+  auto [grad_x, grad_w_ih] = input_gradients(d_input_2d, w_ih, x);
   at::Tensor grad_w_hh = at::mm(d_hidden_2d.t(), h_prev.view({T * B, H}));
   return {grad_x, dh, grad_w_ih, grad_w_hh, d_input_2d.sum(0), d_hidden_2d.sum(0)};
 }
