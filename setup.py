@@ -141,6 +141,13 @@ def make_extension():
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fdiagnostics-color=always"] + cpu_capability_flags()
+    extra_link_args = []
+    if torch.backends.openmp.is_available() and platform.system() == "Linux":
+        # at::parallel_for is header code whose `#pragma omp parallel` is compiled into each caller:
+        # without -fopenmp it runs on one thread. libgomp.so.1 resolves by soname to the copy that
+        # libtorch already loaded, so there is one OpenMP runtime in the process.
+        cxx_flags.append("-fopenmp")
+        extra_link_args.append("-fopenmp")
     extra_compile_args = {"cxx": cxx_flags}
     define_macros = []
     if cuda_home is not None:
@@ -156,6 +163,7 @@ def make_extension():
         "lstm_fused._C",
         sources,
         extra_compile_args=extra_compile_args,
+        extra_link_args=extra_link_args,
         define_macros=define_macros,
         py_limited_api=True,
     )
