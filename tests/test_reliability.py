@@ -306,3 +306,19 @@ def test_missing_extension_raises_import_error_saying_how_to_build():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "IMPORT-ERROR:" in done.stdout, done.stderr
     assert "pip install --no-build-isolation -e ." in done.stdout
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="a CPU-only torch has no CUDA dispatch to test")
+def test_cuda_inputs_to_a_cpu_only_build_raise_a_clear_error():
+    """Every op has a CUDA kernel: the real one, or (in a CPU-only build) one that explains."""
+    for op in ("lstm_layer_forward", "lstm_layer_backward", "gru_layer_forward", "gru_layer_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lstm_fused::{op}", "CUDA")
+    dump = torch._C._dispatch_dump("lstm_fused::lstm_layer_forward")
+    if "cuda_missing.cpp" not in dump:
+        pytest.skip("this build has the real CUDA kernels")
+    x = torch.randn(3, 2, 4)
+    args = (x, torch.zeros(2, 5), torch.zeros(2, 5), torch.randn(20, 4), torch.randn(20, 5), None, None, None, None,
+            False)
+    cuda_keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises(RuntimeError, match="no CUDA kernels"):
+        torch.ops.lstm_fused.lstm_layer_forward.default.redispatch(cuda_keys, *args)
