@@ -183,10 +183,20 @@ at::Tensor gather_previous_hidden(const at::Tensor& y, const at::Tensor& h0,
   }
   prev.narrow(0, 0, T - 1).copy_(y.narrow(0, 1, T - 1));
   prev[T - 1].copy_(h0);
-  // A reverse row starts at its own last step, lengths[b] - 1, from h0.
+  // A reverse row starts at its own last step, lengths[b] - 1, from h0: one indexed copy for all
+  // the rows shorter than T (one small copy per row would be a kernel launch per row on CUDA).
+  std::vector<int64_t> steps, rows;
   for (int64_t b = 0; b < s.batch; ++b) {
     const int64_t first = s.lengths[b] - 1;
-    if (first >= 0 && first < T - 1) prev[first][b].copy_(h0[b]);
+    if (first >= 0 && first < T - 1) {
+      steps.push_back(first);
+      rows.push_back(b);
+    }
+  }
+  if (!rows.empty()) {
+    const auto index_options = at::TensorOptions().dtype(at::kLong);
+    const at::Tensor row_index = at::tensor(rows, index_options).to(y.device());
+    prev.index_put_({at::tensor(steps, index_options).to(y.device()), row_index}, h0.index_select(0, row_index));
   }
   return prev;
 }
