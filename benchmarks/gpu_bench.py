@@ -134,25 +134,29 @@ def main():
     configs = SMOKE_CONFIGS if args.smoke else CONFIGS
     measure = timer(args.device)
     results = {}
+    peaks = {}
+
+    def save():  # after every config, so that a later hang or crash keeps what was measured
+        if not args.json:
+            return
+        speedups = {
+            name: {"fwd": r["cudnn_fwd_ms"] / r["ours_fwd_ms"], "fwdbwd": r["cudnn_fwdbwd_ms"] / r["ours_fwdbwd_ms"]}
+            for name, r in results.items() if "error" not in r
+        }
+        with open(args.json, "w") as f:
+            json.dump({"configs": results, "speedup_vs_cudnn": speedups, "peaks": peaks}, f, indent=1)
+
     for name, spec in configs.items():
         try:
             results[name] = bench_config(name, spec, args.device, measure)
         except Exception as error:  # one failing config must not lose the others' numbers
             results[name] = {"error": f"{type(error).__name__}: {error}"}
         print(name, json.dumps(results[name]), flush=True)
-    speedups = {
-        name: {"fwd": r["cudnn_fwd_ms"] / r["ours_fwd_ms"], "fwdbwd": r["cudnn_fwdbwd_ms"] / r["ours_fwdbwd_ms"]}
-        for name, r in results.items() if "error" not in r
-    }
-    peaks = {}
+        save()
     if args.device == "cuda" and not args.smoke:
-        peaks = {"matmul_peak_tflops_bf16": matmul_peak_tflops("cuda", torch.bfloat16),
-                 "matmul_peak_tflops_fp32": matmul_peak_tflops("cuda", torch.float32)}
-    output = {"configs": results, "speedup_vs_cudnn": speedups, "peaks": peaks}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(output, f, indent=1)
-
+        peaks["matmul_peak_tflops_bf16"] = matmul_peak_tflops("cuda", torch.bfloat16)
+        peaks["matmul_peak_tflops_fp32"] = matmul_peak_tflops("cuda", torch.float32)
+        save()
 
 if __name__ == "__main__":
     main()

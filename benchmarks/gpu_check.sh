@@ -13,13 +13,16 @@ mkdir -p "$results"
 log_dir=${OUT:-$results}
 csrc_tree=${CSRC_TREE:-$(git rev-parse HEAD:csrc 2>/dev/null || echo unknown)}
 py=${PYTHON:-python}
+# Every step has a time limit: a kernel that hangs (a cooperative kernel waiting at a grid barrier
+# forever, say) must not eat the whole GPU lease. Status 124 in a step's output means it timed out.
+limit() { local seconds=$1; shift; timeout --kill-after=10 "$seconds" "$@"; }
 
 echo "== 1. build"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} FORCE_CUDA=${FORCE_CUDA:-1}
 export LSTM_FUSED_PTXAS_VERBOSE=1
 t0=$(date +%s)
-if ! $py -m pip install -v --no-build-isolation --no-deps -e . > "$log_dir/build.log" 2>&1; then
+if ! limit 300 $py -m pip install -v --no-build-isolation --no-deps -e . > "$log_dir/build.log" 2>&1; then
     tail -30 "$log_dir/build.log"; echo "BUILD FAILED"; exit 1
 fi
 echo "built in $(( $(date +%s) - t0 ))s"
@@ -27,11 +30,12 @@ echo "built in $(( $(date +%s) - t0 ))s"
 grep -E "ptxas info|Compiling entry|spill" "$log_dir/build.log" > "$log_dir/ptxas.txt" 2>/dev/null || true
 
 echo "== 2. tests"
-$py -m pytest tests -q -p no:cacheprovider --junitxml="$log_dir/tests.xml" > "$log_dir/tests.log" 2>&1
+limit 240 $py -m pytest tests -q -p no:cacheprovider --junitxml="$log_dir/tests.xml" > "$log_dir/tests.log" 2>&1
+echo "pytest exit status $?"
 tail -25 "$log_dir/tests.log"
 
 echo "== 2b. DDP with nccl (one rank)"
-$py benchmarks/nccl_check.py 2>&1 | tail -3
+limit 90 $py benchmarks/nccl_check.py 2>&1 | tail -3
 
 echo "== 3. compute-sanitizer"
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
@@ -39,7 +43,7 @@ sanitizer_errors=null
 if [ -n "$sanitizer" ]; then
     sanitizer_errors=0
     for tool in memcheck racecheck; do
-        "$sanitizer" --tool "$tool" --error-exitcode 9 $py benchmarks/sanitizer_workload.py > "$log_dir/sanitizer-$tool.log" 2>&1
+        limit 120 "$sanitizer" --tool "$tool" --error-exitcode 9 $py benchmarks/sanitizer_workload.py > "$log_dir/sanitizer-$tool.log" 2>&1
         n=$(grep -oE "ERROR SUMMARY: [0-9]+" "$log_dir/sanitizer-$tool.log" | grep -oE "[0-9]+" | tail -1)
         echo "$tool: ${n:-?} errors"; tail -3 "$log_dir/sanitizer-$tool.log"
         sanitizer_errors=$(( sanitizer_errors + ${n:-1} ))
@@ -49,7 +53,7 @@ else
 fi
 
 echo "== 4. benchmark against cuDNN"
-$py benchmarks/gpu_bench.py --json "$log_dir/bench.json" 2>&1 | tail -12
+limit 200 $py benchmarks/gpu_bench.py --json "$log_dir/bench.json" 2>&1 | tail -12
 
 echo "== 5. results"
 $py - "$log_dir" "$results/gpu-$stamp" "$csrc_tree" "$sanitizer_errors" <<'PY'
