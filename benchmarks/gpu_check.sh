@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 stamp=$(date -u +%Y-%m-%d)
 results=benchmarks/results
 mkdir -p "$results"
-log_dir=${OUT:-$results}
+log_dir=$(mktemp -d)  # full logs; the useful ones are copied to $OUT at the end (it returns 8 files at most)
 csrc_tree=${CSRC_TREE:-$(git rev-parse HEAD:csrc 2>/dev/null || echo unknown)}
 py=${PYTHON:-python}
 # Every step has a time limit: a kernel that hangs (a cooperative kernel waiting at a grid barrier
@@ -108,3 +108,11 @@ if out:
     for ext in (".json", ".md"):
         shutil.copy(base + ext, out)
 PY
+
+if [ -n "${OUT:-}" ]; then
+    cp "$log_dir/tests.log" "$log_dir/ptxas.txt" "$OUT"/ 2>/dev/null
+    [ -f "$log_dir/bench.json" ] && cp "$log_dir/bench.json" "$OUT"/
+    tail -200 "$log_dir/build.log" > "$OUT/build-tail.log"
+    cat "$log_dir"/sanitizer-*.log > "$OUT/sanitizer.log" 2>/dev/null || true
+fi
+echo "full logs: $log_dir"
