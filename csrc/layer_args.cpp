@@ -17,6 +17,12 @@ void check_same_kind(const at::Tensor& t, const at::Tensor& like, const char* na
               " but the input is on ", like.device());
 }
 
+// A tensor argument: its shape, and the input's dtype and device.
+void check_tensor(const at::Tensor& t, at::IntArrayRef expected, const at::Tensor& like, const char* name) {
+  check_shape(t, expected, name);
+  check_same_kind(t, like, name);
+}
+
 std::vector<int64_t> read_lengths(const c10::optional<at::Tensor>& lengths, int64_t seq_len,
                                   int64_t batch) {
   if (!lengths.has_value()) return std::vector<int64_t>(batch, seq_len);
@@ -58,27 +64,21 @@ LayerSizes check_layer_args(const char* cell, int64_t gates, const at::Tensor& x
   s.output_size = s.has_proj ? w_hr->size(0) : s.hidden_size;
   const int64_t H = s.hidden_size, P = s.output_size;
 
-  check_shape(w_ih, {gates * H, s.input_size}, "w_ih");
-  check_shape(w_hh, {gates * H, P}, "w_hh");
-  check_shape(h0, {s.batch, P}, "h0");
-  check_same_kind(h0, x, "h0");
-  check_same_kind(w_ih, x, "w_ih");
-  check_same_kind(w_hh, x, "w_hh");
+  check_tensor(w_ih, {gates * H, s.input_size}, x, "w_ih");
+  check_tensor(w_hh, {gates * H, P}, x, "w_hh");
+  check_tensor(h0, {s.batch, P}, x, "h0");
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
               "lstm_fused: b_ih and b_hh must be given together or not at all");
   s.has_bias = b_ih.has_value();
   if (s.has_bias) {
-    check_shape(*b_ih, {gates * H}, "b_ih");
-    check_shape(*b_hh, {gates * H}, "b_hh");
-    check_same_kind(*b_ih, x, "b_ih");
-    check_same_kind(*b_hh, x, "b_hh");
+    check_tensor(*b_ih, {gates * H}, x, "b_ih");
+    check_tensor(*b_hh, {gates * H}, x, "b_hh");
   }
   if (s.has_proj) {
     TORCH_CHECK(w_hr->dim() == 2 && P > 0 && P < H,
                 "lstm_fused: w_hr must be [proj_size, hidden_size] with 0 < proj_size < hidden_size, got ",
                 w_hr->sizes());
-    check_shape(*w_hr, {P, H}, "w_hr");
-    check_same_kind(*w_hr, x, "w_hr");
+    check_tensor(*w_hr, {P, H}, x, "w_hr");
   }
   s.lengths = read_lengths(lengths, s.seq_len, s.batch);
   s.active_rows.assign(s.seq_len, 0);
@@ -105,8 +105,7 @@ LayerSizes check_lstm_layer_forward_args(const at::Tensor& x, const at::Tensor& 
                                          const c10::optional<at::Tensor>& w_hr,
                                          const c10::optional<at::Tensor>& lengths) {
   LayerSizes s = check_layer_args("LSTM", 4, x, h0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
-  check_shape(c0, {s.batch, s.hidden_size}, "c0");
-  check_same_kind(c0, x, "c0");
+  check_tensor(c0, {s.batch, s.hidden_size}, x, "c0");
   return s;
 }
 
@@ -117,16 +116,11 @@ LayerSizes check_lstm_layer_backward_args(
     const at::Tensor& reserve, const c10::optional<at::Tensor>& lengths) {
   LayerSizes s =
       check_lstm_layer_forward_args(x, h0, c0, w_ih, w_hh, c10::nullopt, c10::nullopt, w_hr, lengths);
-  check_shape(grad_y, {s.seq_len, s.batch, s.output_size}, "grad_y");
-  check_shape(grad_h_n, {s.batch, s.output_size}, "grad_h_n");
-  check_shape(grad_c_n, {s.batch, s.hidden_size}, "grad_c_n");
-  check_shape(y, {s.seq_len, s.batch, s.output_size}, "y");
-  check_shape(reserve, {lstm_reserve_numel(s)}, "reserve");
-  check_same_kind(grad_y, x, "grad_y");
-  check_same_kind(grad_h_n, x, "grad_h_n");
-  check_same_kind(grad_c_n, x, "grad_c_n");
-  check_same_kind(y, x, "y");
-  check_same_kind(reserve, x, "reserve");
+  check_tensor(grad_y, {s.seq_len, s.batch, s.output_size}, x, "grad_y");
+  check_tensor(grad_h_n, {s.batch, s.output_size}, x, "grad_h_n");
+  check_tensor(grad_c_n, {s.batch, s.hidden_size}, x, "grad_c_n");
+  check_tensor(y, {s.seq_len, s.batch, s.output_size}, x, "y");
+  check_tensor(reserve, {lstm_reserve_numel(s)}, x, "reserve");
   return s;
 }
 
@@ -152,14 +146,10 @@ LayerSizes check_gru_layer_backward_args(const at::Tensor& grad_y, const at::Ten
                                          const at::Tensor& reserve,
                                          const c10::optional<at::Tensor>& lengths) {
   LayerSizes s = check_gru_layer_forward_args(x, h0, w_ih, w_hh, c10::nullopt, c10::nullopt, lengths);
-  check_shape(grad_y, {s.seq_len, s.batch, s.hidden_size}, "grad_y");
-  check_shape(grad_h_n, {s.batch, s.hidden_size}, "grad_h_n");
-  check_shape(y, {s.seq_len, s.batch, s.hidden_size}, "y");
-  check_shape(reserve, {gru_reserve_numel(s)}, "reserve");
-  check_same_kind(grad_y, x, "grad_y");
-  check_same_kind(grad_h_n, x, "grad_h_n");
-  check_same_kind(y, x, "y");
-  check_same_kind(reserve, x, "reserve");
+  check_tensor(grad_y, {s.seq_len, s.batch, s.hidden_size}, x, "grad_y");
+  check_tensor(grad_h_n, {s.batch, s.hidden_size}, x, "grad_h_n");
+  check_tensor(y, {s.seq_len, s.batch, s.hidden_size}, x, "y");
+  check_tensor(reserve, {gru_reserve_numel(s)}, x, "reserve");
   return s;
 }
 
