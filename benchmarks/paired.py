@@ -26,10 +26,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cell", choices=["lstm", "gru"])
     parser.add_argument("--pairs", type=int, default=25)
+    parser.add_argument("--configs", default="0,1,2,3", help="which of the four configs, by index (0-3)")
+    parser.add_argument("--modes", default="inference,training")
     args = parser.parse_args()
+    configs = [CONFIGS[int(i)] for i in args.configs.split(",")]
+    modes = args.modes.split(",")
     torch_class, our_class = (nn.LSTM, lstm_fused.LSTM) if args.cell == "lstm" else (nn.GRU, lstm_fused.GRU)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratio = torch.nn time / lstm_fused time")
-    for B, T, I, H in CONFIGS:
+    for B, T, I, H in configs:
         torch.manual_seed(0)
         ref, ours = torch_class(I, H), our_class(I, H)
         ours.load_state_dict(ref.state_dict())
@@ -46,6 +50,8 @@ def main():
 
         cells = []
         for mode, run in (("inference", inference), ("training", training)):
+            if mode not in modes:
+                continue
             for _ in range(2):
                 run(ref), run(ours)
             pairs = max(5, args.pairs // 4) if B >= 128 else args.pairs

@@ -200,6 +200,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_lstm_layer_forwar
   return f.outputs(s, reverse, x.scalar_type());
 }
 
+// The buffers of one LSTM backward pass, set up before its time loop (the per-step loop below, or
+// a device's own loop) and turned into the op's gradients after it: the input, weight and bias
+// gradients are single GEMMs / reductions over every step's gate gradients.
+template <typename cell_t>
+struct LstmBackwardBuffers {
+  LstmReserve r;          // views of the forward's reserve
+  at::Tensor d_gates;     // [T, B, 4H] the pre-activation gradients of every step
+  at::Tensor d_h_steps;   // [T, B, P] with a projection: the total gradient reaching each step's h
+  at::Tensor d_proj_in;   // [B, H] with a projection: one step's gradient reaching o * tanh(c)
+  at::Tensor dh;          // [B, P] the gradient reaching h from later steps (grad_h_n at first)
+  at::Tensor dc;          // [B, H] the same for c, in cell_t
+  at::Tensor c0;          // contiguous c0
+  at::Tensor grad_y;      // contiguous grad_y
+  at::Tensor lengths;     // [B] int64 on the tensors' device
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradients(
+      const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+      const at::Tensor& y, bool reverse) const {
+    const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
+    const at::Tensor d_gates_2d = d_gates.view({T * B, 4 * H});
+    auto [grad_x, grad_w_ih] = input_gradients(d_gates_2d, w_ih, x);
+    at::Tensor grad_bias = d_gates_2d.sum(0);
+    const at::Tensor h_prev = gather_previous_hidden(y, h0, s, reverse);
+    at::Tensor grad_w_hh = at::mm(d_gates_2d.t(), h_prev.view({T * B, P}));
+    at::Tensor grad_w_hr = s.has_proj ? at::mm(d_h_steps.view({T * B, P}).t(), r.proj_in.view({T * B, H}))
+                                      : at::empty({0}, x.options());
+    return {grad_x, dh, dc.to(x.scalar_type()), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+  }
+};
+
+template <typename cell_t>
+LstmBackwardBuffers<cell_t> begin_lstm_backward(const LayerSizes& s, const at::Tensor& grad_y,
+                                                const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                                                const at::Tensor& x, const at::Tensor& c0,
+                                                const at::Tensor& reserve, bool padded) {
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
+  LstmBackwardBuffers<cell_t> g;
+  g.r = split_lstm_reserve(reserve, s);
+  g.d_gates = layer_buffer({T, B, 4 * H}, x.options(), padded);
+  if (s.has_proj) {
+    g.d_h_steps = layer_buffer({T, B, P}, x.options(), padded);
+    g.d_proj_in = at::empty({B, H}, x.options());
+  }
+  g.dh = grad_h_n.clone(at::MemoryFormat::Contiguous);
+  g.dc = grad_c_n.to(c10::CppTypeToScalarType<cell_t>::value, /*non_blocking=*/false, /*copy=*/true)
+             .contiguous();
+  g.c0 = c0.contiguous();
+  g.grad_y = grad_y.contiguous();
+  g.lengths = lengths_on(s, x.device());
+  return g;
+}
+
 template <typename scalar_t, typename cell_t, typename StepFn>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 run_lstm_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
@@ -207,54 +259,35 @@ run_lstm_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at:
                         const at::Tensor& c0, const at::Tensor& w_ih, const c10::optional<at::Tensor>& w_hr,
                         const at::Tensor& y, const at::Tensor& reserve, bool padded, bool reverse,
                         StepFn&& step) {
-  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
-  const LstmReserve r = split_lstm_reserve(reserve, s);
-  at::Tensor d_gates = layer_buffer({T, B, 4 * H}, x.options(), padded);
-  // With a projection, the total gradient reaching each step's h is kept for the dW_hr GEMM.
-  at::Tensor d_h_steps = s.has_proj ? layer_buffer({T, B, P}, x.options(), padded) : at::Tensor();
-  at::Tensor d_proj_in = s.has_proj ? at::empty({B, H}, x.options()) : at::Tensor();
-  at::Tensor dh = grad_h_n.clone(at::MemoryFormat::Contiguous);
-  at::Tensor dc = grad_c_n.to(c10::CppTypeToScalarType<cell_t>::value, /*non_blocking=*/false, /*copy=*/true)
-                      .contiguous();
-  const at::Tensor c0_c = c0.contiguous();
-  const at::Tensor grad_y_c = grad_y.contiguous();
-  const at::Tensor lengths = lengths_on(s, x.device());
+  const int64_t B = s.batch, H = s.hidden_size;
+  LstmBackwardBuffers<cell_t> g = begin_lstm_backward<cell_t>(s, grad_y, grad_h_n, grad_c_n, x, c0, reserve, padded);
 
   LstmBackwardStep<scalar_t, cell_t> bs;
-  bs.cells = r.cells.data_ptr<scalar_t>();
-  bs.c0 = c0_c.data_ptr<scalar_t>();
-  bs.lengths = lengths.data_ptr<int64_t>();
-  bs.dc_state = dc.data_ptr<cell_t>();
-  bs.dh_prev = dh.data_ptr<scalar_t>();
+  bs.cells = g.r.cells.template data_ptr<scalar_t>();
+  bs.c0 = g.c0.template data_ptr<scalar_t>();
+  bs.lengths = g.lengths.template data_ptr<int64_t>();
+  bs.dc_state = g.dc.template data_ptr<cell_t>();
+  bs.dh_prev = g.dh.template data_ptr<scalar_t>();
   for_each_active_step(s, !reverse, [&](int64_t, int64_t t, int64_t rows) {
     bs.t = t;
     bs.rows = rows;
-    bs.gates = r.gates.data_ptr<scalar_t>() + t * B * 4 * H;
-    bs.d_gates = d_gates.data_ptr<scalar_t>() + t * B * 4 * H;
+    bs.gates = g.r.gates.template data_ptr<scalar_t>() + t * B * 4 * H;
+    bs.d_gates = g.d_gates.template data_ptr<scalar_t>() + t * B * 4 * H;
     if (s.has_proj) {
-      at::Tensor dh_t = dh.narrow(0, 0, bs.rows);
-      dh_t.add_(grad_y_c[t].narrow(0, 0, bs.rows));
-      d_h_steps[t].narrow(0, 0, bs.rows).copy_(dh_t);
-      at::Tensor d_proj_in_t = d_proj_in.narrow(0, 0, bs.rows);
+      at::Tensor dh_t = g.dh.narrow(0, 0, bs.rows);
+      dh_t.add_(g.grad_y[t].narrow(0, 0, bs.rows));
+      g.d_h_steps[t].narrow(0, 0, bs.rows).copy_(dh_t);
+      at::Tensor d_proj_in_t = g.d_proj_in.narrow(0, 0, bs.rows);
       at::mm_out(d_proj_in_t, dh_t, *w_hr);
-      bs.d_cell_out = d_proj_in_t.data_ptr<scalar_t>();
+      bs.d_cell_out = d_proj_in_t.template data_ptr<scalar_t>();
       bs.grad_y = nullptr;
     } else {
-      bs.d_cell_out = dh.data_ptr<scalar_t>();
-      bs.grad_y = grad_y_c.data_ptr<scalar_t>() + t * B * H;
+      bs.d_cell_out = g.dh.template data_ptr<scalar_t>();
+      bs.grad_y = g.grad_y.template data_ptr<scalar_t>() + t * B * H;
     }
     step(bs);
   });
-
-  const at::Tensor d_gates_2d = d_gates.view({T * B, 4 * H});
-  auto [grad_x, grad_w_ih] = input_gradients(d_gates_2d, w_ih, x);
-  at::Tensor grad_bias = d_gates_2d.sum(0);
-  const at::Tensor h_prev = gather_previous_hidden(y, h0, s, reverse);
-  at::Tensor grad_w_hh = at::mm(d_gates_2d.t(), h_prev.view({T * B, P}));
-  at::Tensor grad_w_hr = s.has_proj
-                             ? at::mm(d_h_steps.view({T * B, P}).t(), r.proj_in.view({T * B, H}))
-                             : at::empty({0}, x.options());
-  return {grad_x, dh, dc.to(x.scalar_type()), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+  return g.gradients(s, x, h0, w_ih, y, reverse);
 }
 
 template <typename scalar_t, typename StepFn>

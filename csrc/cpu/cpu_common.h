@@ -23,6 +23,68 @@ struct VecActivations {
   static Vec tanh(const Vec& x) { return x.tanh(); }
 };
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Faster float32 sigmoid and tanh for AVX-512 builds: SLEEF's 1-ulp tanh was a fifth of the LSTM
+// forward's time at B=32 H=128. Both go through one exp and one reciprocal:
+//   sigmoid(x) = 1 / (1 + exp(-x)),   tanh(x) = 2 sigmoid(2x) - 1.
+// exp: the argument is clamped to [-30, 30] (sigmoid(-30) = 9e-14, so the clamp changes nothing
+// a float can see), split as n ln2 + r with |r| <= ln2/2 (ln2 in two parts), exp(r) by its Taylor
+// series to r^7 (truncation error < 1e-8 relative), times 2^n with vscalefps. The reciprocal is
+// vrcp14ps refined by one Newton step (relative error ~1e-8). The absolute error of both
+// functions is a few 1e-8; tanh near 0 loses relative accuracy (2 sigmoid - 1 cancels), which
+// an LSTM cannot see, since its gates and cell states are summed with O(1) values.
+// NaN propagates: max/min take the NaN when it is their second operand.
+struct FastFloatActivations {
+  using Vec = at::vec::Vectorized<float>;
+  static __m512 exp_clamped(__m512 x) {
+    x = _mm512_min_ps(_mm512_set1_ps(30.0f), _mm512_max_ps(_mm512_set1_ps(-30.0f), x));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2, high bits
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094172e-06f), r);     // ln2 - high bits
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+  }
+  // 1 / (1 + e) for e >= 0.
+  static __m512 one_over_one_plus(__m512 e) {
+    const __m512 d = _mm512_add_ps(e, _mm512_set1_ps(1.0f));
+    const __m512 y = _mm512_rcp14_ps(d);
+    return _mm512_fmadd_ps(_mm512_fnmadd_ps(d, y, _mm512_set1_ps(1.0f)), y, y);
+  }
+  static Vec sigmoid(const Vec& x) {
+    return Vec(one_over_one_plus(exp_clamped(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+  }
+  static Vec tanh(const Vec& x) {
+    const __m512 s = one_over_one_plus(exp_clamped(_mm512_mul_ps(x, _mm512_set1_ps(-2.0f))));
+    return Vec(_mm512_fmsub_ps(s, _mm512_set1_ps(2.0f), _mm512_set1_ps(1.0f)));
+  }
+};
+
+// The activations the CPU cell kernels use for each dtype.
+template <typename scalar_t>
+struct CellActivationsFor {
+  using type = VecActivations<scalar_t>;
+};
+template <>
+struct CellActivationsFor<float> {
+  using type = FastFloatActivations;
+};
+#else
+template <typename scalar_t>
+struct CellActivationsFor {
+  using type = VecActivations<scalar_t>;
+};
+#endif
+template <typename scalar_t>
+using CellActivations = typename CellActivationsFor<scalar_t>::type;
+
 // Rows per parallel task for a pointwise pass touching `row_elements` values per row: enough
 // work per task that the thread pool's overhead stays small.
 inline int64_t row_grain(int64_t row_elements) {

@@ -40,7 +40,7 @@ void gru_pointwise_forward(const GruForwardStep<scalar_t>& step, const scalar_t*
           hn = hn + Vec::loadu(b_hh + 2 * H + j, n);
         }
         Vec h;
-        gru_cell_forward<Vec, VecActivations<scalar_t>>(r, z, nn, hr, hz, hn, Vec::loadu(step.h_prev + k, n), h);
+        gru_cell_forward<Vec, CellActivations<scalar_t>>(r, z, nn, hr, hz, hn, Vec::loadu(step.h_prev + k, n), h);
         r.store(g + j, n);
         z.store(g + H + j, n);
         nn.store(g + 2 * H + j, n);
@@ -65,7 +65,7 @@ void gru_pointwise_backward(const GruBackwardStep<scalar_t>& step, int64_t H) {
         Vec r = Vec::loadu(g + j, n), z = Vec::loadu(g + H + j, n), nn = Vec::loadu(g + 2 * H + j, n);
         const Vec dh = Vec::loadu(step.dh + k, n) + Vec::loadu(step.grad_y + k, n);
         Vec d_hn, dh_prev;
-        gru_cell_backward<Vec, VecActivations<scalar_t>>(r, z, nn, Vec::loadu(step.hidden_n_proj + k, n),
+        gru_cell_backward<Vec, CellActivations<scalar_t>>(r, z, nn, Vec::loadu(step.hidden_n_proj + k, n),
                                                          Vec::loadu(step.h_prev + k, n), dh, d_hn, dh_prev);
         r.store(di + j, n);
         z.store(di + H + j, n);

@@ -14,6 +14,7 @@
 #include "../cell_math.h"
 #include "../layer_loops.h"
 #include "cpu_common.h"
+#include "lstm_stationary.h"
 #include "recurrent_gemm.h"
 
 namespace lstm_fused {
@@ -38,7 +39,7 @@ void lstm_pointwise_forward(const LstmForwardStep<scalar_t, scalar_t>& step, int
           o = o + Vec::loadu(step.bias + 3 * H + j, n);
         }
         Vec c, h;
-        lstm_cell_forward<Vec, VecActivations<scalar_t>>(i, f, gg, o, Vec::loadu(step.c_state + k, n), c, h);
+        lstm_cell_forward<Vec, CellActivations<scalar_t>>(i, f, gg, o, Vec::loadu(step.c_state + k, n), c, h);
         i.store(g + j, n);
         f.store(g + H + j, n);
         gg.store(g + 2 * H + j, n);
@@ -71,7 +72,7 @@ void lstm_pointwise_backward(const LstmBackwardStep<scalar_t, scalar_t>& step, c
         Vec dh = Vec::loadu(step.d_cell_out + k, n);
         if (step.grad_y != nullptr) dh = dh + Vec::loadu(step.grad_y + k, n);
         Vec dc = Vec::loadu(step.dc_state + k, n);
-        lstm_cell_backward<Vec, VecActivations<scalar_t>>(i, f, gg, o, Vec::loadu(c_prev + j, n),
+        lstm_cell_backward<Vec, CellActivations<scalar_t>>(i, f, gg, o, Vec::loadu(c_prev + j, n),
                                                           Vec::loadu(c_t + j, n), dh, dc);
         i.store(dg + j, n);
         f.store(dg + H + j, n);
@@ -90,6 +91,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   const LayerSizes s = check_lstm_layer_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
+  if (stationary::enabled(s)) {
+    return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_forward_cpu", [&] {
+      auto f = begin_lstm_forward<scalar_t>(s, x, h0, c0, w_ih, b_ih, b_hh, lengths.has_value());
+      stationary::lstm_forward<scalar_t>(s, reverse, f, w_hh);
+      return f.outputs(s, reverse, x.scalar_type());
+    });
+  }
   const RecurrentGemm recurrent(w_hh, /*transposed=*/true, s.batch);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_forward_cpu", [&] {
     return run_lstm_layer_forward<scalar_t, scalar_t>(
@@ -110,6 +118,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
                                                       w_hr, y, reserve, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
+  if (stationary::enabled(s)) {
+    return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
+      auto g = begin_lstm_backward<scalar_t>(s, grad_y, grad_h_n, grad_c_n, x, c0, reserve, lengths.has_value());
+      stationary::lstm_backward<scalar_t>(s, reverse, g, w_hh);
+      return g.gradients(s, x, h0, w_ih, y, reverse);
+    });
+  }
   const RecurrentGemm recurrent(w_hh, /*transposed=*/false, s.batch);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
     return run_lstm_layer_backward<scalar_t, scalar_t>(

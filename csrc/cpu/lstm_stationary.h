@@ -1,0 +1,342 @@
+// The weight-stationary LSTM time loop of the CPU kernels (float32 and float64, no projection).
+//
+// One OpenMP team runs the whole sequence, instead of a GEMM call (and a fork/join of the thread
+// pool) per step. Thread j owns a contiguous range of hidden units, in chunks of one SIMD vector
+// (`w` units), and the part of W_hh those units need, packed once per call into panels that the
+// register-blocked micro-kernel below streams with unit stride:
+//   forward:  panel[chunk][k][gate][lane] = W_hh[gate * H + unit][k]: the four gate rows of each
+//             unit, so that one tile of the product holds i, f, g, o of the same units and the cell
+//             update runs in the product's epilogue;
+//   backward: panel[chunk][k][lane] = W_hh[k][unit]: the unit's column across all 4H rows.
+// A thread touches the same panels at every step, so they stay in its own L2 for the whole call.
+// Per step:
+//   forward:  gates[rows, own units] = h_{t-1} W_hh[own]^T in register tiles; in the same tile
+//             the input projection, biases, activations and cell update (cell_math.h), and h_t of
+//             the thread's units is written; one barrier (the next step reads every unit of h_t).
+//   backward: the pointwise backward of the thread's units (their columns of d_gates, and dc);
+//             one barrier (the product needs every column of d_gates); dh[rows, own units] =
+//             d_gates W_hh[:, own] (each thread reads back only its own units of dh).
+// The buffers, the input projection and the gradient GEMMs after the loop are the shared ones
+// (layer_loops.h); only the time loop differs from the per-step path.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "../cell_math.h"
+#include "../layer_loops.h"
+#include "cpu_common.h"
+
+namespace lstm_fused {
+namespace stationary {
+
+// Rows per register tile: MR rows x NV vectors of accumulators, plus NV registers for the panel's
+// vectors, must fit AVX-512's 32 registers with NV = 4 (the four gates): 6 x 4 + 4 = 28.
+constexpr int kMaxRows = 6;
+constexpr int kMaxVectors = 4;
+
+// c[MR][NV * w] (row stride ldc) = a[MR rows, stride lda][0, K) times the panel: vector v of panel
+// row k is at b + k * ldk + v * ldv. Everything in the loop is in registers: MR x NV accumulators,
+// NV panel vectors, and each a[r][k] broadcast straight from memory.
+template <typename scalar_t, int MR, int NV>
+inline void gemm_tile(const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldk, int64_t ldv, int64_t K,
+                      scalar_t* c, int64_t ldc) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int w = Vec::size();
+  Vec acc[MR][NV];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(scalar_t(0));
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const scalar_t* bk = b + k * ldk;
+    Vec bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(bk + v * ldv);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const Vec ar(a[r * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + v * w);
+  }
+}
+
+// gemm_tile with the tile's row count (1..kMaxRows) chosen at run time.
+template <typename scalar_t, int NV>
+inline void gemm_rows(int rows, const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldk, int64_t ldv,
+                      int64_t K, scalar_t* c, int64_t ldc) {
+  switch (rows) {
+    case 1: return gemm_tile<scalar_t, 1, NV>(a, lda, b, ldk, ldv, K, c, ldc);
+    case 2: return gemm_tile<scalar_t, 2, NV>(a, lda, b, ldk, ldv, K, c, ldc);
+    case 3: return gemm_tile<scalar_t, 3, NV>(a, lda, b, ldk, ldv, K, c, ldc);
+    case 4: return gemm_tile<scalar_t, 4, NV>(a, lda, b, ldk, ldv, K, c, ldc);
+    case 5: return gemm_tile<scalar_t, 5, NV>(a, lda, b, ldk, ldv, K, c, ldc);
+    default: return gemm_tile<scalar_t, 6, NV>(a, lda, b, ldk, ldv, K, c, ldc);
+  }
+}
+
+// Splits `rows` into the fewest tiles of at most kMaxRows rows, of sizes that differ by at most one
+// (32 rows: 6, 5, 5, 6, 5, 5 rather than five 6s and a 2), and calls fn(first_row, tile_rows).
+template <typename Fn>
+inline void for_each_row_tile(int64_t rows, Fn&& fn) {
+  const int64_t tiles = (rows + kMaxRows - 1) / kMaxRows;
+  for (int64_t i = 0; i < tiles; ++i) {
+    const int64_t begin = rows * i / tiles, end = rows * (i + 1) / tiles;
+    fn(begin, static_cast<int>(end - begin));
+  }
+}
+
+// The contiguous range of chunks [begin, end) that thread `id` of `count` owns.
+inline std::pair<int64_t, int64_t> owned_chunks(int64_t chunks, int id, int count) {
+  return {chunks * id / count, chunks * (id + 1) / count};
+}
+
+inline int team_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+inline int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+inline void team_barrier() {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
+// How many threads the loop runs on: torch's intra-op setting, at most one per chunk, and one when
+// called from inside a parallel region (a nested team would get one thread anyway).
+// LSTM_FUSED_CPU_THREADS caps it (for measurements).
+inline int team_threads(int64_t chunks) {
+  if (at::in_parallel_region()) return 1;
+  int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (const char* cap = std::getenv("LSTM_FUSED_CPU_THREADS")) {
+    const long value = std::strtol(cap, nullptr, 10);
+    if (value > 0) threads = std::min<int64_t>(threads, value);
+  }
+  return static_cast<int>(std::max<int64_t>(1, threads));
+}
+
+// Whether the CPU LSTM ops take this path: float32/float64 without projection, unless
+// LSTM_FUSED_CPU_LOOP=step asks for the per-step path (kept for projection, and for comparisons).
+inline bool enabled(const LayerSizes& s) {
+  if (s.has_proj) return false;
+  const char* setting = std::getenv("LSTM_FUSED_CPU_LOOP");
+  return setting == nullptr || std::strcmp(setting, "step") != 0;
+}
+
+template <typename scalar_t>
+constexpr int64_t lanes() {
+  return at::vec::Vectorized<scalar_t>::size();
+}
+
+template <typename scalar_t>
+int64_t chunk_count(int64_t H) {
+  return (H + lanes<scalar_t>() - 1) / lanes<scalar_t>();
+}
+
+// Forward panels: [chunks][H][4][w], zero in the lanes past H.
+template <typename scalar_t>
+at::Tensor pack_forward(const at::Tensor& w_hh, int64_t H) {
+  constexpr int64_t w = lanes<scalar_t>();
+  const int64_t chunks = chunk_count<scalar_t>(H);
+  at::Tensor packed = at::zeros({chunks, H, 4, w}, w_hh.options());
+  const at::Tensor weight = w_hh.contiguous();
+  const scalar_t* src = weight.data_ptr<scalar_t>();
+  scalar_t* dst = packed.data_ptr<scalar_t>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c)
+      for (int64_t gate = 0; gate < 4; ++gate)
+        for (int64_t l = 0; l < w && c * w + l < H; ++l) {
+          const scalar_t* row = src + (gate * H + c * w + l) * H;
+          scalar_t* out = dst + (c * H * 4 + gate) * w + l;
+          for (int64_t k = 0; k < H; ++k) out[k * 4 * w] = row[k];
+        }
+  });
+  return packed;
+}
+
+// Backward panels: [chunks][4H][w], zero in the lanes past H.
+template <typename scalar_t>
+at::Tensor pack_backward(const at::Tensor& w_hh, int64_t H) {
+  constexpr int64_t w = lanes<scalar_t>();
+  const int64_t chunks = chunk_count<scalar_t>(H);
+  at::Tensor packed = at::zeros({chunks, 4 * H, w}, w_hh.options());
+  const at::Tensor weight = w_hh.contiguous();
+  const scalar_t* src = weight.data_ptr<scalar_t>();
+  scalar_t* dst = packed.data_ptr<scalar_t>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t n = std::min<int64_t>(w, H - c * w);
+      for (int64_t k = 0; k < 4 * H; ++k)
+        std::memcpy(dst + (c * 4 * H + k) * w, src + k * H + c * w, n * sizeof(scalar_t));
+    }
+  });
+  return packed;
+}
+
+// The forward time loop over the buffers begin_lstm_forward set up (f.r.gates holds the input
+// projection of every step).
+template <typename scalar_t>
+void lstm_forward(const LayerSizes& s, bool reverse, LstmForwardBuffers<scalar_t>& f, const at::Tensor& w_hh) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t w = lanes<scalar_t>();
+  const int64_t B = s.batch, H = s.hidden_size, chunks = chunk_count<scalar_t>(H);
+  const at::Tensor packed = pack_forward<scalar_t>(w_hh, H);
+  const scalar_t* panels = packed.data_ptr<scalar_t>();
+  scalar_t* h_ptr[2] = {f.h_buffers[0].template data_ptr<scalar_t>(), f.h_buffers[1].template data_ptr<scalar_t>()};
+  scalar_t* gates = f.r.gates.template data_ptr<scalar_t>();
+  scalar_t* cells = f.r.cells.template data_ptr<scalar_t>();
+  scalar_t* y = f.y.template data_ptr<scalar_t>();
+  scalar_t* c_state = f.c.template data_ptr<scalar_t>();
+  const scalar_t* bias = s.has_bias ? f.bias.template data_ptr<scalar_t>() : nullptr;
+
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team_threads(chunks))
+#endif
+  {
+    const auto [first_chunk, last_chunk] = owned_chunks(chunks, team_id(), team_size());
+    alignas(64) scalar_t tile[kMaxRows * 4 * w];
+    for_each_active_step(s, reverse, [&](int64_t index, int64_t t, int64_t rows) {
+      const scalar_t* h_prev = h_ptr[index % 2];
+      scalar_t* h_next = h_ptr[(index + 1) % 2];
+      scalar_t* gates_t = gates + t * B * 4 * H;
+      for (int64_t chunk = first_chunk; chunk < last_chunk; ++chunk) {
+        const int64_t u = chunk * w;
+        const int n = static_cast<int>(std::min<int64_t>(w, H - u));
+        for_each_row_tile(rows, [&](int64_t row0, int tile_rows) {
+          gemm_rows<scalar_t, 4>(tile_rows, h_prev + row0 * H, H, panels + chunk * H * 4 * w, 4 * w, w, H, tile,
+                                 4 * w);
+          for (int r = 0; r < tile_rows; ++r) {
+            const int64_t b = row0 + r;
+            scalar_t* g = gates_t + b * 4 * H + u;
+            const scalar_t* acc = tile + r * 4 * w;
+            Vec i = Vec::loadu(acc) + Vec::loadu(g, n);
+            Vec fg = Vec::loadu(acc + w) + Vec::loadu(g + H, n);
+            Vec gg = Vec::loadu(acc + 2 * w) + Vec::loadu(g + 2 * H, n);
+            Vec o = Vec::loadu(acc + 3 * w) + Vec::loadu(g + 3 * H, n);
+            if (bias != nullptr) {
+              i = i + Vec::loadu(bias + u, n);
+              fg = fg + Vec::loadu(bias + H + u, n);
+              gg = gg + Vec::loadu(bias + 2 * H + u, n);
+              o = o + Vec::loadu(bias + 3 * H + u, n);
+            }
+            const int64_t k = b * H + u;
+            Vec c, h;
+            lstm_cell_forward<Vec, CellActivations<scalar_t>>(i, fg, gg, o, Vec::loadu(c_state + k, n), c, h);
+            i.store(g, n);
+            fg.store(g + H, n);
+            gg.store(g + 2 * H, n);
+            o.store(g + 3 * H, n);
+            c.store(c_state + k, n);
+            c.store(cells + t * B * H + k, n);
+            h.store(y + t * B * H + k, n);
+            h.store(h_next + k, n);
+          }
+        });
+      }
+      team_barrier();
+    });
+  }
+}
+
+// The backward time loop over the buffers begin_lstm_backward set up.
+template <typename scalar_t>
+void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar_t>& g, const at::Tensor& w_hh) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t w = lanes<scalar_t>();
+  const int64_t B = s.batch, H = s.hidden_size, chunks = chunk_count<scalar_t>(H);
+  const at::Tensor packed = pack_backward<scalar_t>(w_hh, H);
+  const scalar_t* panels = packed.data_ptr<scalar_t>();
+  const scalar_t* gates = g.r.gates.template data_ptr<scalar_t>();
+  const scalar_t* cells = g.r.cells.template data_ptr<scalar_t>();
+  const scalar_t* c0 = g.c0.template data_ptr<scalar_t>();
+  const scalar_t* grad_y = g.grad_y.template data_ptr<scalar_t>();
+  scalar_t* d_gates = g.d_gates.template data_ptr<scalar_t>();
+  scalar_t* dh = g.dh.template data_ptr<scalar_t>();
+  scalar_t* dc = g.dc.template data_ptr<scalar_t>();
+  const int64_t* lengths = s.lengths.data();
+
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team_threads(chunks))
+#endif
+  {
+    const auto [first_chunk, last_chunk] = owned_chunks(chunks, team_id(), team_size());
+    alignas(64) scalar_t tile[kMaxRows * kMaxVectors * w];
+    for_each_active_step(s, !reverse, [&](int64_t, int64_t t, int64_t rows) {
+      const scalar_t* gates_t = gates + t * B * 4 * H;
+      scalar_t* d_gates_t = d_gates + t * B * 4 * H;
+      for (int64_t b = 0; b < rows; ++b) {
+        const int64_t prev = previous_step(t, lengths[b], reverse);
+        const scalar_t* c_prev = prev < 0 ? c0 + b * H : cells + (prev * B + b) * H;
+        const scalar_t* c_t = cells + (t * B + b) * H;
+        for (int64_t chunk = first_chunk; chunk < last_chunk; ++chunk) {
+          const int64_t u = chunk * w;
+          const int n = static_cast<int>(std::min<int64_t>(w, H - u));
+          const scalar_t* gb = gates_t + b * 4 * H + u;
+          scalar_t* dg = d_gates_t + b * 4 * H + u;
+          const int64_t k = b * H + u;
+          Vec i = Vec::loadu(gb, n), fg = Vec::loadu(gb + H, n);
+          Vec gg = Vec::loadu(gb + 2 * H, n), o = Vec::loadu(gb + 3 * H, n);
+          const Vec dh_total = Vec::loadu(dh + k, n) + Vec::loadu(grad_y + t * B * H + k, n);
+          Vec dc_v = Vec::loadu(dc + k, n);
+          lstm_cell_backward<Vec, CellActivations<scalar_t>>(i, fg, gg, o, Vec::loadu(c_prev + u, n),
+                                                            Vec::loadu(c_t + u, n), dh_total, dc_v);
+          i.store(dg, n);
+          fg.store(dg + H, n);
+          gg.store(dg + 2 * H, n);
+          o.store(dg + 3 * H, n);
+          dc_v.store(dc + k, n);
+        }
+      }
+      team_barrier();
+      // dh[rows, own units] = d_gates_t W_hh[:, own units], up to kMaxVectors chunks per tile.
+      for (int64_t chunk = first_chunk; chunk < last_chunk; chunk += kMaxVectors) {
+        const int vectors = static_cast<int>(std::min<int64_t>(kMaxVectors, last_chunk - chunk));
+        const int64_t u = chunk * w;
+        const int64_t units = std::min<int64_t>(vectors * w, H - u);
+        const scalar_t* panel = panels + chunk * 4 * H * w;
+        for_each_row_tile(rows, [&](int64_t row0, int tile_rows) {
+          const scalar_t* a = d_gates_t + row0 * 4 * H;
+          switch (vectors) {
+            case 1: gemm_rows<scalar_t, 1>(tile_rows, a, 4 * H, panel, w, 4 * H * w, 4 * H, tile, kMaxVectors * w); break;
+            case 2: gemm_rows<scalar_t, 2>(tile_rows, a, 4 * H, panel, w, 4 * H * w, 4 * H, tile, kMaxVectors * w); break;
+            case 3: gemm_rows<scalar_t, 3>(tile_rows, a, 4 * H, panel, w, 4 * H * w, 4 * H, tile, kMaxVectors * w); break;
+            default: gemm_rows<scalar_t, 4>(tile_rows, a, 4 * H, panel, w, 4 * H * w, 4 * H, tile, kMaxVectors * w);
+          }
+          for (int r = 0; r < tile_rows; ++r)
+            std::memcpy(dh + (row0 + r) * H + u, tile + r * kMaxVectors * w, units * sizeof(scalar_t));
+        });
+      }
+    });
+  }
+}
+
+}  // namespace stationary
+}  // namespace lstm_fused
