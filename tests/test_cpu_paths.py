@@ -1,0 +1,78 @@
+"""The CPU LSTM's two time loops: the weight-stationary one (one OpenMP team, the default without
+projection) and the per-step one (projection, or LSTM_FUSED_CPU_LOOP=step), and the float32
+activations of AVX-512 builds."""
+import pytest
+import torch
+
+from lstm_fused.ops import lstm_layer
+from lstm_fused.reference import lstm_layer_reference
+from test_ops import make_layer_args, outputs_and_grads, random_lengths
+
+# Sizes chosen for the stationary loop's edges: H below, at and across one SIMD vector (16 float
+# lanes, 8 double), fewer chunks than threads, row counts that do not fill a 6-row tile.
+SHAPES = [
+    # T, B, I, H
+    (5, 1, 3, 1),
+    (4, 7, 2, 15),
+    (6, 13, 5, 17),
+    (3, 32, 8, 40),
+    (2, 9, 4, 100),
+]
+
+
+@pytest.mark.parametrize("T,B,I,H", SHAPES)
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+@pytest.mark.parametrize("use_lengths,reverse", [(False, False), (True, False), (True, True)])
+def test_stationary_loop_matches_reference_float64(monkeypatch, T, B, I, H, threads, use_lengths, reverse):
+    monkeypatch.setenv("LSTM_FUSED_CPU_THREADS", threads)
+    seed = hash((T, B, I, H, threads, use_lengths, reverse)) % 10_000
+    args = make_layer_args(T, B, I, H, 0, True, "cpu", seed=seed)
+    lengths = random_lengths(T, B, seed) if use_lengths else None
+    exact, weights = outputs_and_grads(lstm_layer_reference, args, lengths, reverse)
+    ours, _ = outputs_and_grads(lstm_layer, args, lengths, reverse, weights)
+    for a, b in zip(ours, exact):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("T,B,I,H", SHAPES)
+@pytest.mark.parametrize("use_lengths,reverse", [(False, False), (True, True)])
+def test_stationary_and_per_step_loops_agree_float32(monkeypatch, T, B, I, H, use_lengths, reverse):
+    """Both float32 loops stay close to the float64 result, and so to each other."""
+    seed = hash((T, B, I, H, use_lengths, reverse)) % 10_000
+    args64 = make_layer_args(T, B, I, H, 0, True, "cpu", seed=seed)
+    args32 = [a.detach().float().requires_grad_() if a is not None else None for a in args64]
+    lengths = random_lengths(T, B, seed) if use_lengths else None
+    exact, weights = outputs_and_grads(lstm_layer_reference, args64, lengths, reverse)
+    stationary, _ = outputs_and_grads(lstm_layer, args32, lengths, reverse, weights)
+    monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", "step")
+    per_step, _ = outputs_and_grads(lstm_layer, args32, lengths, reverse, weights)
+    for a, b, e in zip(stationary, per_step, exact):
+        scale = e.abs().max().item() + 1.0
+        assert (a.double() - e).abs().max().item() < 2e-5 * scale
+        assert (b.double() - e).abs().max().item() < 2e-5 * scale
+
+
+def test_float32_activations_over_a_wide_range():
+    """One step with zero weights and the chosen pre-activations as b_ih feeds them straight to the
+    gates (a bias is added per element, so a NaN stays in its own unit):
+    c1 = sigmoid(f) c0 + sigmoid(i) tanh(g), y = sigmoid(o) tanh(c1), against float64 math, from
+    -60 to 60 and through NaN and infinities."""
+    H = 1000
+    gen = torch.Generator().manual_seed(3)
+    grid = torch.cat([torch.linspace(-60, 60, 4 * H - 6, dtype=torch.float64),
+                      torch.tensor([0.0, -1e-8, 1e-30, float("inf"), float("-inf"), float("nan")],
+                                   dtype=torch.float64)])
+    pre = grid[torch.randperm(4 * H, generator=gen)]
+    # Exact math on the float32-rounded inputs, so that only the kernel's own error counts.
+    pre = pre.float().double()
+    c0 = (torch.randn(1, H, generator=gen, dtype=torch.float64) * 3).float().double()
+    i, f, g, o = pre.view(4, H)
+    c1 = torch.sigmoid(f) * c0 + torch.sigmoid(i) * torch.tanh(g)
+    y = torch.sigmoid(o) * torch.tanh(c1)
+    out, _, c_n = lstm_layer(torch.zeros(1, 1, 1), torch.zeros(1, H), c0.float(), torch.zeros(4 * H, 1),
+                             torch.zeros(4 * H, H), pre.float(), torch.zeros(4 * H), None)
+    for ours, exact in ((c_n, c1), (out[0], y)):
+        assert torch.equal(ours.isnan(), exact.isnan())
+        finite = ~exact.isnan()
+        error = (ours.double()[finite] - exact[finite]).abs() / (1 + exact[finite].abs())
+        assert error.max().item() < 4e-7
