@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 
 #include "../cell_math.h"
 #include "../layer_loops.h"
@@ -48,16 +49,17 @@ constexpr int kMaxVectors = 4;
 // c[MR][NV * w] (row stride ldc) = a[MR rows, stride lda][0, K) times the panel: vector v of panel
 // row k is at b + k * ldk + v * ldv. Everything in the loop is in registers: MR x NV accumulators,
 // NV panel vectors, and each a[r][k] broadcast straight from memory.
+// With `accumulate`, the tile starts from c's values instead of zero.
 template <typename scalar_t, int MR, int NV>
 inline void gemm_tile(const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldk, int64_t ldv, int64_t K,
-                      scalar_t* c, int64_t ldc) {
+                      scalar_t* c, int64_t ldc, bool accumulate) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int w = Vec::size();
   Vec acc[MR][NV];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(scalar_t(0));
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? Vec::loadu(c + r * ldc + v * w) : Vec(scalar_t(0));
   }
   for (int64_t k = 0; k < K; ++k) {
     const scalar_t* bk = b + k * ldk;
@@ -81,14 +83,14 @@ inline void gemm_tile(const scalar_t* a, int64_t lda, const scalar_t* b, int64_t
 // gemm_tile with the tile's row count (1..kMaxRows) chosen at run time.
 template <typename scalar_t, int NV>
 inline void gemm_rows(int rows, const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldk, int64_t ldv,
-                      int64_t K, scalar_t* c, int64_t ldc) {
+                      int64_t K, scalar_t* c, int64_t ldc, bool accumulate) {
   switch (rows) {
-    case 1: return gemm_tile<scalar_t, 1, NV>(a, lda, b, ldk, ldv, K, c, ldc);
-    case 2: return gemm_tile<scalar_t, 2, NV>(a, lda, b, ldk, ldv, K, c, ldc);
-    case 3: return gemm_tile<scalar_t, 3, NV>(a, lda, b, ldk, ldv, K, c, ldc);
-    case 4: return gemm_tile<scalar_t, 4, NV>(a, lda, b, ldk, ldv, K, c, ldc);
-    case 5: return gemm_tile<scalar_t, 5, NV>(a, lda, b, ldk, ldv, K, c, ldc);
-    default: return gemm_tile<scalar_t, 6, NV>(a, lda, b, ldk, ldv, K, c, ldc);
+    case 1: return gemm_tile<scalar_t, 1, NV>(a, lda, b, ldk, ldv, K, c, ldc, accumulate);
+    case 2: return gemm_tile<scalar_t, 2, NV>(a, lda, b, ldk, ldv, K, c, ldc, accumulate);
+    case 3: return gemm_tile<scalar_t, 3, NV>(a, lda, b, ldk, ldv, K, c, ldc, accumulate);
+    case 4: return gemm_tile<scalar_t, 4, NV>(a, lda, b, ldk, ldv, K, c, ldc, accumulate);
+    case 5: return gemm_tile<scalar_t, 5, NV>(a, lda, b, ldk, ldv, K, c, ldc, accumulate);
+    default: return gemm_tile<scalar_t, 6, NV>(a, lda, b, ldk, ldv, K, c, ldc, accumulate);
   }
 }
 
@@ -100,6 +102,36 @@ inline void for_each_row_tile(int64_t rows, Fn&& fn) {
   for (int64_t i = 0; i < tiles; ++i) {
     const int64_t begin = rows * i / tiles, end = rows * (i + 1) / tiles;
     fn(begin, static_cast<int>(end - begin));
+  }
+}
+
+// c[rows][NV * w] (row stride ldc) = a[rows, 0:K) times the panel (as in gemm_tile), in register
+// tiles of up to kMaxRows rows. K is cut into blocks of kBlockBytes of panel, so that each block
+// is read from L2 once and then from L1 by every row tile (the tiles accumulate into c).
+constexpr int64_t kBlockBytes = 32 * 1024;
+
+template <typename scalar_t, int NV>
+inline void panel_product(int64_t rows, const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldk, int64_t ldv,
+                          int64_t K, scalar_t* c, int64_t ldc) {
+  constexpr int64_t kc = std::max<int64_t>(16, kBlockBytes / (NV * at::vec::Vectorized<scalar_t>::size() *
+                                                              static_cast<int64_t>(sizeof(scalar_t))));
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t kl = std::min<int64_t>(kc, K - k0);
+    for_each_row_tile(rows, [&](int64_t row0, int tile_rows) {
+      gemm_rows<scalar_t, NV>(tile_rows, a + row0 * lda + k0, lda, b + k0 * ldk, ldk, ldv, kl, c + row0 * ldc, ldc,
+                              k0 > 0);
+    });
+  }
+}
+
+template <typename scalar_t>
+inline void panel_product_vectors(int vectors, int64_t rows, const scalar_t* a, int64_t lda, const scalar_t* b,
+                                  int64_t ldk, int64_t ldv, int64_t K, scalar_t* c, int64_t ldc) {
+  switch (vectors) {
+    case 1: return panel_product<scalar_t, 1>(rows, a, lda, b, ldk, ldv, K, c, ldc);
+    case 2: return panel_product<scalar_t, 2>(rows, a, lda, b, ldk, ldv, K, c, ldc);
+    case 3: return panel_product<scalar_t, 3>(rows, a, lda, b, ldk, ldv, K, c, ldc);
+    default: return panel_product<scalar_t, 4>(rows, a, lda, b, ldk, ldv, K, c, ldc);
   }
 }
 
@@ -222,7 +254,8 @@ void lstm_forward(const LayerSizes& s, bool reverse, LstmForwardBuffers<scalar_t
 #endif
   {
     const auto [first_chunk, last_chunk] = owned_chunks(chunks, team_id(), team_size());
-    alignas(64) scalar_t tile[kMaxRows * 4 * w];
+    // The chunk's product for every row: [B][4 * w], the gates of its w units.
+    std::unique_ptr<scalar_t[]> product(new scalar_t[B * 4 * w]);
     for_each_active_step(s, reverse, [&](int64_t index, int64_t t, int64_t rows) {
       const scalar_t* h_prev = h_ptr[index % 2];
       scalar_t* h_next = h_ptr[(index + 1) % 2];
@@ -230,36 +263,35 @@ void lstm_forward(const LayerSizes& s, bool reverse, LstmForwardBuffers<scalar_t
       for (int64_t chunk = first_chunk; chunk < last_chunk; ++chunk) {
         const int64_t u = chunk * w;
         const int n = static_cast<int>(std::min<int64_t>(w, H - u));
-        for_each_row_tile(rows, [&](int64_t row0, int tile_rows) {
-          gemm_rows<scalar_t, 4>(tile_rows, h_prev + row0 * H, H, panels + chunk * H * 4 * w, 4 * w, w, H, tile,
-                                 4 * w);
-          for (int r = 0; r < tile_rows; ++r) {
-            const int64_t b = row0 + r;
-            scalar_t* g = gates_t + b * 4 * H + u;
-            const scalar_t* acc = tile + r * 4 * w;
-            Vec i = Vec::loadu(acc) + Vec::loadu(g, n);
-            Vec fg = Vec::loadu(acc + w) + Vec::loadu(g + H, n);
-            Vec gg = Vec::loadu(acc + 2 * w) + Vec::loadu(g + 2 * H, n);
-            Vec o = Vec::loadu(acc + 3 * w) + Vec::loadu(g + 3 * H, n);
-            if (bias != nullptr) {
-              i = i + Vec::loadu(bias + u, n);
-              fg = fg + Vec::loadu(bias + H + u, n);
-              gg = gg + Vec::loadu(bias + 2 * H + u, n);
-              o = o + Vec::loadu(bias + 3 * H + u, n);
-            }
-            const int64_t k = b * H + u;
-            Vec c, h;
-            lstm_cell_forward<Vec, CellActivations<scalar_t>>(i, fg, gg, o, Vec::loadu(c_state + k, n), c, h);
-            i.store(g, n);
-            fg.store(g + H, n);
-            gg.store(g + 2 * H, n);
-            o.store(g + 3 * H, n);
-            c.store(c_state + k, n);
-            c.store(cells + t * B * H + k, n);
-            h.store(y + t * B * H + k, n);
-            h.store(h_next + k, n);
+        panel_product<scalar_t, 4>(rows, h_prev, H, panels + chunk * H * 4 * w, 4 * w, w, H, product.get(), 4 * w);
+        for (int64_t b = 0; b < rows; ++b) {
+          scalar_t* g = gates_t + b * 4 * H + u;
+          if (b + 4 < rows) {  // the input projection of a row a few ahead is usually not in cache yet
+            for (int gate = 0; gate < 4; ++gate) __builtin_prefetch(g + 4 * 4 * H + gate * H);
           }
-        });
+          const scalar_t* acc = product.get() + b * 4 * w;
+          Vec i = Vec::loadu(acc) + Vec::loadu(g, n);
+          Vec fg = Vec::loadu(acc + w) + Vec::loadu(g + H, n);
+          Vec gg = Vec::loadu(acc + 2 * w) + Vec::loadu(g + 2 * H, n);
+          Vec o = Vec::loadu(acc + 3 * w) + Vec::loadu(g + 3 * H, n);
+          if (bias != nullptr) {
+            i = i + Vec::loadu(bias + u, n);
+            fg = fg + Vec::loadu(bias + H + u, n);
+            gg = gg + Vec::loadu(bias + 2 * H + u, n);
+            o = o + Vec::loadu(bias + 3 * H + u, n);
+          }
+          const int64_t k = b * H + u;
+          Vec c, h;
+          lstm_cell_forward<Vec, CellActivations<scalar_t>>(i, fg, gg, o, Vec::loadu(c_state + k, n), c, h);
+          i.store(g, n);
+          fg.store(g + H, n);
+          gg.store(g + 2 * H, n);
+          o.store(g + 3 * H, n);
+          c.store(c_state + k, n);
+          c.store(cells + t * B * H + k, n);
+          h.store(y + t * B * H + k, n);
+          h.store(h_next + k, n);
+        }
       }
       team_barrier();
     });
@@ -288,7 +320,7 @@ void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar
 #endif
   {
     const auto [first_chunk, last_chunk] = owned_chunks(chunks, team_id(), team_size());
-    alignas(64) scalar_t tile[kMaxRows * kMaxVectors * w];
+    std::unique_ptr<scalar_t[]> product(new scalar_t[B * kMaxVectors * w]);
     for_each_active_step(s, !reverse, [&](int64_t, int64_t t, int64_t rows) {
       const scalar_t* gates_t = gates + t * B * 4 * H;
       scalar_t* d_gates_t = d_gates + t * B * 4 * H;
@@ -321,18 +353,10 @@ void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar
         const int vectors = static_cast<int>(std::min<int64_t>(kMaxVectors, last_chunk - chunk));
         const int64_t u = chunk * w;
         const int64_t units = std::min<int64_t>(vectors * w, H - u);
-        const scalar_t* panel = panels + chunk * 4 * H * w;
-        for_each_row_tile(rows, [&](int64_t row0, int tile_rows) {
-          const scalar_t* a = d_gates_t + row0 * 4 * H;
-          switch (vectors) {
-            case 1: gemm_rows<scalar_t, 1>(tile_rows, a, 4 * H, panel, w, 4 * H * w, 4 * H, tile, kMaxVectors * w); break;
-            case 2: gemm_rows<scalar_t, 2>(tile_rows, a, 4 * H, panel, w, 4 * H * w, 4 * H, tile, kMaxVectors * w); break;
-            case 3: gemm_rows<scalar_t, 3>(tile_rows, a, 4 * H, panel, w, 4 * H * w, 4 * H, tile, kMaxVectors * w); break;
-            default: gemm_rows<scalar_t, 4>(tile_rows, a, 4 * H, panel, w, 4 * H * w, 4 * H, tile, kMaxVectors * w);
-          }
-          for (int r = 0; r < tile_rows; ++r)
-            std::memcpy(dh + (row0 + r) * H + u, tile + r * kMaxVectors * w, units * sizeof(scalar_t));
-        });
+        panel_product_vectors<scalar_t>(vectors, rows, d_gates_t, 4 * H, panels + chunk * 4 * H * w, w, 4 * H * w,
+                                        4 * H, product.get(), kMaxVectors * w);
+        for (int64_t b = 0; b < rows; ++b)
+          std::memcpy(dh + b * H + u, product.get() + b * kMaxVectors * w, units * sizeof(scalar_t));
       }
     });
   }
