@@ -2,7 +2,10 @@
 // Kernels register themselves per device (csrc/cpu, csrc/cuda); autograd and fake (meta)
 // implementations live in lstm_fused/ops.py.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <tuple>
 
 extern "C" {
 // `import lstm_fused._C` loads this shared library, which runs the TORCH_LIBRARY registrations.
@@ -24,6 +27,12 @@ TORCH_LIBRARY(lstm_fused, m) {
       "lstm_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse) "
       "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor reserve)");
+  // lstm_layer_forward without the reserve, for when no gradient is wanted: the same y, h_n, c_n.
+  // Kernels may skip storing what only backward reads (the CPU one does).
+  m.def(
+      "lstm_layer_inference(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse) "
+      "-> (Tensor y, Tensor h_n, Tensor c_n)");
   // Gradients of lstm_layer_forward. grad_bias is the gradient of b_ih and of b_hh alike (the
   // caller drops it when the layer has no bias);
   // grad_w_hr is an empty tensor when there is no projection.
@@ -44,4 +53,30 @@ TORCH_LIBRARY(lstm_fused, m) {
       "Tensor w_hh, Tensor y, Tensor reserve, Tensor? lengths, bool reverse) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
       "Tensor grad_b_hh)");
+}
+
+namespace lstm_fused {
+namespace {
+
+// lstm_layer_inference on a device without a kernel of its own: the forward op, less the reserve.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_inference_from_forward(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+    const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& lengths, bool reverse) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lstm_fused::lstm_layer_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+              const c10::optional<at::Tensor>&, bool)>();
+  auto [y, h_n, c_n, reserve] = forward.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse);
+  return {y, h_n, c_n};
+}
+
+}  // namespace
+}  // namespace lstm_fused
+
+TORCH_LIBRARY_IMPL(lstm_fused, CompositeExplicitAutograd, m) {
+  m.impl("lstm_layer_inference", &lstm_fused::lstm_layer_inference_from_forward);
 }

@@ -11,6 +11,11 @@ from torch import Tensor
 
 _forward = torch.ops.lstm_fused.lstm_layer_forward
 _backward = torch.ops.lstm_fused.lstm_layer_backward
+_inference = torch.ops.lstm_fused.lstm_layer_inference
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def lstm_layer(
@@ -31,7 +36,12 @@ def lstm_layer(
     (gates i, f, g, o). `lengths` (int64 on the CPU, sorted in decreasing order) makes row b
     advance only at steps t < lengths[b]; `reverse` runs the sequence backwards, each row from its
     own last step. Returns (y [T, B, P], h_n [B, P], c_n [B, H]).
+
+    When no gradient can flow (grad mode off, or no argument requires grad), the reserve that
+    backward would need is not kept: the inference op runs instead.
     """
+    if not _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        return _inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
     y, h_n, c_n, _ = _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
     return y, h_n, c_n
 
@@ -52,6 +62,12 @@ def _lstm_layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, r
         x.new_empty(batch, hidden),
         x.new_empty(lstm_reserve_numel(seq_len, batch, hidden, w_hr is not None)),
     )
+
+
+@torch.library.register_fake("lstm_fused::lstm_layer_inference")
+def _lstm_layer_inference_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+    y, h_n, c_n, _ = _lstm_layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+    return y, h_n, c_n
 
 
 @torch.library.register_fake("lstm_fused::lstm_layer_backward")

@@ -76,3 +76,34 @@ def test_float32_activations_over_a_wide_range():
         finite = ~exact.isnan()
         error = (ours.double()[finite] - exact[finite]).abs() / (1 + exact[finite].abs())
         assert error.max().item() < 4e-7
+
+
+@pytest.mark.parametrize("T,B,I,H", [(20, 64, 5, 256), (7, 3, 4, 9)])
+@pytest.mark.parametrize("use_lengths,reverse", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("loop", ["stationary", "step"])
+def test_inference_op_matches_forward_op(monkeypatch, T, B, I, H, use_lengths, reverse, loop):
+    """lstm_layer_inference (no reserve) gives the forward op's y, h_n, c_n. In float64 at B=64,
+    H=256 one step's input projection is 512 KB, so the CPU kernel projects the input in several
+    segments (8 + 8 + 4 steps); with LSTM_FUSED_CPU_LOOP=step it falls back to the forward op."""
+    if loop == "step":
+        monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", "step")
+    seed = hash((T, B, I, H, use_lengths, reverse)) % 10_000
+    args = make_layer_args(T, B, I, H, 0, True, "cpu", requires_grad=False, seed=seed)
+    lengths = random_lengths(T, B, seed) if use_lengths else None
+    expected = torch.ops.lstm_fused.lstm_layer_forward(*args, lengths, reverse)[:3]
+    got = torch.ops.lstm_fused.lstm_layer_inference(*args, lengths, reverse)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_inference_op_is_used_only_without_gradients():
+    args = make_layer_args(4, 3, 2, 5, 0, True, "cpu", requires_grad=True, seed=1)
+    y, _, _ = lstm_layer(*args)
+    assert y.grad_fn is not None  # the forward op, with its reserve for backward
+    with torch.no_grad():
+        y, _, _ = lstm_layer(*args)
+    assert y.grad_fn is None
+    frozen = [a.detach() if a is not None else None for a in args]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: pytest.fail("saved a tensor"), lambda t: t):
+        y, _, _ = lstm_layer(*frozen)
+    assert y.grad_fn is None

@@ -92,6 +92,7 @@ def test_opcheck(device, proj, use_lengths):
     torch.library.opcheck(torch.ops.lstm_fused.lstm_layer_forward.default, forward_args)
 
     plain = [a.detach() if a is not None else None for a in args]
+    torch.library.opcheck(torch.ops.lstm_fused.lstm_layer_inference.default, (*plain, lengths, False))
     y, h_n, c_n, reserve = torch.ops.lstm_fused.lstm_layer_forward(*plain, lengths, True)
     x, h0, c0, w_ih, w_hh, _, _, w_hr = plain
     backward_args = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n), x, h0, c0,

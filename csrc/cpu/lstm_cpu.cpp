@@ -109,6 +109,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   });
 }
 
+std::tuple<Tensor, Tensor, Tensor> lstm_layer_inference_cpu(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
+    const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& lengths, bool reverse) {
+  const LayerSizes s = check_lstm_layer_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  check_cpu_dtype(x);
+  if (!stationary::enabled(s)) {
+    auto [y, h_n, c_n, reserve] = lstm_layer_forward_cpu(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse);
+    return {y, h_n, c_n};
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_inference_cpu", [&] {
+    return stationary::lstm_inference<scalar_t>(s, reverse, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths.has_value());
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_cpu(
     const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
@@ -141,6 +157,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
 TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
   m.impl("lstm_layer_forward", &lstm_layer_forward_cpu);
   m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
+  m.impl("lstm_layer_inference", &lstm_layer_inference_cpu);
 }
 
 }  // namespace lstm_fused

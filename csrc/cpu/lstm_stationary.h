@@ -32,7 +32,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
+#include <tuple>
 
 #include "../cell_math.h"
 #include "../layer_loops.h"
@@ -108,16 +108,23 @@ inline void for_each_row_tile(int64_t rows, Fn&& fn) {
 // c[rows][NV * w] (row stride ldc) = a[rows, 0:K) times the panel (as in gemm_tile), in register
 // tiles of up to kMaxRows rows. K is cut into blocks of kBlockBytes of panel, so that each block
 // is read from L2 once and then from L1 by every row tile (the tiles accumulate into c).
+// prefetch(row0, tile_rows) runs before each tile of the first block: the caller's chance to bring
+// in what it will need for those rows after the product, while the product keeps the core busy.
 constexpr int64_t kBlockBytes = 32 * 1024;
 
-template <typename scalar_t, int NV>
+struct NoPrefetch {
+  void operator()(int64_t, int) const {}
+};
+
+template <typename scalar_t, int NV, typename Prefetch = NoPrefetch>
 inline void panel_product(int64_t rows, const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldk, int64_t ldv,
-                          int64_t K, scalar_t* c, int64_t ldc) {
+                          int64_t K, scalar_t* c, int64_t ldc, const Prefetch& prefetch = Prefetch()) {
   constexpr int64_t kc = std::max<int64_t>(16, kBlockBytes / (NV * at::vec::Vectorized<scalar_t>::size() *
                                                               static_cast<int64_t>(sizeof(scalar_t))));
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t kl = std::min<int64_t>(kc, K - k0);
     for_each_row_tile(rows, [&](int64_t row0, int tile_rows) {
+      if (k0 == 0) prefetch(row0, tile_rows);
       gemm_rows<scalar_t, NV>(tile_rows, a + row0 * lda + k0, lda, b + k0 * ldk, ldk, ldv, kl, c + row0 * ldc, ldc,
                               k0 > 0);
     });
@@ -233,69 +240,152 @@ at::Tensor pack_backward(const at::Tensor& w_hh, int64_t H) {
   return packed;
 }
 
-// The forward time loop over the buffers begin_lstm_forward set up (f.r.gates holds the input
-// projection of every step).
+// What the forward loop reads and writes; every pointer is to contiguous memory.
 template <typename scalar_t>
-void lstm_forward(const LayerSizes& s, bool reverse, LstmForwardBuffers<scalar_t>& f, const at::Tensor& w_hh) {
+struct ForwardState {
+  scalar_t* h[2] = {nullptr, nullptr};  // [B, H] each: the ping-pong hidden states (layer_loops.h)
+  scalar_t* c = nullptr;                // [B, H] the running cell state
+  const scalar_t* bias = nullptr;       // [4H] b_ih + b_hh, or null
+  scalar_t* y = nullptr;                // [T, B, H]
+  scalar_t* cells = nullptr;            // [T, B, H] the reserve's cell states; null: not kept
+  bool keep_gates = true;               // write the activated gates over the input projection
+};
+
+// Runs the steps of processing indices [first_index, end_index) on one OpenMP team.
+// gates_of(t) is step t's input projection x_t W_ih^T, [B, 4H]. `packed` is pack_forward's.
+template <typename scalar_t, typename GatesOf>
+void forward_steps(const LayerSizes& s, bool reverse, int64_t first_index, int64_t end_index, const ForwardState<scalar_t>& st,
+                   const at::Tensor& packed, const GatesOf& gates_of) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t w = lanes<scalar_t>();
-  const int64_t B = s.batch, H = s.hidden_size, chunks = chunk_count<scalar_t>(H);
-  const at::Tensor packed = pack_forward<scalar_t>(w_hh, H);
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, chunks = chunk_count<scalar_t>(H);
+  const int threads = team_threads(chunks);
   const scalar_t* panels = packed.data_ptr<scalar_t>();
-  scalar_t* h_ptr[2] = {f.h_buffers[0].template data_ptr<scalar_t>(), f.h_buffers[1].template data_ptr<scalar_t>()};
-  scalar_t* gates = f.r.gates.template data_ptr<scalar_t>();
-  scalar_t* cells = f.r.cells.template data_ptr<scalar_t>();
-  scalar_t* y = f.y.template data_ptr<scalar_t>();
-  scalar_t* c_state = f.c.template data_ptr<scalar_t>();
-  const scalar_t* bias = s.has_bias ? f.bias.template data_ptr<scalar_t>() : nullptr;
+  // Each thread's product of one chunk for every row: [B][4 * w], the gates of its w units.
+  const at::Tensor products = at::empty({threads, B * 4 * w}, packed.options());
 
 #ifdef _OPENMP
-#pragma omp parallel num_threads(team_threads(chunks))
+#pragma omp parallel num_threads(threads)
 #endif
   {
     const auto [first_chunk, last_chunk] = owned_chunks(chunks, team_id(), team_size());
-    // The chunk's product for every row: [B][4 * w], the gates of its w units.
-    std::unique_ptr<scalar_t[]> product(new scalar_t[B * 4 * w]);
-    for_each_active_step(s, reverse, [&](int64_t index, int64_t t, int64_t rows) {
-      const scalar_t* h_prev = h_ptr[index % 2];
-      scalar_t* h_next = h_ptr[(index + 1) % 2];
-      scalar_t* gates_t = gates + t * B * 4 * H;
+    scalar_t* product = products.data_ptr<scalar_t>() + team_id() * B * 4 * w;
+    for (int64_t index = first_index; index < end_index; ++index) {
+      const int64_t t = reverse ? T - 1 - index : index;
+      const int64_t rows = s.active_rows[t];
+      if (rows == 0) continue;
+      const scalar_t* h_prev = st.h[index % 2];
+      scalar_t* h_next = st.h[(index + 1) % 2];
+      scalar_t* gates_t = gates_of(t);
+      scalar_t* y_t = st.y + t * B * H;
+      scalar_t* cells_t = st.cells != nullptr ? st.cells + t * B * H : nullptr;
       for (int64_t chunk = first_chunk; chunk < last_chunk; ++chunk) {
         const int64_t u = chunk * w;
         const int n = static_cast<int>(std::min<int64_t>(w, H - u));
-        panel_product<scalar_t, 4>(rows, h_prev, H, panels + chunk * H * 4 * w, 4 * w, w, H, product.get(), 4 * w);
+        // While the product runs, fetch the rows the cell update reads (the input projection, c)
+        // and writes (y, the reserve): otherwise each of them is a cache miss in the epilogue.
+        const auto prefetch = [&](int64_t row0, int tile_rows) {
+          for (int64_t b = row0; b < row0 + tile_rows; ++b) {
+            const scalar_t* g = gates_t + b * 4 * H + u;
+            for (int gate = 0; gate < 4; ++gate) __builtin_prefetch(g + gate * H, 1);
+            __builtin_prefetch(st.c + b * H + u, 1);
+            __builtin_prefetch(y_t + b * H + u, 1);
+            if (cells_t != nullptr) __builtin_prefetch(cells_t + b * H + u, 1);
+          }
+        };
+        panel_product<scalar_t, 4>(rows, h_prev, H, panels + chunk * H * 4 * w, 4 * w, w, H, product, 4 * w, prefetch);
         for (int64_t b = 0; b < rows; ++b) {
           scalar_t* g = gates_t + b * 4 * H + u;
-          if (b + 4 < rows) {  // the input projection of a row a few ahead is usually not in cache yet
-            for (int gate = 0; gate < 4; ++gate) __builtin_prefetch(g + 4 * 4 * H + gate * H);
-          }
-          const scalar_t* acc = product.get() + b * 4 * w;
+          const scalar_t* acc = product + b * 4 * w;
           Vec i = Vec::loadu(acc) + Vec::loadu(g, n);
           Vec fg = Vec::loadu(acc + w) + Vec::loadu(g + H, n);
           Vec gg = Vec::loadu(acc + 2 * w) + Vec::loadu(g + 2 * H, n);
           Vec o = Vec::loadu(acc + 3 * w) + Vec::loadu(g + 3 * H, n);
-          if (bias != nullptr) {
-            i = i + Vec::loadu(bias + u, n);
-            fg = fg + Vec::loadu(bias + H + u, n);
-            gg = gg + Vec::loadu(bias + 2 * H + u, n);
-            o = o + Vec::loadu(bias + 3 * H + u, n);
+          if (st.bias != nullptr) {
+            i = i + Vec::loadu(st.bias + u, n);
+            fg = fg + Vec::loadu(st.bias + H + u, n);
+            gg = gg + Vec::loadu(st.bias + 2 * H + u, n);
+            o = o + Vec::loadu(st.bias + 3 * H + u, n);
           }
           const int64_t k = b * H + u;
           Vec c, h;
-          lstm_cell_forward<Vec, CellActivations<scalar_t>>(i, fg, gg, o, Vec::loadu(c_state + k, n), c, h);
-          i.store(g, n);
-          fg.store(g + H, n);
-          gg.store(g + 2 * H, n);
-          o.store(g + 3 * H, n);
-          c.store(c_state + k, n);
-          c.store(cells + t * B * H + k, n);
-          h.store(y + t * B * H + k, n);
+          lstm_cell_forward<Vec, CellActivations<scalar_t>>(i, fg, gg, o, Vec::loadu(st.c + k, n), c, h);
+          if (st.keep_gates) {
+            i.store(g, n);
+            fg.store(g + H, n);
+            gg.store(g + 2 * H, n);
+            o.store(g + 3 * H, n);
+          }
+          c.store(st.c + k, n);
+          if (cells_t != nullptr) c.store(cells_t + k, n);
+          h.store(y_t + k, n);
           h.store(h_next + k, n);
         }
       }
-      team_barrier();
-    });
+      team_barrier();  // the next step reads every unit of h_t
+    }
   }
+}
+
+// The training forward over the buffers begin_lstm_forward set up (f.r.gates holds the input
+// projection of every step, and receives the activated gates).
+template <typename scalar_t>
+void lstm_forward(const LayerSizes& s, bool reverse, LstmForwardBuffers<scalar_t>& f, const at::Tensor& w_hh) {
+  const int64_t B = s.batch, H = s.hidden_size;
+  ForwardState<scalar_t> st;
+  st.h[0] = f.h_buffers[0].template data_ptr<scalar_t>();
+  st.h[1] = f.h_buffers[1].template data_ptr<scalar_t>();
+  st.c = f.c.template data_ptr<scalar_t>();
+  st.bias = s.has_bias ? f.bias.template data_ptr<scalar_t>() : nullptr;
+  st.y = f.y.template data_ptr<scalar_t>();
+  st.cells = f.r.cells.template data_ptr<scalar_t>();
+  scalar_t* gates = f.r.gates.template data_ptr<scalar_t>();
+  forward_steps<scalar_t>(s, reverse, 0, s.seq_len, st, pack_forward<scalar_t>(w_hh, H),
+                          [&](int64_t t) { return gates + t * B * 4 * H; });
+}
+
+// The forward without a reserve, for when no gradient is wanted: the input projection is computed
+// a segment of steps at a time into one reused buffer of about kSegmentBytes (so it is still in
+// cache when the steps read it, and no [T, B, 4H] buffer of fresh pages is written and read back),
+// and neither the activated gates nor the cell states are stored.
+constexpr int64_t kSegmentBytes = 4 << 20;
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference(const LayerSizes& s, bool reverse, const at::Tensor& x,
+                                                              const at::Tensor& h0, const at::Tensor& c0,
+                                                              const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                              const c10::optional<at::Tensor>& b_ih,
+                                                              const c10::optional<at::Tensor>& b_hh, bool padded) {
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, I = s.input_size;
+  at::Tensor y = layer_buffer({T, B, H}, x.options(), padded);
+  at::Tensor h_buffers[2];
+  init_hidden_buffers(h_buffers, h0);
+  at::Tensor c = c0.contiguous().clone();
+  at::Tensor bias = s.has_bias ? (*b_ih + *b_hh).contiguous() : at::Tensor();
+  ForwardState<scalar_t> st;
+  st.h[0] = h_buffers[0].data_ptr<scalar_t>();
+  st.h[1] = h_buffers[1].data_ptr<scalar_t>();
+  st.c = c.data_ptr<scalar_t>();
+  st.bias = s.has_bias ? bias.data_ptr<scalar_t>() : nullptr;
+  st.y = y.data_ptr<scalar_t>();
+  st.keep_gates = false;
+
+  const at::Tensor packed = pack_forward<scalar_t>(w_hh, H);
+  const int64_t step_bytes = B * 4 * H * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t segment = std::max<int64_t>(1, std::min<int64_t>(T, kSegmentBytes / std::max<int64_t>(1, step_bytes)));
+  at::Tensor scratch = at::empty({segment * B, 4 * H}, x.options());
+  const at::Tensor w_ih_t = w_ih.t();
+  for (int64_t first = 0; first < T; first += segment) {
+    const int64_t count = std::min<int64_t>(segment, T - first);
+    // The segment's time steps form one range [t_low, t_low + count) in either direction.
+    const int64_t t_low = reverse ? T - first - count : first;
+    at::Tensor projection = scratch.narrow(0, 0, count * B);
+    at::mm_out(projection, x.narrow(0, t_low, count).reshape({count * B, I}), w_ih_t);
+    scalar_t* base = projection.data_ptr<scalar_t>();
+    forward_steps<scalar_t>(s, reverse, first, first + count, st, packed,
+                            [&](int64_t t) { return base + (t - t_low) * B * 4 * H; });
+  }
+  return {y, final_hidden(h_buffers, s, reverse), c};
 }
 
 // The backward time loop over the buffers begin_lstm_backward set up.
@@ -314,13 +404,16 @@ void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar
   scalar_t* dh = g.dh.template data_ptr<scalar_t>();
   scalar_t* dc = g.dc.template data_ptr<scalar_t>();
   const int64_t* lengths = s.lengths.data();
+  const int threads = team_threads(chunks);
+  // Each thread's product of up to kMaxVectors chunks for every row.
+  const at::Tensor products = at::empty({threads, B * kMaxVectors * w}, packed.options());
 
 #ifdef _OPENMP
-#pragma omp parallel num_threads(team_threads(chunks))
+#pragma omp parallel num_threads(threads)
 #endif
   {
     const auto [first_chunk, last_chunk] = owned_chunks(chunks, team_id(), team_size());
-    std::unique_ptr<scalar_t[]> product(new scalar_t[B * kMaxVectors * w]);
+    scalar_t* product = products.data_ptr<scalar_t>() + team_id() * B * kMaxVectors * w;
     for_each_active_step(s, !reverse, [&](int64_t, int64_t t, int64_t rows) {
       const scalar_t* gates_t = gates + t * B * 4 * H;
       scalar_t* d_gates_t = d_gates + t * B * 4 * H;
@@ -354,9 +447,9 @@ void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar
         const int64_t u = chunk * w;
         const int64_t units = std::min<int64_t>(vectors * w, H - u);
         panel_product_vectors<scalar_t>(vectors, rows, d_gates_t, 4 * H, panels + chunk * 4 * H * w, w, 4 * H * w,
-                                        4 * H, product.get(), kMaxVectors * w);
+                                        4 * H, product, kMaxVectors * w);
         for (int64_t b = 0; b < rows; ++b)
-          std::memcpy(dh + b * H + u, product.get() + b * kMaxVectors * w, units * sizeof(scalar_t));
+          std::memcpy(dh + b * H + u, product + b * kMaxVectors * w, units * sizeof(scalar_t));
       }
     });
   }
