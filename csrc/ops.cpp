@@ -48,6 +48,10 @@ TORCH_LIBRARY(lstm_fused, m) {
   m.def(
       "gru_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "Tensor? lengths, bool reverse) -> (Tensor y, Tensor h_n, Tensor reserve)");
+  // gru_layer_forward without the reserve, for when no gradient is wanted.
+  m.def(
+      "gru_layer_inference(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? lengths, bool reverse) -> (Tensor y, Tensor h_n)");
   m.def(
       "gru_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, "
       "Tensor w_hh, Tensor y, Tensor reserve, Tensor? lengths, bool reverse) "
@@ -74,9 +78,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_inference_from_forward
   return {y, h_n, c_n};
 }
 
+// gru_layer_inference on a device without a kernel of its own: the forward op, less the reserve.
+std::tuple<at::Tensor, at::Tensor> gru_layer_inference_from_forward(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+    const c10::optional<at::Tensor>& lengths, bool reverse) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lstm_fused::gru_layer_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+              bool)>();
+  auto [y, h_n, reserve] = forward.call(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
+  return {y, h_n};
+}
+
 }  // namespace
 }  // namespace lstm_fused
 
 TORCH_LIBRARY_IMPL(lstm_fused, CompositeExplicitAutograd, m) {
   m.impl("lstm_layer_inference", &lstm_fused::lstm_layer_inference_from_forward);
+  m.impl("gru_layer_inference", &lstm_fused::gru_layer_inference_from_forward);
 }

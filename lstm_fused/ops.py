@@ -128,6 +128,7 @@ torch.library.register_autograd(
 
 _gru_forward = torch.ops.lstm_fused.gru_layer_forward
 _gru_backward = torch.ops.lstm_fused.gru_layer_backward
+_gru_inference = torch.ops.lstm_fused.gru_layer_inference
 
 
 def gru_layer(
@@ -142,7 +143,9 @@ def gru_layer(
 ) -> Tuple[Tensor, Tensor]:
     """One GRU layer in one direction over a time-major sequence (nn.GRU's formulation and gate
     order r, z, n). x is [T, B, I], h0 [B, H]; `lengths` and `reverse` as for `lstm_layer`.
-    Returns (y [T, B, H], h_n [B, H])."""
+    Returns (y [T, B, H], h_n [B, H]). Without gradients the inference op runs (no reserve)."""
+    if not _needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh):
+        return _gru_inference(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
     y, h_n, _ = _gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
     return y, h_n
 
@@ -156,6 +159,12 @@ def _gru_layer_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
         x.new_empty(batch, hidden),
         x.new_empty(seq_len * batch * hidden * 4),
     )
+
+
+@torch.library.register_fake("lstm_fused::gru_layer_inference")
+def _gru_layer_inference_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    y, h_n, _ = _gru_layer_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+    return y, h_n
 
 
 @torch.library.register_fake("lstm_fused::gru_layer_backward")

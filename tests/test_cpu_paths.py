@@ -1,12 +1,12 @@
-"""The CPU LSTM's two time loops: the weight-stationary one (one OpenMP team, the default without
-projection) and the per-step one (projection, or LSTM_FUSED_CPU_LOOP=step), and the float32
-activations of AVX-512 builds."""
+"""The CPU kernels' own paths. The LSTM's two time loops: the weight-stationary one (one OpenMP team, the default without
+projection) and the per-step one (projection, or LSTM_FUSED_CPU_LOOP=step), the float32
+activations of AVX-512 builds, and the inference ops (no reserve) of both cells."""
 import pytest
 import torch
 
-from lstm_fused.ops import lstm_layer
+from lstm_fused.ops import gru_layer, lstm_layer
 from lstm_fused.reference import lstm_layer_reference
-from test_ops import make_layer_args, outputs_and_grads, random_lengths
+from test_ops import make_gru_args, make_layer_args, outputs_and_grads, random_lengths
 
 # Sizes chosen for the stationary loop's edges: H below, at and across one SIMD vector (16 float
 # lanes, 8 double), fewer chunks than threads, row counts that do not fill a 6-row tile.
@@ -107,3 +107,19 @@ def test_inference_op_is_used_only_without_gradients():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: pytest.fail("saved a tensor"), lambda t: t):
         y, _, _ = lstm_layer(*frozen)
     assert y.grad_fn is None
+
+
+@pytest.mark.parametrize("T,B,I,H", [(20, 64, 5, 256), (7, 3, 4, 9)])
+@pytest.mark.parametrize("use_lengths,reverse", [(False, False), (True, False), (True, True)])
+def test_gru_inference_op_matches_forward_op(T, B, I, H, use_lengths, reverse):
+    """As for the LSTM: at B=64, H=256 in float64 the input is projected in two segments."""
+    seed = hash((T, B, I, H, use_lengths, reverse)) % 10_000
+    args = make_gru_args(T, B, I, H, True, "cpu", requires_grad=False, seed=seed)
+    lengths = random_lengths(T, B, seed) if use_lengths else None
+    expected = torch.ops.lstm_fused.gru_layer_forward(*args, lengths, reverse)[:2]
+    got = torch.ops.lstm_fused.gru_layer_inference(*args, lengths, reverse)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        for a, b in zip(gru_layer(*args, lengths=lengths, reverse=reverse), expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

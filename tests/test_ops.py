@@ -161,6 +161,8 @@ def test_gru_opcheck(device, use_lengths):
     lengths = torch.tensor([5, 3, 2]) if use_lengths else None
     torch.library.opcheck(torch.ops.lstm_fused.gru_layer_forward.default, (*args, lengths, False))
     x, h0, w_ih, w_hh, b_ih, b_hh = [a.detach() for a in args]
+    torch.library.opcheck(torch.ops.lstm_fused.gru_layer_inference.default,
+                          (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, False))
     y, h_n, reserve = torch.ops.lstm_fused.gru_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, True)
     torch.library.opcheck(
         torch.ops.lstm_fused.gru_layer_backward.default,

@@ -91,6 +91,24 @@ inline int64_t row_grain(int64_t row_elements) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_elements));
 }
 
+// The inference kernels (no reserve) project the input a segment of steps at a time into one
+// reused buffer of about this size, so that it is still in cache when the steps read it and no
+// [T, B, gates * H] buffer of fresh pages is written and read back. Returns the steps per segment.
+inline int64_t inference_segment_steps(int64_t seq_len, int64_t step_bytes) {
+  constexpr int64_t kSegmentBytes = int64_t(4) << 20;
+  return std::max<int64_t>(1, std::min<int64_t>(seq_len, kSegmentBytes / std::max<int64_t>(1, step_bytes)));
+}
+
+// Calls fn(first_index, count, t_low) for consecutive segments of `segment` processing indices; the
+// segment's time steps are [t_low, t_low + count) in either direction.
+template <typename Fn>
+inline void for_each_segment(int64_t seq_len, int64_t segment, bool reverse, Fn&& fn) {
+  for (int64_t first = 0; first < seq_len; first += segment) {
+    const int64_t count = std::min<int64_t>(segment, seq_len - first);
+    fn(first, count, reverse ? seq_len - first - count : first);
+  }
+}
+
 // Processes [0, n) in SIMD-width chunks; the last chunk may be partial (its width is passed).
 template <typename scalar_t, typename Fn>
 inline void for_each_vector(int64_t n, Fn&& fn) {

@@ -345,11 +345,8 @@ void lstm_forward(const LayerSizes& s, bool reverse, LstmForwardBuffers<scalar_t
 }
 
 // The forward without a reserve, for when no gradient is wanted: the input projection is computed
-// a segment of steps at a time into one reused buffer of about kSegmentBytes (so it is still in
-// cache when the steps read it, and no [T, B, 4H] buffer of fresh pages is written and read back),
-// and neither the activated gates nor the cell states are stored.
-constexpr int64_t kSegmentBytes = 4 << 20;
-
+// a segment of steps at a time into one reused buffer (inference_segment_steps), and neither the
+// activated gates nor the cell states are stored.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference(const LayerSizes& s, bool reverse, const at::Tensor& x,
                                                               const at::Tensor& h0, const at::Tensor& c0,
@@ -371,20 +368,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference(const LayerSizes& 
   st.keep_gates = false;
 
   const at::Tensor packed = pack_forward<scalar_t>(w_hh, H);
-  const int64_t step_bytes = B * 4 * H * static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t segment = std::max<int64_t>(1, std::min<int64_t>(T, kSegmentBytes / std::max<int64_t>(1, step_bytes)));
+  const int64_t segment = inference_segment_steps(T, B * 4 * H * static_cast<int64_t>(sizeof(scalar_t)));
   at::Tensor scratch = at::empty({segment * B, 4 * H}, x.options());
   const at::Tensor w_ih_t = w_ih.t();
-  for (int64_t first = 0; first < T; first += segment) {
-    const int64_t count = std::min<int64_t>(segment, T - first);
-    // The segment's time steps form one range [t_low, t_low + count) in either direction.
-    const int64_t t_low = reverse ? T - first - count : first;
+  for_each_segment(T, segment, reverse, [&](int64_t first, int64_t count, int64_t t_low) {
     at::Tensor projection = scratch.narrow(0, 0, count * B);
     at::mm_out(projection, x.narrow(0, t_low, count).reshape({count * B, I}), w_ih_t);
     scalar_t* base = projection.data_ptr<scalar_t>();
     forward_steps<scalar_t>(s, reverse, first, first + count, st, packed,
                             [&](int64_t t) { return base + (t - t_low) * B * 4 * H; });
-  }
+  });
   return {y, final_hidden(h_buffers, s, reverse), c};
 }
 
