@@ -1,6 +1,7 @@
-"""The CPU kernels' own paths. The LSTM's two time loops: the weight-stationary one (one OpenMP team, the default without
-projection) and the per-step one (projection, or LSTM_FUSED_CPU_LOOP=step), the float32
-activations of AVX-512 builds, and the inference ops (no reserve) of both cells."""
+"""The CPU kernels' own paths. The LSTM's two time loops: the weight-stationary one (one OpenMP
+team; chosen without projection for steps up to ~100 MFLOP) and the per-step one (projection,
+larger steps); LSTM_FUSED_CPU_LOOP=stationary|step forces either. Also the float32 activations
+of AVX-512 builds, and the inference ops (no reserve) of both cells."""
 import pytest
 import torch
 
@@ -24,6 +25,7 @@ SHAPES = [
 @pytest.mark.parametrize("threads", ["1", "2", "3"])
 @pytest.mark.parametrize("use_lengths,reverse", [(False, False), (True, False), (True, True)])
 def test_stationary_loop_matches_reference_float64(monkeypatch, T, B, I, H, threads, use_lengths, reverse):
+    monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", "stationary")
     monkeypatch.setenv("LSTM_FUSED_CPU_THREADS", threads)
     seed = hash((T, B, I, H, threads, use_lengths, reverse)) % 10_000
     args = make_layer_args(T, B, I, H, 0, True, "cpu", seed=seed)
@@ -43,6 +45,7 @@ def test_stationary_and_per_step_loops_agree_float32(monkeypatch, T, B, I, H, us
     args32 = [a.detach().float().requires_grad_() if a is not None else None for a in args64]
     lengths = random_lengths(T, B, seed) if use_lengths else None
     exact, weights = outputs_and_grads(lstm_layer_reference, args64, lengths, reverse)
+    monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", "stationary")
     stationary, _ = outputs_and_grads(lstm_layer, args32, lengths, reverse, weights)
     monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", "step")
     per_step, _ = outputs_and_grads(lstm_layer, args32, lengths, reverse, weights)
@@ -84,9 +87,8 @@ def test_float32_activations_over_a_wide_range():
 def test_inference_op_matches_forward_op(monkeypatch, T, B, I, H, use_lengths, reverse, loop):
     """lstm_layer_inference (no reserve) gives the forward op's y, h_n, c_n. In float64 at B=64,
     H=256 one step's input projection is 512 KB, so the CPU kernel projects the input in several
-    segments (8 + 8 + 4 steps); with LSTM_FUSED_CPU_LOOP=step it falls back to the forward op."""
-    if loop == "step":
-        monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", "step")
+    segments (8 + 8 + 4 steps), on either time loop."""
+    monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", loop)
     seed = hash((T, B, I, H, use_lengths, reverse)) % 10_000
     args = make_layer_args(T, B, I, H, 0, True, "cpu", requires_grad=False, seed=seed)
     lengths = random_lengths(T, B, seed) if use_lengths else None
@@ -107,6 +109,20 @@ def test_inference_op_is_used_only_without_gradients():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: pytest.fail("saved a tensor"), lambda t: t):
         y, _, _ = lstm_layer(*frozen)
     assert y.grad_fn is None
+
+
+def test_large_steps_take_the_per_step_loop(monkeypatch):
+    """Above ~100 MFLOP per step the default is the per-step loop: forcing it changes nothing,
+    forcing the stationary loop gives the same values up to float32 rounding."""
+    args = make_layer_args(2, 64, 8, 512, 0, True, "cpu", dtype=torch.float32, requires_grad=False, seed=4)
+    default = torch.ops.lstm_fused.lstm_layer_forward(*args, None, False)
+    monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", "step")
+    per_step = torch.ops.lstm_fused.lstm_layer_forward(*args, None, False)
+    monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", "stationary")
+    stationary = torch.ops.lstm_fused.lstm_layer_forward(*args, None, False)
+    for a, b, c in zip(default, per_step, stationary):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("T,B,I,H", [(20, 64, 5, 256), (7, 3, 4, 9)])

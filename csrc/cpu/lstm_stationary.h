@@ -182,12 +182,22 @@ inline int team_threads(int64_t chunks) {
   return static_cast<int>(std::max<int64_t>(1, threads));
 }
 
-// Whether the CPU LSTM ops take this path: float32/float64 without projection, unless
-// LSTM_FUSED_CPU_LOOP=step asks for the per-step path (kept for projection, and for comparisons).
+// Whether the CPU LSTM ops take this path: float32/float64 without projection, and a step's
+// recurrent product below kLargestStationaryStep FLOPs. Above that MKL's per-step packed GEMM
+// (two threads per step) was measured 4-6% faster at B=128 H=512 (268 MFLOP per step), and the
+// two were even at B=64 H=256 (34 MFLOP), while at B=32 H=128 and below this loop wins by
+// 20-80% (benchmarks/NOTES.md). LSTM_FUSED_CPU_LOOP=step or =stationary forces either path
+// (for comparisons and tests); the per-step path is also the one with projection.
+constexpr double kLargestStationaryStep = 100e6;
+
 inline bool enabled(const LayerSizes& s) {
   if (s.has_proj) return false;
-  const char* setting = std::getenv("LSTM_FUSED_CPU_LOOP");
-  return setting == nullptr || std::strcmp(setting, "step") != 0;
+  if (const char* setting = std::getenv("LSTM_FUSED_CPU_LOOP")) {
+    if (std::strcmp(setting, "step") == 0) return false;
+    if (std::strcmp(setting, "stationary") == 0) return true;
+  }
+  const double step_flops = 2.0 * s.batch * 4.0 * s.hidden_size * s.hidden_size;
+  return step_flops < kLargestStationaryStep;
 }
 
 template <typename scalar_t>
