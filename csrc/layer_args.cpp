@@ -161,18 +161,17 @@ GruReserve split_gru_reserve(const at::Tensor& reserve, const LayerSizes& s) {
   return r;
 }
 
-at::Tensor gather_previous_hidden(const at::Tensor& y, const at::Tensor& h0,
-                                  const LayerSizes& s, bool reverse) {
+void write_previous_hidden(const at::Tensor& out, const at::Tensor& y, const at::Tensor& h0, const LayerSizes& s,
+                           bool reverse) {
   const int64_t T = s.seq_len;
-  at::Tensor prev = at::empty_like(y);
-  if (T == 0) return prev;
+  if (T == 0) return;
   if (!reverse) {
-    prev[0].copy_(h0);
-    prev.narrow(0, 1, T - 1).copy_(y.narrow(0, 0, T - 1));
-    return prev;
+    out[0].copy_(h0);
+    out.narrow(0, 1, T - 1).copy_(y.narrow(0, 0, T - 1));
+    return;
   }
-  prev.narrow(0, 0, T - 1).copy_(y.narrow(0, 1, T - 1));
-  prev[T - 1].copy_(h0);
+  out.narrow(0, 0, T - 1).copy_(y.narrow(0, 1, T - 1));
+  out[T - 1].copy_(h0);
   // A reverse row starts at its own last step, lengths[b] - 1, from h0: one indexed copy for all
   // the rows shorter than T (one small copy per row would be a kernel launch per row on CUDA).
   std::vector<int64_t> steps, rows;
@@ -186,8 +185,13 @@ at::Tensor gather_previous_hidden(const at::Tensor& y, const at::Tensor& h0,
   if (!rows.empty()) {
     const auto index_options = at::TensorOptions().dtype(at::kLong);
     const at::Tensor row_index = at::tensor(rows, index_options).to(y.device());
-    prev.index_put_({at::tensor(steps, index_options).to(y.device()), row_index}, h0.index_select(0, row_index));
+    out.index_put_({at::tensor(steps, index_options).to(y.device()), row_index}, h0.index_select(0, row_index));
   }
+}
+
+at::Tensor gather_previous_hidden(const at::Tensor& y, const at::Tensor& h0, const LayerSizes& s, bool reverse) {
+  at::Tensor prev = at::empty_like(y, at::MemoryFormat::Contiguous);
+  write_previous_hidden(prev, y, h0, s, reverse);
   return prev;
 }
 

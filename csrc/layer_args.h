@@ -74,5 +74,8 @@ LayerSizes check_gru_layer_backward_args(const at::Tensor& grad_y, const at::Ten
 // values that are multiplied by zero gradients.
 at::Tensor gather_previous_hidden(const at::Tensor& y, const at::Tensor& h0, const LayerSizes& sizes,
                                   bool reverse);
+// The same, written into `out` ([T, B, P], possibly a strided view of a larger buffer).
+void write_previous_hidden(const at::Tensor& out, const at::Tensor& y, const at::Tensor& h0, const LayerSizes& sizes,
+                           bool reverse);
 
 }  // namespace lstm_fused

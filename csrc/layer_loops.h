@@ -244,12 +244,18 @@ struct LstmBackwardBuffers {
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradients(
       const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
       const at::Tensor& y, bool reverse) const {
-    const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
+    const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size, I = s.input_size;
     const at::Tensor d_gates_2d = d_gates.view({T * B, 4 * H});
-    auto [grad_x, grad_w_ih] = input_gradients(d_gates_2d, w_ih, x);
+    at::Tensor grad_x = at::mm(d_gates_2d, w_ih).view({T, B, I});
     at::Tensor grad_bias = d_gates_2d.sum(0);
-    const at::Tensor h_prev = gather_previous_hidden(y, h0, s, reverse);
-    at::Tensor grad_w_hh = at::mm(d_gates_2d.t(), h_prev.view({T * B, P}));
+    // Both weight gradients in one GEMM, d_gates^T [x | h_{t-1}]: d_gates (the large operand) is
+    // read and packed once instead of twice.
+    at::Tensor inputs = at::empty({T, B, I + P}, x.options());
+    inputs.narrow(2, 0, I).copy_(x);
+    write_previous_hidden(inputs.narrow(2, I, P), y, h0, s, reverse);
+    const at::Tensor grad_w = at::mm(d_gates_2d.t(), inputs.view({T * B, I + P}));
+    at::Tensor grad_w_ih = grad_w.narrow(1, 0, I).contiguous();
+    at::Tensor grad_w_hh = grad_w.narrow(1, I, P).contiguous();
     at::Tensor grad_w_hr = s.has_proj ? at::mm(d_h_steps.view({T * B, P}).t(), r.proj_in.view({T * B, H}))
                                       : at::empty({0}, x.options());
     return {grad_x, dh, dc.to(x.scalar_type()), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};

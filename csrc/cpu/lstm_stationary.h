@@ -131,14 +131,15 @@ inline void panel_product(int64_t rows, const scalar_t* a, int64_t lda, const sc
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename Prefetch = NoPrefetch>
 inline void panel_product_vectors(int vectors, int64_t rows, const scalar_t* a, int64_t lda, const scalar_t* b,
-                                  int64_t ldk, int64_t ldv, int64_t K, scalar_t* c, int64_t ldc) {
+                                  int64_t ldk, int64_t ldv, int64_t K, scalar_t* c, int64_t ldc,
+                                  const Prefetch& prefetch = Prefetch()) {
   switch (vectors) {
-    case 1: return panel_product<scalar_t, 1>(rows, a, lda, b, ldk, ldv, K, c, ldc);
-    case 2: return panel_product<scalar_t, 2>(rows, a, lda, b, ldk, ldv, K, c, ldc);
-    case 3: return panel_product<scalar_t, 3>(rows, a, lda, b, ldk, ldv, K, c, ldc);
-    default: return panel_product<scalar_t, 4>(rows, a, lda, b, ldk, ldv, K, c, ldc);
+    case 1: return panel_product<scalar_t, 1>(rows, a, lda, b, ldk, ldv, K, c, ldc, prefetch);
+    case 2: return panel_product<scalar_t, 2>(rows, a, lda, b, ldk, ldv, K, c, ldc, prefetch);
+    case 3: return panel_product<scalar_t, 3>(rows, a, lda, b, ldk, ldv, K, c, ldc, prefetch);
+    default: return panel_product<scalar_t, 4>(rows, a, lda, b, ldk, ldv, K, c, ldc, prefetch);
   }
 }
 
@@ -396,7 +397,7 @@ template <typename scalar_t>
 void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar_t>& g, const at::Tensor& w_hh) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t w = lanes<scalar_t>();
-  const int64_t B = s.batch, H = s.hidden_size, chunks = chunk_count<scalar_t>(H);
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, chunks = chunk_count<scalar_t>(H);
   const at::Tensor packed = pack_backward<scalar_t>(w_hh, H);
   const scalar_t* panels = packed.data_ptr<scalar_t>();
   const scalar_t* gates = g.r.gates.template data_ptr<scalar_t>();
@@ -444,13 +445,31 @@ void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar
         }
       }
       team_barrier();
+      // While the product runs, fetch what the next step's pointwise pass reads for these
+      // chunks (its gates, grad_y, c_t) and writes (d_gates): cold lines of the reserve otherwise.
+      const int64_t next_t = reverse ? t + 1 : t - 1;
+      const bool has_next = next_t >= 0 && next_t < T;
       // dh[rows, own units] = d_gates_t W_hh[:, own units], up to kMaxVectors chunks per tile.
       for (int64_t chunk = first_chunk; chunk < last_chunk; chunk += kMaxVectors) {
         const int vectors = static_cast<int>(std::min<int64_t>(kMaxVectors, last_chunk - chunk));
         const int64_t u = chunk * w;
         const int64_t units = std::min<int64_t>(vectors * w, H - u);
+        const auto prefetch = [&](int64_t row0, int tile_rows) {
+          if (!has_next) return;
+          for (int64_t b = row0; b < row0 + tile_rows; ++b) {
+            const int64_t row = next_t * B + b;
+            for (int64_t unit = u; unit < u + units; unit += w) {
+              for (int gate = 0; gate < 4; ++gate) {
+                __builtin_prefetch(gates + row * 4 * H + gate * H + unit);
+                __builtin_prefetch(d_gates + row * 4 * H + gate * H + unit, 1);
+              }
+              __builtin_prefetch(grad_y + row * H + unit);
+              __builtin_prefetch(cells + row * H + unit);
+            }
+          }
+        };
         panel_product_vectors<scalar_t>(vectors, rows, d_gates_t, 4 * H, panels + chunk * 4 * H * w, w, 4 * H * w,
-                                        4 * H, product, kMaxVectors * w);
+                                        4 * H, product, kMaxVectors * w, prefetch);
         for (int64_t b = 0; b < rows; ++b)
           std::memcpy(dh + b * H + u, product + b * kMaxVectors * w, units * sizeof(scalar_t));
       }
