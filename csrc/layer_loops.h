@@ -176,7 +176,8 @@ template <typename cell_t>
 LstmForwardBuffers<cell_t> begin_lstm_forward(const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0,
                                               const at::Tensor& c0, const at::Tensor& w_ih,
                                               const c10::optional<at::Tensor>& b_ih,
-                                              const c10::optional<at::Tensor>& b_hh, bool padded) {
+                                              const c10::optional<at::Tensor>& b_hh, bool padded,
+                                              bool project_input = true) {
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   LstmForwardBuffers<cell_t> f;
   f.reserve = layer_buffer({lstm_reserve_numel(s)}, x.options(), padded);
@@ -185,8 +186,11 @@ LstmForwardBuffers<cell_t> begin_lstm_forward(const LayerSizes& s, const at::Ten
   // The input projection of every step in one GEMM. The biases are added by each step's
   // pointwise pass, where they cost nothing, rather than broadcast into this [T*B, 4H] buffer
   // first (a whole extra pass over it).
-  at::Tensor gates_2d = f.r.gates.view({T * B, 4 * H});
-  at::mm_out(gates_2d, x.reshape({T * B, s.input_size}), w_ih.t());
+  // (A device loop that projects the input inside its own product passes project_input=false.)
+  if (project_input) {
+    at::Tensor gates_2d = f.r.gates.view({T * B, 4 * H});
+    at::mm_out(gates_2d, x.reshape({T * B, s.input_size}), w_ih.t());
+  }
   if (s.has_bias) f.bias = (*b_ih + *b_hh).contiguous();
   init_hidden_buffers(f.h_buffers, h0);
   f.c = c0.to(c10::CppTypeToScalarType<cell_t>::value, /*non_blocking=*/false, /*copy=*/true).contiguous();

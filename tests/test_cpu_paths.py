@@ -24,9 +24,14 @@ SHAPES = [
 @pytest.mark.parametrize("T,B,I,H", SHAPES)
 @pytest.mark.parametrize("threads", ["1", "2", "3"])
 @pytest.mark.parametrize("use_lengths,reverse", [(False, False), (True, False), (True, True)])
-def test_stationary_loop_matches_reference_float64(monkeypatch, T, B, I, H, threads, use_lengths, reverse):
+@pytest.mark.parametrize("input_projection", ["fused", "separate"])
+def test_stationary_loop_matches_reference_float64(monkeypatch, T, B, I, H, threads, use_lengths, reverse,
+                                                   input_projection):
+    """Forward and backward of the stationary loop, with the input projection inside the loop's
+    product or as one GEMM before it (LSTM_FUSED_CPU_INPUT)."""
     monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", "stationary")
     monkeypatch.setenv("LSTM_FUSED_CPU_THREADS", threads)
+    monkeypatch.setenv("LSTM_FUSED_CPU_INPUT", input_projection)
     seed = hash((T, B, I, H, threads, use_lengths, reverse)) % 10_000
     args = make_layer_args(T, B, I, H, 0, True, "cpu", seed=seed)
     lengths = random_lengths(T, B, seed) if use_lengths else None
@@ -83,12 +88,14 @@ def test_float32_activations_over_a_wide_range():
 
 @pytest.mark.parametrize("T,B,I,H", [(20, 64, 5, 256), (7, 3, 4, 9)])
 @pytest.mark.parametrize("use_lengths,reverse", [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("loop", ["stationary", "step"])
-def test_inference_op_matches_forward_op(monkeypatch, T, B, I, H, use_lengths, reverse, loop):
+@pytest.mark.parametrize("loop,input_projection", [("stationary", "fused"), ("stationary", "separate"),
+                                                   ("step", "separate")])
+def test_inference_op_matches_forward_op(monkeypatch, T, B, I, H, use_lengths, reverse, loop, input_projection):
     """lstm_layer_inference (no reserve) gives the forward op's y, h_n, c_n. In float64 at B=64,
     H=256 one step's input projection is 512 KB, so the CPU kernel projects the input in several
-    segments (8 + 8 + 4 steps), on either time loop."""
+    segments (8 + 8 + 4 steps), on either time loop; or inside the stationary loop's product."""
     monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", loop)
+    monkeypatch.setenv("LSTM_FUSED_CPU_INPUT", input_projection)
     seed = hash((T, B, I, H, use_lengths, reverse)) % 10_000
     args = make_layer_args(T, B, I, H, 0, True, "cpu", requires_grad=False, seed=seed)
     lengths = random_lengths(T, B, seed) if use_lengths else None

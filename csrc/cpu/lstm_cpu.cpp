@@ -93,8 +93,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   at::AutoDispatchBelowADInplaceOrView guard;
   if (stationary::enabled(s)) {
     return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_forward_cpu", [&] {
-      auto f = begin_lstm_forward<scalar_t>(s, x, h0, c0, w_ih, b_ih, b_hh, lengths.has_value());
-      stationary::lstm_forward<scalar_t>(s, reverse, f, w_hh);
+      const bool fuse_input = stationary::fuse_input_projection(s, /*training=*/true);
+      auto f = begin_lstm_forward<scalar_t>(s, x, h0, c0, w_ih, b_ih, b_hh, lengths.has_value(),
+                                            /*project_input=*/!fuse_input);
+      stationary::lstm_forward<scalar_t>(s, reverse, f, x, w_ih, w_hh, fuse_input);
       return f.outputs(s, reverse, x.scalar_type());
     });
   }
