@@ -85,11 +85,13 @@ struct GruBackwardStep {
 // buffers are new pages: with 4 KB pages, their first writes were thousands of page faults per
 // call (at B=128 H=512 T=35, about a fifth of the forward loop's time). The system setting
 // "transparent_hugepage=madvise" (a common default) honours exactly this request; elsewhere it is
-// a no-op.
+// a no-op. Only from 32 MB: glibc serves every block that large with its own mmap (its dynamic
+// mmap threshold stops at 32 MB), so the advice dies with the buffer; a smaller block may be heap
+// memory that outlives the tensor, and the advice with it.
 inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (!t.device().is_cpu() || t.nbytes() < 2 * kHuge) return;
+  if (!t.device().is_cpu() || t.nbytes() < (uintptr_t(32) << 20)) return;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
@@ -252,14 +254,21 @@ struct LstmBackwardBuffers {
     const at::Tensor d_gates_2d = d_gates.view({T * B, 4 * H});
     at::Tensor grad_x = at::mm(d_gates_2d, w_ih).view({T, B, I});
     at::Tensor grad_bias = d_gates_2d.sum(0);
-    // Both weight gradients in one GEMM, d_gates^T [x | h_{t-1}]: d_gates (the large operand) is
-    // read and packed once instead of twice.
-    at::Tensor inputs = at::empty({T, B, I + P}, x.options());
-    inputs.narrow(2, 0, I).copy_(x);
-    write_previous_hidden(inputs.narrow(2, I, P), y, h0, s, reverse);
-    const at::Tensor grad_w = at::mm(d_gates_2d.t(), inputs.view({T * B, I + P}));
-    at::Tensor grad_w_ih = grad_w.narrow(1, 0, I).contiguous();
-    at::Tensor grad_w_hh = grad_w.narrow(1, I, P).contiguous();
+    at::Tensor grad_w_ih, grad_w_hh;
+    if (I <= P) {
+      // Both weight gradients in one GEMM, d_gates^T [x | h_{t-1}]: d_gates (the large operand)
+      // is read and packed once instead of twice, for a copy of x (at most as large as h_{t-1},
+      // which is copied anyway).
+      at::Tensor inputs = at::empty({T, B, I + P}, x.options());
+      inputs.narrow(2, 0, I).copy_(x);
+      write_previous_hidden(inputs.narrow(2, I, P), y, h0, s, reverse);
+      const at::Tensor grad_w = at::mm(d_gates_2d.t(), inputs.view({T * B, I + P}));
+      grad_w_ih = grad_w.narrow(1, 0, I).contiguous();
+      grad_w_hh = grad_w.narrow(1, I, P).contiguous();
+    } else {
+      grad_w_ih = at::mm(d_gates_2d.t(), x.reshape({T * B, I}));
+      grad_w_hh = at::mm(d_gates_2d.t(), gather_previous_hidden(y, h0, s, reverse).view({T * B, P}));
+    }
     at::Tensor grad_w_hr = s.has_proj ? at::mm(d_h_steps.view({T * B, P}).t(), r.proj_in.view({T * B, H}))
                                       : at::empty({0}, x.options());
     return {grad_x, dh, dc.to(x.scalar_type()), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};

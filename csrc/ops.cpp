@@ -3,6 +3,7 @@
 // implementations live in lstm_fused/ops.py.
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -74,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_inference_from_forward
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
               const c10::optional<at::Tensor>&, bool)>();
+  at::AutoDispatchBelowADInplaceOrView guard;  // straight to the device kernel: no graph, no reserve kept
   auto [y, h_n, c_n, reserve] = forward.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse);
   return {y, h_n, c_n};
 }
@@ -90,6 +92,7 @@ std::tuple<at::Tensor, at::Tensor> gru_layer_inference_from_forward(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
               bool)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
   auto [y, h_n, reserve] = forward.call(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
   return {y, h_n};
 }

@@ -204,3 +204,14 @@ def _gru_layer_backward(ctx, grad_y, grad_h_n, _grad_reserve):
 torch.library.register_autograd(
     "lstm_fused::gru_layer_forward", _gru_layer_backward, setup_context=_gru_setup_context
 )
+
+
+def _inference_backward(ctx, *grads):
+    raise RuntimeError(
+        "lstm_fused: the *_layer_inference ops keep no reserve and have no backward; "
+        "call lstm_fused.ops.lstm_layer / gru_layer, which use the forward op when a gradient is wanted"
+    )
+
+
+torch.library.register_autograd("lstm_fused::lstm_layer_inference", _inference_backward)
+torch.library.register_autograd("lstm_fused::gru_layer_inference", _inference_backward)

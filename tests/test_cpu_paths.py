@@ -146,3 +146,33 @@ def test_gru_inference_op_matches_forward_op(T, B, I, H, use_lengths, reverse):
     with torch.no_grad():
         for a, b in zip(gru_layer(*args, lengths=lengths, reverse=reverse), expected):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("loop", ["stationary", "step"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lengths_all_shorter_than_the_sequence(monkeypatch, loop, reverse):
+    """max(lengths) < T: a forward row stops early, and in reverse every row starts late (the first
+    processed steps advance no row at all)."""
+    monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", loop)
+    T, B, I, H = 7, 4, 3, 20
+    args = make_layer_args(T, B, I, H, 0, True, "cpu", seed=11)
+    lengths = torch.tensor([5, 5, 3, 1])
+    exact, weights = outputs_and_grads(lstm_layer_reference, args, lengths, reverse)
+    ours, _ = outputs_and_grads(lstm_layer, args, lengths, reverse, weights)
+    for a, b in zip(ours, exact):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    with torch.no_grad():
+        frozen = [a.detach() if a is not None else None for a in args]
+        for a, b in zip(lstm_layer(*frozen, lengths=lengths, reverse=reverse), exact):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_inference_ops_refuse_backward():
+    args = make_layer_args(3, 2, 2, 4, 0, True, "cpu", seed=2)
+    y, _, _ = torch.ops.lstm_fused.lstm_layer_inference(*args, None, False)
+    with pytest.raises(RuntimeError, match="no backward"):
+        y.sum().backward()
+    gru_args = make_gru_args(3, 2, 2, 4, True, "cpu", seed=2)
+    y, _ = torch.ops.lstm_fused.gru_layer_inference(*gru_args, None, False)
+    with pytest.raises(RuntimeError, match="no backward"):
+        y.sum().backward()

@@ -42,8 +42,13 @@ namespace lstm_fused {
 namespace stationary {
 
 // Rows per register tile: MR rows x NV vectors of accumulators, plus NV registers for the panel's
-// vectors, must fit AVX-512's 32 registers with NV = 4 (the four gates): 6 x 4 + 4 = 28.
+// vectors, must fit the vector registers with NV = 4 (the four gates): AVX-512 has 32 (6 x 4 + 4 =
+// 28), AVX2 and below 16 (2 x 4 + 4 = 12; only the AVX-512 build has been timed).
+#if defined(CPU_CAPABILITY_AVX512)
 constexpr int kMaxRows = 6;
+#else
+constexpr int kMaxRows = 2;
+#endif
 constexpr int kMaxVectors = 4;
 
 // c[MR][NV * w] (row stride ldc) = a[MR rows, stride lda][0, K) times the panel: vector v of panel
@@ -190,7 +195,11 @@ inline int team_threads(int64_t chunks) {
 // two were even at B=64 H=256 (34 MFLOP), while at B=32 H=128 and below this loop wins by
 // 20-80% (benchmarks/NOTES.md). LSTM_FUSED_CPU_LOOP=step or =stationary forces either path
 // (for comparisons and tests); the per-step path is also the one with projection.
+// The loop gives each thread at least one chunk of units, so with fewer chunks than threads it
+// leaves cores idle: then it is only taken for steps small enough (kSmallStep) that one thread
+// without a fork/join per step still wins.
 constexpr double kLargestStationaryStep = 100e6;
+constexpr double kSmallStep = 4e6;
 
 inline bool enabled(const LayerSizes& s) {
   if (s.has_proj) return false;
@@ -199,6 +208,9 @@ inline bool enabled(const LayerSizes& s) {
     if (std::strcmp(setting, "stationary") == 0) return true;
   }
   const double step_flops = 2.0 * s.batch * 4.0 * s.hidden_size * s.hidden_size;
+  const int64_t float_lanes = at::vec::Vectorized<float>::size();
+  const int64_t chunks = (s.hidden_size + float_lanes - 1) / float_lanes;
+  if (chunks < at::get_num_threads() && step_flops >= kSmallStep) return false;
   return step_flops < kLargestStationaryStep;
 }
 
@@ -281,13 +293,14 @@ void forward_steps(const LayerSizes& s, bool reverse, int64_t first_index, int64
   const scalar_t* panels = packed.data_ptr<scalar_t>();
   // Each thread's product of one chunk for every row: [B][4 * w], the gates of its w units.
   const at::Tensor products = at::empty({threads, B * 4 * w}, packed.options());
+  scalar_t* const product_base = products.data_ptr<scalar_t>();
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
   {
     const auto [first_chunk, last_chunk] = owned_chunks(chunks, team_id(), team_size());
-    scalar_t* product = products.data_ptr<scalar_t>() + team_id() * B * 4 * w;
+    scalar_t* product = product_base + team_id() * B * 4 * w;
     for (int64_t index = first_index; index < end_index; ++index) {
       const int64_t t = reverse ? T - 1 - index : index;
       const int64_t rows = s.active_rows[t];
@@ -468,13 +481,14 @@ void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar
   const int threads = team_threads(chunks);
   // Each thread's product of up to kMaxVectors chunks for every row.
   const at::Tensor products = at::empty({threads, B * kMaxVectors * w}, packed.options());
+  scalar_t* const product_base = products.data_ptr<scalar_t>();
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
   {
     const auto [first_chunk, last_chunk] = owned_chunks(chunks, team_id(), team_size());
-    scalar_t* product = products.data_ptr<scalar_t>() + team_id() * B * kMaxVectors * w;
+    scalar_t* product = product_base + team_id() * B * kMaxVectors * w;
     for_each_active_step(s, !reverse, [&](int64_t, int64_t t, int64_t rows) {
       const scalar_t* gates_t = gates + t * B * 4 * H;
       scalar_t* d_gates_t = d_gates + t * B * 4 * H;
