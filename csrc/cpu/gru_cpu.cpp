@@ -86,7 +86,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cpu(const Tensor& x, const 
   const LayerSizes s = check_gru_layer_forward_args(x, h0, w_ih, w_hh, b_ih, b_hh, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
-  const RecurrentGemm recurrent(w_hh, /*transposed=*/true, s.batch);
+  const RecurrentGemm recurrent(w_hh, /*transposed=*/true, s.batch, s.seq_len);
   Tensor hidden_proj = at::empty({s.batch, 3 * s.hidden_size}, x.options());
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_forward_cpu", [&] {
     scalar_t* hidden_proj_ptr = hidden_proj.data_ptr<scalar_t>();
@@ -108,7 +108,7 @@ std::tuple<Tensor, Tensor> gru_layer_inference_cpu(const Tensor& x, const Tensor
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, I = s.input_size;
-  const RecurrentGemm recurrent(w_hh, /*transposed=*/true, B);
+  const RecurrentGemm recurrent(w_hh, /*transposed=*/true, B, s.seq_len);
   Tensor y = layer_buffer({T, B, H}, x.options(), lengths.has_value());
   Tensor h_buffers[2];
   init_hidden_buffers(h_buffers, h0);
@@ -153,7 +153,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cp
   const LayerSizes s = check_gru_layer_backward_args(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
-  const RecurrentGemm recurrent(w_hh, /*transposed=*/false, s.batch);
+  const RecurrentGemm recurrent(w_hh, /*transposed=*/false, s.batch, s.seq_len);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_backward_cpu", [&] {
     return run_gru_layer_backward<scalar_t>(
         s, grad_y, grad_h_n, x, h0, w_ih, y, reserve, lengths.has_value(), reverse,

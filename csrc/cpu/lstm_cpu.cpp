@@ -100,7 +100,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
       return f.outputs(s, reverse, x.scalar_type());
     });
   }
-  const RecurrentGemm recurrent(w_hh, /*transposed=*/true, s.batch);
+  const RecurrentGemm recurrent(w_hh, /*transposed=*/true, s.batch, s.seq_len);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_forward_cpu", [&] {
     return run_lstm_layer_forward<scalar_t, scalar_t>(
         s, x, h0, c0, w_ih, b_ih, b_hh, w_hr, lengths.has_value(), reverse,
@@ -129,7 +129,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_inference_cpu(
   }
   // The per-step loop, with the input projected a segment at a time and no reserve kept.
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, I = s.input_size;
-  const RecurrentGemm recurrent(w_hh, /*transposed=*/true, B);
+  const RecurrentGemm recurrent(w_hh, /*transposed=*/true, B, s.seq_len);
   Tensor y = layer_buffer({T, B, H}, x.options(), lengths.has_value());
   Tensor h_buffers[2];
   init_hidden_buffers(h_buffers, h0);
@@ -181,7 +181,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
       return g.gradients(s, x, h0, w_ih, y, reverse);
     });
   }
-  const RecurrentGemm recurrent(w_hh, /*transposed=*/false, s.batch);
+  const RecurrentGemm recurrent(w_hh, /*transposed=*/false, s.batch, s.seq_len);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
     return run_lstm_layer_backward<scalar_t, scalar_t>(
         s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hr, y, reserve, lengths.has_value(), reverse,

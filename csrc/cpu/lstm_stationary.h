@@ -200,6 +200,9 @@ inline int team_threads(int64_t chunks) {
 // without a fork/join per step still wins.
 constexpr double kLargestStationaryStep = 100e6;
 constexpr double kSmallStep = 4e6;
+// Packing W_hh costs about as much as a few steps' products at small batch: a sequence shorter
+// than this (an LSTMCell call is one step) takes the per-step loop, which then does not pack.
+constexpr int64_t kMinSteps = 4;
 
 inline bool enabled(const LayerSizes& s) {
   if (s.has_proj) return false;
@@ -207,6 +210,7 @@ inline bool enabled(const LayerSizes& s) {
     if (std::strcmp(setting, "step") == 0) return false;
     if (std::strcmp(setting, "stationary") == 0) return true;
   }
+  if (s.seq_len < kMinSteps) return false;
   const double step_flops = 2.0 * s.batch * 4.0 * s.hidden_size * s.hidden_size;
   const int64_t float_lanes = at::vec::Vectorized<float>::size();
   const int64_t chunks = (s.hidden_size + float_lanes - 1) / float_lanes;

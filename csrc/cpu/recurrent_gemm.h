@@ -33,11 +33,16 @@ class RecurrentGemm {
   // MKL's CBLAS constants (mkl_cblas.h).
   static constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
 
-  RecurrentGemm(const at::Tensor& weight, bool transposed, int64_t max_rows)
+  // Packing pays off over several products: for fewer than kMinPackedSteps (an LSTMCell call is
+  // one step) sgemm_ runs on the weight as it is.
+  static constexpr int64_t kMinPackedSteps = 4;
+
+  RecurrentGemm(const at::Tensor& weight, bool transposed, int64_t max_rows, int64_t steps)
       : weight_(weight.contiguous()), transposed_(transposed), max_rows_(max_rows) {
     k_ = transposed ? weight_.size(1) : weight_.size(0);
     n_ = transposed ? weight_.size(0) : weight_.size(1);
-    if (weight_.scalar_type() == at::kFloat && mkl_available() && max_rows > 0 && k_ > 0 && n_ > 0) {
+    if (weight_.scalar_type() == at::kFloat && mkl_available() && max_rows > 0 && k_ > 0 && n_ > 0 &&
+        steps >= kMinPackedSteps) {
       const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(max_rows), int(n_), int(k_));
       packed_ = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
                           weight_.options());
