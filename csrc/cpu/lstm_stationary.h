@@ -176,17 +176,28 @@ inline void team_barrier() {
 #endif
 }
 
-// How many threads the loop runs on: torch's intra-op setting, at most one per chunk, and one when
-// called from inside a parallel region (a nested team would get one thread anyway).
-// LSTM_FUSED_CPU_THREADS caps it (for measurements).
-inline int team_threads(int64_t chunks) {
+// Below kSingleThreadStep FLOPs of recurrent product per step the barrier costs more than the
+// second thread saves: measured at B=8 H=64 and B=32 H=32 (0.26 MFLOP per step), one thread
+// against two: training 1.64x vs 1.44x and 1.26x vs 1.11x over nn.LSTM, inference 2.20x vs 2.13x;
+// at B=32 H=128 (4.2 MFLOP) two threads win (1.03x vs 0.86x).
+constexpr double kSingleThreadStep = 1e6;
+
+inline double step_flops(const LayerSizes& s) {
+  return 2.0 * s.batch * 4.0 * s.hidden_size * s.hidden_size;
+}
+
+// How many threads the loop runs on: torch's intra-op setting, one for small steps, at most one
+// per chunk, and one when called from inside a parallel region (a nested team would get one
+// thread anyway). LSTM_FUSED_CPU_THREADS=n asks for n (up to one per chunk) whatever the step
+// size: for measurements, and for tests of the partitioning on small shapes.
+inline int team_threads(const LayerSizes& s, int64_t chunks) {
   if (at::in_parallel_region()) return 1;
-  int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
-  if (const char* cap = std::getenv("LSTM_FUSED_CPU_THREADS")) {
-    const long value = std::strtol(cap, nullptr, 10);
-    if (value > 0) threads = std::min<int64_t>(threads, value);
+  int64_t threads = step_flops(s) < kSingleThreadStep ? 1 : at::get_num_threads();
+  if (const char* setting = std::getenv("LSTM_FUSED_CPU_THREADS")) {
+    const long value = std::strtol(setting, nullptr, 10);
+    if (value > 0) threads = value;
   }
-  return static_cast<int>(std::max<int64_t>(1, threads));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, chunks)));
 }
 
 // Whether the CPU LSTM ops take this path: float32/float64 without projection, and a step's
@@ -211,11 +222,11 @@ inline bool enabled(const LayerSizes& s) {
     if (std::strcmp(setting, "stationary") == 0) return true;
   }
   if (s.seq_len < kMinSteps) return false;
-  const double step_flops = 2.0 * s.batch * 4.0 * s.hidden_size * s.hidden_size;
+  const double flops = step_flops(s);
   const int64_t float_lanes = at::vec::Vectorized<float>::size();
   const int64_t chunks = (s.hidden_size + float_lanes - 1) / float_lanes;
-  if (chunks < at::get_num_threads() && step_flops >= kSmallStep) return false;
-  return step_flops < kLargestStationaryStep;
+  if (chunks < at::get_num_threads() && flops >= kSmallStep) return false;
+  return flops < kLargestStationaryStep;
 }
 
 template <typename scalar_t>
@@ -293,7 +304,7 @@ void forward_steps(const LayerSizes& s, bool reverse, int64_t first_index, int64
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t w = lanes<scalar_t>();
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, chunks = chunk_count<scalar_t>(H);
-  const int threads = team_threads(chunks);
+  const int threads = team_threads(s, chunks);
   const scalar_t* panels = packed.data_ptr<scalar_t>();
   // Each thread's product of one chunk for every row: [B][4 * w], the gates of its w units.
   const at::Tensor products = at::empty({threads, B * 4 * w}, packed.options());
@@ -482,7 +493,7 @@ void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar
   scalar_t* dh = g.dh.template data_ptr<scalar_t>();
   scalar_t* dc = g.dc.template data_ptr<scalar_t>();
   const int64_t* lengths = s.lengths.data();
-  const int threads = team_threads(chunks);
+  const int threads = team_threads(s, chunks);
   // Each thread's product of up to kMaxVectors chunks for every row.
   const at::Tensor products = at::empty({threads, B * kMaxVectors * w}, packed.options());
   scalar_t* const product_base = products.data_ptr<scalar_t>();
