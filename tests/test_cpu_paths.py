@@ -5,6 +5,8 @@ of AVX-512 builds, and the inference ops (no reserve) of both cells."""
 import pytest
 import torch
 
+import lstm_fused
+
 from lstm_fused.ops import gru_layer, lstm_layer
 from lstm_fused.reference import lstm_layer_reference
 from test_ops import make_gru_args, make_layer_args, outputs_and_grads, random_lengths
@@ -176,3 +178,20 @@ def test_inference_ops_refuse_backward():
     y, _ = torch.ops.lstm_fused.gru_layer_inference(*gru_args, None, False)
     with pytest.raises(RuntimeError, match="no backward"):
         y.sum().backward()
+
+
+def test_compile_fullgraph_traces_the_inference_ops():
+    """Under no_grad the modules call the inference ops; torch.compile(fullgraph=True) traces them
+    (fake kernels) and matches eager."""
+    torch.manual_seed(0)
+    lstm = lstm_fused.LSTM(8, 16, num_layers=2, bidirectional=True)
+    gru = lstm_fused.GRU(8, 16)
+
+    def f(x):
+        return lstm(x)[0].sum() + gru(x)[0].sum()
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for T, B in ((5, 3), (7, 2)):
+            x = torch.randn(T, B, 8)
+            torch.testing.assert_close(compiled(x), f(x))
