@@ -137,9 +137,12 @@ inline at::Tensor final_hidden(const at::Tensor (&h_buffers)[2], const LayerSize
 // Calls fn(index, t, rows) for every step with rows to advance, in processing order: t runs
 // backwards in time when `backwards` (a reverse direction's forward pass, a forward direction's
 // backward pass). `index` counts the steps (its parity picks the ping-pong hidden buffer).
+// [first_index, end_index) limits it to part of the sequence (-1: to its end).
 template <typename Fn>
-void for_each_active_step(const LayerSizes& s, bool backwards, Fn&& fn) {
-  for (int64_t index = 0; index < s.seq_len; ++index) {
+void for_each_active_step(const LayerSizes& s, bool backwards, Fn&& fn, int64_t first_index = 0,
+                          int64_t end_index = -1) {
+  if (end_index < 0) end_index = s.seq_len;
+  for (int64_t index = first_index; index < end_index; ++index) {
     const int64_t t = backwards ? s.seq_len - 1 - index : index;
     if (s.active_rows[t] > 0) fn(index, t, s.active_rows[t]);
   }

@@ -4,9 +4,9 @@ larger steps); LSTM_FUSED_CPU_LOOP=stationary|step forces either. Also the float
 of AVX-512 builds, and the inference ops (no reserve) of both cells."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lstm_fused
-
 from lstm_fused.ops import gru_layer, lstm_layer
 from lstm_fused.reference import lstm_layer_reference
 from test_ops import make_gru_args, make_layer_args, outputs_and_grads, random_lengths
@@ -107,17 +107,34 @@ def test_inference_op_matches_forward_op(monkeypatch, T, B, I, H, use_lengths, r
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_inference_op_is_used_only_without_gradients():
-    args = make_layer_args(4, 3, 2, 5, 0, True, "cpu", requires_grad=True, seed=1)
-    y, _, _ = lstm_layer(*args)
-    assert y.grad_fn is not None  # the forward op, with its reserve for backward
-    with torch.no_grad():
-        y, _, _ = lstm_layer(*args)
-    assert y.grad_fn is None
+class _OpLog(TorchDispatchMode):
+    """Records which lstm_fused ops reach the kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "lstm_fused":
+            self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_inference_op_is_used_only_without_gradients(cell):
+    if cell == "lstm":
+        args, layer, forward, inference = (make_layer_args(4, 3, 2, 5, 0, True, "cpu", seed=1), lstm_layer,
+                                           "lstm_layer_forward", "lstm_layer_inference")
+    else:
+        args, layer, forward, inference = (make_gru_args(4, 3, 2, 5, True, "cpu", seed=1), gru_layer,
+                                           "gru_layer_forward", "gru_layer_inference")
     frozen = [a.detach() if a is not None else None for a in args]
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: pytest.fail("saved a tensor"), lambda t: t):
-        y, _, _ = lstm_layer(*frozen)
-    assert y.grad_fn is None
+    calls = {}
+    for name, tensors, grad in (("grad", args, True), ("no_grad", args, False), ("frozen", frozen, True)):
+        with torch.set_grad_enabled(grad), _OpLog() as log:
+            layer(*tensors)
+        calls[name] = log.ops
+    assert calls == {"grad": [forward], "no_grad": [inference], "frozen": [inference]}
 
 
 def test_large_steps_take_the_per_step_loop(monkeypatch):

@@ -2,11 +2,13 @@
 // the parallel grain.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cstdint>
+
+#include "../layer_args.h"
 
 namespace lstm_fused {
 
@@ -67,19 +69,17 @@ struct FastFloatActivations {
   }
 };
 
+#endif
+
 // The activations the CPU cell kernels use for each dtype.
 template <typename scalar_t>
 struct CellActivationsFor {
   using type = VecActivations<scalar_t>;
 };
+#if defined(CPU_CAPABILITY_AVX512)
 template <>
 struct CellActivationsFor<float> {
   using type = FastFloatActivations;
-};
-#else
-template <typename scalar_t>
-struct CellActivationsFor {
-  using type = VecActivations<scalar_t>;
 };
 #endif
 template <typename scalar_t>
@@ -92,20 +92,26 @@ inline int64_t row_grain(int64_t row_elements) {
 }
 
 // The inference kernels (no reserve) project the input a segment of steps at a time into one
-// reused buffer of about this size, so that it is still in cache when the steps read it and no
-// [T, B, gates * H] buffer of fresh pages is written and read back. Returns the steps per segment.
-inline int64_t inference_segment_steps(int64_t seq_len, int64_t step_bytes) {
-  constexpr int64_t kSegmentBytes = int64_t(4) << 20;
-  return std::max<int64_t>(1, std::min<int64_t>(seq_len, kSegmentBytes / std::max<int64_t>(1, step_bytes)));
-}
-
-// Calls fn(first_index, count, t_low) for consecutive segments of `segment` processing indices; the
-// segment's time steps are [t_low, t_low + count) in either direction.
+// reused buffer of about 4 MB (measured against 1, 16 and 64 MB: benchmarks/NOTES.md), so that it
+// is still in cache when the steps read it and no [T, B, gates * H] buffer of fresh pages is
+// written and read back. Calls fn(first_index, end_index, t_low, projection) per segment of
+// processing indices, whose time steps are [t_low, t_low + count) in either direction;
+// `projection` holds x_t W_ih^T of step t at rows (t - t_low) * B.
 template <typename Fn>
-inline void for_each_segment(int64_t seq_len, int64_t segment, bool reverse, Fn&& fn) {
-  for (int64_t first = 0; first < seq_len; first += segment) {
-    const int64_t count = std::min<int64_t>(segment, seq_len - first);
-    fn(first, count, reverse ? seq_len - first - count : first);
+inline void for_each_projected_segment(const LayerSizes& s, const at::Tensor& x, const at::Tensor& w_ih,
+                                       bool reverse, Fn&& fn) {
+  constexpr int64_t kSegmentBytes = int64_t(4) << 20;
+  const int64_t T = s.seq_len, B = s.batch, G = w_ih.size(0);
+  const int64_t step_bytes = std::max<int64_t>(1, B * G * static_cast<int64_t>(x.element_size()));
+  const int64_t segment = std::max<int64_t>(1, std::min<int64_t>(T, kSegmentBytes / step_bytes));
+  at::Tensor scratch = at::empty({segment * B, G}, x.options());
+  const at::Tensor w_ih_t = w_ih.t();
+  for (int64_t first = 0; first < T; first += segment) {
+    const int64_t count = std::min<int64_t>(segment, T - first);
+    const int64_t t_low = reverse ? T - first - count : first;
+    at::Tensor projection = scratch.narrow(0, 0, count * B);
+    at::mm_out(projection, x.narrow(0, t_low, count).reshape({count * B, s.input_size}), w_ih_t);
+    fn(first, first + count, t_low, projection);
   }
 }
 

@@ -99,7 +99,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cpu(const Tensor& x, const 
 }
 
 // The forward without a reserve: the input projection a segment of steps at a time into one
-// reused buffer (inference_segment_steps); the activated gates and h W_hn^T + b_hn go to scratch.
+// reused buffer (for_each_projected_segment); the activated gates and h W_hn^T + b_hn go to
+// scratch.
 std::tuple<Tensor, Tensor> gru_layer_inference_cpu(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
                                                    const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
                                                    const c10::optional<Tensor>& b_hh,
@@ -107,18 +108,15 @@ std::tuple<Tensor, Tensor> gru_layer_inference_cpu(const Tensor& x, const Tensor
   const LayerSizes s = check_gru_layer_forward_args(x, h0, w_ih, w_hh, b_ih, b_hh, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
-  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, I = s.input_size;
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
   const RecurrentGemm recurrent(w_hh, /*transposed=*/true, B, s.seq_len);
   Tensor y = layer_buffer({T, B, H}, x.options(), lengths.has_value());
   Tensor h_buffers[2];
   init_hidden_buffers(h_buffers, h0);
   const Tensor input_bias = s.has_bias ? b_ih->contiguous() : Tensor();
   const Tensor hidden_bias = s.has_bias ? b_hh->contiguous() : Tensor();
-  const int64_t segment = inference_segment_steps(T, B * 3 * H * static_cast<int64_t>(x.element_size()));
-  Tensor scratch = at::empty({segment * B, 3 * H}, x.options());
   Tensor hidden_proj = at::empty({B, 3 * H}, x.options());
   Tensor hidden_n_proj = at::empty({B, H}, x.options());
-  const Tensor w_ih_t = w_ih.t();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_inference_cpu", [&] {
     scalar_t* h_ptr[2] = {h_buffers[0].data_ptr<scalar_t>(), h_buffers[1].data_ptr<scalar_t>()};
     scalar_t* hidden_proj_ptr = hidden_proj.data_ptr<scalar_t>();
@@ -126,21 +124,18 @@ std::tuple<Tensor, Tensor> gru_layer_inference_cpu(const Tensor& x, const Tensor
     fs.input_bias = s.has_bias ? input_bias.data_ptr<scalar_t>() : nullptr;
     fs.hidden_bias = s.has_bias ? hidden_bias.data_ptr<scalar_t>() : nullptr;
     fs.hidden_n_proj = hidden_n_proj.data_ptr<scalar_t>();
-    for_each_segment(T, segment, reverse, [&](int64_t first, int64_t count, int64_t t_low) {
-      Tensor projection = scratch.narrow(0, 0, count * B);
-      at::mm_out(projection, x.narrow(0, t_low, count).reshape({count * B, I}), w_ih_t);
-      for (int64_t index = first; index < first + count; ++index) {
-        const int64_t t = reverse ? T - 1 - index : index;
-        if (s.active_rows[t] == 0) continue;
+    for_each_projected_segment(s, x, w_ih, reverse, [&](int64_t first, int64_t end, int64_t t_low, const Tensor& proj) {
+      scalar_t* projection = proj.data_ptr<scalar_t>();
+      for_each_active_step(s, reverse, [&](int64_t index, int64_t t, int64_t rows) {
         fs.t = t;
-        fs.rows = s.active_rows[t];
+        fs.rows = rows;
         fs.h_prev = h_ptr[index % 2];
-        fs.gates = projection.data_ptr<scalar_t>() + (t - t_low) * B * 3 * H;
+        fs.gates = projection + (t - t_low) * B * 3 * H;
         fs.h_out = y.data_ptr<scalar_t>() + t * B * H;
         fs.h_next = h_ptr[(index + 1) % 2];
         recurrent.run(fs.h_prev, fs.rows, hidden_proj_ptr, /*accumulate=*/false);
         gru_pointwise_forward<scalar_t>(fs, hidden_proj_ptr, H);
-      }
+      }, first, end);
     });
   });
   return {y, final_hidden(h_buffers, s, reverse)};

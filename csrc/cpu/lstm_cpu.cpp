@@ -128,38 +128,32 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_inference_cpu(
     });
   }
   // The per-step loop, with the input projected a segment at a time and no reserve kept.
-  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, I = s.input_size;
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
   const RecurrentGemm recurrent(w_hh, /*transposed=*/true, B, s.seq_len);
   Tensor y = layer_buffer({T, B, H}, x.options(), lengths.has_value());
   Tensor h_buffers[2];
   init_hidden_buffers(h_buffers, h0);
   Tensor c = c0.contiguous().clone();
   const Tensor bias = s.has_bias ? (*b_ih + *b_hh).contiguous() : Tensor();
-  const int64_t segment = inference_segment_steps(T, B * 4 * H * static_cast<int64_t>(x.element_size()));
-  Tensor scratch = at::empty({segment * B, 4 * H}, x.options());
   Tensor cells = at::empty({B, H}, x.options());
-  const Tensor w_ih_t = w_ih.t();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_inference_cpu", [&] {
     scalar_t* h_ptr[2] = {h_buffers[0].data_ptr<scalar_t>(), h_buffers[1].data_ptr<scalar_t>()};
     LstmForwardStep<scalar_t, scalar_t> fs;
     fs.bias = s.has_bias ? bias.data_ptr<scalar_t>() : nullptr;
     fs.c_state = c.data_ptr<scalar_t>();
     fs.cells = cells.data_ptr<scalar_t>();
-    for_each_segment(T, segment, reverse, [&](int64_t first, int64_t count, int64_t t_low) {
-      Tensor projection = scratch.narrow(0, 0, count * B);
-      at::mm_out(projection, x.narrow(0, t_low, count).reshape({count * B, I}), w_ih_t);
-      for (int64_t index = first; index < first + count; ++index) {
-        const int64_t t = reverse ? T - 1 - index : index;
-        if (s.active_rows[t] == 0) continue;
+    for_each_projected_segment(s, x, w_ih, reverse, [&](int64_t first, int64_t end, int64_t t_low, const Tensor& proj) {
+      scalar_t* projection = proj.data_ptr<scalar_t>();
+      for_each_active_step(s, reverse, [&](int64_t index, int64_t t, int64_t rows) {
         fs.t = t;
-        fs.rows = s.active_rows[t];
+        fs.rows = rows;
         fs.h_prev = h_ptr[index % 2];
-        fs.gates = projection.data_ptr<scalar_t>() + (t - t_low) * B * 4 * H;
+        fs.gates = projection + (t - t_low) * B * 4 * H;
         fs.h_out = y.data_ptr<scalar_t>() + t * B * H;
         fs.h_next = h_ptr[(index + 1) % 2];
         recurrent.run(fs.h_prev, fs.rows, fs.gates, /*accumulate=*/true);
         lstm_pointwise_forward<scalar_t>(fs, H);
-      }
+      }, first, end);
     });
   });
   return {y, final_hidden(h_buffers, s, reverse), c};

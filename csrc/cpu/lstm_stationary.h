@@ -303,7 +303,7 @@ void forward_steps(const LayerSizes& s, bool reverse, int64_t first_index, int64
                    const at::Tensor& packed, const GatesOf& gates_of) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t w = lanes<scalar_t>();
-  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, chunks = chunk_count<scalar_t>(H);
+  const int64_t B = s.batch, H = s.hidden_size, chunks = chunk_count<scalar_t>(H);
   const int threads = team_threads(s, chunks);
   const scalar_t* panels = packed.data_ptr<scalar_t>();
   // Each thread's product of one chunk for every row: [B][4 * w], the gates of its w units.
@@ -316,10 +316,7 @@ void forward_steps(const LayerSizes& s, bool reverse, int64_t first_index, int64
   {
     const auto [first_chunk, last_chunk] = owned_chunks(chunks, team_id(), team_size());
     scalar_t* product = product_base + team_id() * B * 4 * w;
-    for (int64_t index = first_index; index < end_index; ++index) {
-      const int64_t t = reverse ? T - 1 - index : index;
-      const int64_t rows = s.active_rows[t];
-      if (rows == 0) continue;
+    for_each_active_step(s, reverse, [&](int64_t index, int64_t t, int64_t rows) {
       const scalar_t* h_prev = st.h[index % 2];
       scalar_t* h_next = st.h[(index + 1) % 2];
       scalar_t* gates_t = gates_of(t);
@@ -383,7 +380,7 @@ void forward_steps(const LayerSizes& s, bool reverse, int64_t first_index, int64
         }
       }
       team_barrier();  // the next step reads every unit of h_t
-    }
+    }, first_index, end_index);
   }
 }
 
@@ -432,7 +429,7 @@ void lstm_forward(const LayerSizes& s, bool reverse, LstmForwardBuffers<scalar_t
 }
 
 // The forward without a reserve, for when no gradient is wanted: the input projection is computed
-// a segment of steps at a time into one reused buffer (inference_segment_steps), and neither the
+// a segment of steps at a time into one reused buffer (for_each_projected_segment), and neither the
 // activated gates nor the cell states are stored.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference(const LayerSizes& s, bool reverse, const at::Tensor& x,
@@ -464,15 +461,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference(const LayerSizes& 
     forward_steps<scalar_t>(s, reverse, 0, T, st, packed, [](int64_t) -> scalar_t* { return nullptr; });
     return {y, final_hidden(h_buffers, s, reverse), c};
   }
-  const int64_t segment = inference_segment_steps(T, B * 4 * H * static_cast<int64_t>(sizeof(scalar_t)));
-  at::Tensor scratch = at::empty({segment * B, 4 * H}, x.options());
-  const at::Tensor w_ih_t = w_ih.t();
-  for_each_segment(T, segment, reverse, [&](int64_t first, int64_t count, int64_t t_low) {
-    at::Tensor projection = scratch.narrow(0, 0, count * B);
-    at::mm_out(projection, x.narrow(0, t_low, count).reshape({count * B, I}), w_ih_t);
-    scalar_t* base = projection.data_ptr<scalar_t>();
-    forward_steps<scalar_t>(s, reverse, first, first + count, st, packed,
-                            [&](int64_t t) { return base + (t - t_low) * B * 4 * H; });
+  for_each_projected_segment(s, x, w_ih, reverse, [&](int64_t first, int64_t end, int64_t t_low, const at::Tensor& proj) {
+    scalar_t* base = proj.data_ptr<scalar_t>();
+    forward_steps<scalar_t>(s, reverse, first, end, st, packed, [&](int64_t t) { return base + (t - t_low) * B * 4 * H; });
   });
   return {y, final_hidden(h_buffers, s, reverse), c};
 }
