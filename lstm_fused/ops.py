@@ -1,8 +1,9 @@
-"""The Python face of the lstm_fused operators: fake (meta) kernels for tracing, and autograd.
+"""The Python face of the lstm_fused operators: fake (meta) kernels for tracing.
 
 The operators themselves are defined in csrc/ops.cpp and implemented per device in csrc/cpu and
-csrc/cuda. Registering `register_fake` and `register_autograd` here is what lets torch.compile
-trace a model through them without a graph break.
+csrc/cuda; their autograd is C++ (csrc/autograd.cpp: a Python autograd function cost an LSTMCell
+step more than its kernels). The fake kernels here are what lets torch.compile trace a model
+through the ops without a graph break.
 """
 from typing import Optional, Tuple
 
@@ -84,46 +85,6 @@ def _lstm_layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh,
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse = inputs
-    y, _, _, reserve = output
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, y, reserve)
-    ctx.reverse = reverse
-    ctx.has_bias = b_ih is not None
-    ctx.mark_non_differentiable(reserve)
-    # Unused outputs arrive as None rather than as zeros: the reserve alone is 5x the output.
-    ctx.set_materialize_grads(False)
-
-
-def _lstm_layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_reserve):
-    x, h0, c0, w_ih, w_hh, w_hr, lengths, y, reserve = ctx.saved_tensors
-    # Outputs that took no part in the loss arrive as None.
-    grad_y = torch.zeros_like(y) if grad_y is None else grad_y
-    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
-    grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
-    grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = _backward(
-        grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, y, reserve, lengths, ctx.reverse
-    )
-    grad_b = grad_bias if ctx.has_bias else None
-    return (
-        grad_x,
-        grad_h0,
-        grad_c0,
-        grad_w_ih,
-        grad_w_hh,
-        grad_b,
-        grad_b,
-        grad_w_hr if w_hr is not None else None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "lstm_fused::lstm_layer_forward", _lstm_layer_backward, setup_context=_setup_context
-)
-
-
 # --- GRU -------------------------------------------------------------------------------------
 
 _gru_forward = torch.ops.lstm_fused.gru_layer_forward
@@ -177,33 +138,6 @@ def _gru_layer_backward_fake(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, le
         w_ih.new_empty(w_ih.shape[0]),
         w_ih.new_empty(w_ih.shape[0]),
     )
-
-
-def _gru_setup_context(ctx, inputs, output):
-    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse = inputs
-    y, _, reserve = output
-    ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, y, reserve)
-    ctx.reverse = reverse
-    ctx.has_bias = b_ih is not None
-    ctx.mark_non_differentiable(reserve)
-    ctx.set_materialize_grads(False)
-
-
-def _gru_layer_backward(ctx, grad_y, grad_h_n, _grad_reserve):
-    x, h0, w_ih, w_hh, lengths, y, reserve = ctx.saved_tensors
-    grad_y = torch.zeros_like(y) if grad_y is None else grad_y
-    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
-    grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _gru_backward(
-        grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths, ctx.reverse
-    )
-    if not ctx.has_bias:
-        grad_b_ih = grad_b_hh = None
-    return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None, None
-
-
-torch.library.register_autograd(
-    "lstm_fused::gru_layer_forward", _gru_layer_backward, setup_context=_gru_setup_context
-)
 
 
 def _inference_backward(ctx, *grads):

@@ -170,6 +170,46 @@ def test_gru_opcheck(device, use_lengths):
     )
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_through_each_output_alone(cell, bias):
+    """The autograd function (C++) receives no gradient for outputs outside the loss and must
+    treat them as zeros; arguments that need no gradient get none, and the rest are exact."""
+    T, B, I, H = 5, 3, 4, 6
+    if cell == "lstm":
+        args = make_layer_args(T, B, I, H, 0, bias, "cpu", seed=31 + bias)
+        run, reference, n_outputs = lstm_layer, lstm_layer_reference, 3
+    else:
+        args = make_gru_args(T, B, I, H, bias, "cpu", seed=37 + bias)
+        run, reference, n_outputs = gru_layer, gru_layer_reference, 2
+    args[0].requires_grad_(False)  # x, as for a first layer fed with data
+    leaves = [a for a in args if a is not None and a.requires_grad]
+    for k in range(n_outputs):
+        weight = torch.randn(run(*args)[k].shape, dtype=torch.float64)
+        ours = torch.autograd.grad((run(*args)[k] * weight).sum(), leaves)
+        exact = torch.autograd.grad((reference(*args)[k] * weight).sum(), leaves)
+        for a, b in zip(ours, exact):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    assert run(*args)[0].grad_fn is not None and args[0].grad is None
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_second_order_gradient_is_an_error_not_zeros(cell):
+    """The backward kernels are not differentiable. A first-order gradient with create_graph=True
+    still works; differentiating it again must raise, not return zeros."""
+    if cell == "lstm":
+        args = make_layer_args(3, 2, 4, 5, 0, True, "cpu", seed=41)
+        run = lstm_layer
+    else:
+        args = make_gru_args(3, 2, 4, 5, True, "cpu", seed=43)
+        run = gru_layer
+    grad_x, = torch.autograd.grad(run(*args)[0].pow(2).sum(), args[0], create_graph=True)
+    first_order, = torch.autograd.grad(run(*args)[0].pow(2).sum(), args[0])
+    torch.testing.assert_close(grad_x, first_order, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad(grad_x.sum(), args[3])
+
+
 def _relative_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
