@@ -104,3 +104,29 @@ TORCH_LIBRARY_IMPL(lstm_fused, CompositeExplicitAutograd, m) {
   m.impl("lstm_layer_inference", &lstm_fused::lstm_layer_inference_from_forward);
   m.impl("gru_layer_inference", &lstm_fused::gru_layer_inference_from_forward);
 }
+
+namespace lstm_fused {
+namespace {
+
+// Under autocast the ops compute in the dtype of their arguments: the modules cast those
+// themselves, following torch.nn's policy per device. This kernel only switches autocast off
+// below the op, so that the ATen calls inside the kernels (the input-projection and gradient
+// GEMMs) are not cast to the autocast dtype behind the kernel's back.
+void call_without_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+template <typename Library>
+void register_without_autocast(Library& m) {
+  for (const char* name : {"lstm_layer_forward", "lstm_layer_inference", "lstm_layer_backward", "gru_layer_forward",
+                           "gru_layer_inference", "gru_layer_backward"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&call_without_autocast>());
+  }
+}
+
+}  // namespace
+}  // namespace lstm_fused
+
+TORCH_LIBRARY_IMPL(lstm_fused, AutocastCPU, m) { lstm_fused::register_without_autocast(m); }
+TORCH_LIBRARY_IMPL(lstm_fused, AutocastCUDA, m) { lstm_fused::register_without_autocast(m); }

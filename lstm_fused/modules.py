@@ -6,7 +6,6 @@ checks, while torch.compile can trace them (Dynamo graph-breaks on instances of 
 and their subclasses). Layers, directions, dropout, batch_first, packed and unbatched input are
 composed here; each (layer, direction) is one call of a layer op.
 """
-import contextlib
 from typing import List, Optional, Tuple
 
 import torch
@@ -16,13 +15,6 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .ops import gru_layer, lstm_layer
 
-
-def _no_autocast(x: Tensor):
-    """Autocast off for the op call (the cells cast their inputs themselves); entering the context
-    costs a few microseconds, a tenth of a small cell's step, so only when autocast is on."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 __all__ = ["LSTM", "LSTMCell", "GRU", "GRUCell"]
 
@@ -237,37 +229,49 @@ class _FusedCellBase(nn.RNNCellBase):
     torch.nn cells make inside their C++ kernels (with the same exception types)."""
 
     def _weights(self, x: Tensor) -> List[Optional[Tensor]]:
-        """weight_ih, weight_hh, bias_ih, bias_hh in x's dtype (they differ under autocast)."""
-        return [w if w is None or w.dtype == x.dtype else w.to(x.dtype)
-                for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)]
+        """weight_ih, weight_hh, bias_ih, bias_hh in x's dtype (they differ under autocast).
+        (A cell runs this every step: each attribute is read once, and cast only when needed.)"""
+        weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
+        dtype = x.dtype
+        if weights[0].dtype != dtype or weights[1].dtype != dtype or (weights[2] is not None and (
+                weights[2].dtype != dtype or weights[3].dtype != dtype)):
+            weights = [w if w is None else w.to(dtype) for w in weights]
+        return weights
 
     def _prepare(self, input: Tensor, hx: Optional[Tuple[Tensor, ...]], name: str):
-        if input.dim() not in (1, 2):
-            raise ValueError(f"{name}: input must be 1-D (unbatched) or 2-D (batched), got {input.dim()}-D")
+        """Checks and shapes one step's input and state as the torch.nn cells do; returns
+        (input as [1, B, I], the states as [B, H], whether the input was batched)."""
+        dim = input.dim()
+        if dim != 2 and dim != 1:
+            raise ValueError(f"{name}: input must be 1-D (unbatched) or 2-D (batched), got {dim}-D")
         if hx is not None:
             for index, state in enumerate(hx):
                 if state.dim() not in (1, 2):
                     raise ValueError(f"{name}: state {index} must be 1-D or 2-D, got {state.dim()}-D")
-        is_batched = input.dim() == 2
+        is_batched = dim == 2
         if not is_batched:
             input = input.unsqueeze(0)
         # Under CUDA autocast torch.nn's cells run in the autocast dtype (on the CPU they ignore it).
-        if input.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        if input.is_cuda and torch.is_autocast_enabled("cuda"):
             low = torch.get_autocast_dtype("cuda")
             input = input.to(low)
             hx = None if hx is None else tuple(s.to(low) for s in hx)
+        batch, features = input.shape
         if hx is None:
-            hx = tuple(input.new_zeros(input.size(0), self.hidden_size) for _ in range(self._state_count))
+            hx = tuple(input.new_zeros(batch, self.hidden_size) for _ in range(self._state_count))
         elif not is_batched:
             hx = tuple(s.unsqueeze(0) for s in hx)
-        if input.size(1) != self.input_size:
-            raise RuntimeError(f"{name}: input has {input.size(1)} features, expected {self.input_size}")
+        if features != self.input_size:
+            raise RuntimeError(f"{name}: input has {features} features, expected {self.input_size}")
         for index, state in enumerate(hx):
-            if state.size(0) != input.size(0):
-                raise RuntimeError(f"{name}: state {index} has batch size {state.size(0)}, the input {input.size(0)}")
-            if state.size(1) != self.hidden_size:
+            if state.dim() != 2:  # a batched input with a 1-D state, or the other way round
+                raise RuntimeError(f"{name}: state {index} is {state.dim() - (not is_batched)}-D, the input {dim}-D")
+            state_batch, state_features = state.shape
+            if state_batch != batch:
+                raise RuntimeError(f"{name}: state {index} has batch size {state_batch}, the input {batch}")
+            if state_features != self.hidden_size:
                 raise RuntimeError(
-                    f"{name}: state {index} has {state.size(1)} features, expected hidden_size {self.hidden_size}")
+                    f"{name}: state {index} has {state_features} features, expected hidden_size {self.hidden_size}")
         return input.unsqueeze(0), hx, is_batched
 
 
@@ -287,8 +291,7 @@ class LSTMCell(_FusedCellBase):
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         x, (h0, c0), is_batched = self._prepare(input, hx, "LSTMCell")
-        with _no_autocast(x):
-            _, h, c = lstm_layer(x, h0, c0, *self._weights(x))
+        _, h, c = lstm_layer(x, h0, c0, *self._weights(x))
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -306,6 +309,5 @@ class GRUCell(_FusedCellBase):
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         x, (h0,), is_batched = self._prepare(input, None if hx is None else (hx,), "GRUCell")
-        with _no_autocast(x):
-            _, h = gru_layer(x, h0, *self._weights(x))
+        _, h = gru_layer(x, h0, *self._weights(x))
         return h if is_batched else h.squeeze(0)

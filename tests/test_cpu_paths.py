@@ -212,3 +212,62 @@ def test_compile_fullgraph_traces_the_inference_ops():
         for T, B in ((5, 3), (7, 2)):
             x = torch.randn(T, B, 8)
             torch.testing.assert_close(compiled(x), f(x))
+
+
+@pytest.mark.parametrize("B,I,H", [(1, 1, 1), (5, 3, 17), (33, 9, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_single_step_path_matches_reference(B, I, H, bias, dtype):
+    """T = 1 with every row advancing (an LSTMCell call) has its own path: both products into one
+    gates buffer, no ping-pong buffers. Forward, the reserve backward reads, and the inference
+    op, with non-contiguous arguments; float32 (MKL's sgemm) against the float64 reference."""
+    seed = hash((B, I, H, bias)) % 10_000
+    args64 = make_layer_args(1, B, I, H, 0, bias, "cpu", seed=seed)
+    exact, weights = outputs_and_grads(lstm_layer_reference, args64, None, False)
+
+    def strided(t):  # the same values, laid out column-major
+        return None if t is None else t.detach().to(dtype).t().contiguous().t().requires_grad_()
+
+    x = args64[0].detach().to(dtype).transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    args = [x] + [strided(a) if a is not None and a.dim() == 2 else
+                  (None if a is None else a.detach().to(dtype).requires_grad_()) for a in args64[1:]]
+    if B > 1:  # (a single row or column is contiguous either way)
+        assert not args[1].is_contiguous() and not args[3].is_contiguous()
+    ours, _ = outputs_and_grads(lstm_layer, args, None, False, weights)
+    tolerance = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    for a, b in zip(ours, exact):
+        torch.testing.assert_close(a.double(), b, **tolerance)
+    with torch.no_grad():
+        for a, b in zip(lstm_layer(*args), exact[:3]):
+            torch.testing.assert_close(a.double(), b, **tolerance)
+
+
+def test_single_step_with_a_finished_row_takes_the_general_path():
+    """T = 1 where a row does not advance (lengths [1, 0]): that row keeps h0, c0 and y is 0."""
+    args = make_layer_args(1, 2, 3, 5, 0, True, "cpu", seed=61)
+    lengths = torch.tensor([1, 0])
+    exact, weights = outputs_and_grads(lstm_layer_reference, args, lengths, False)
+    ours, _ = outputs_and_grads(lstm_layer, args, lengths, False, weights)
+    for a, b in zip(ours, exact):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert torch.equal(ours[1][1], args[1][1]) and not ours[0][0, 1].any()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_ops_under_autocast_compute_in_their_arguments_dtype(cell):
+    """Called directly under CPU autocast, the ops compute in float32 like their float32
+    arguments: the GEMMs inside the kernels (input projection, gradients) must not be cast to
+    bfloat16 behind their back."""
+    if cell == "lstm":
+        args = [a.detach().float().requires_grad_() if a is not None else None
+                for a in make_layer_args(6, 4, 5, 8, 0, True, "cpu", seed=67)]
+        run = lstm_layer
+    else:
+        args = [a.detach().float().requires_grad_() for a in make_gru_args(6, 4, 5, 8, True, "cpu", seed=71)]
+        run = gru_layer
+    plain, weights = outputs_and_grads(run, args, None, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast, _ = outputs_and_grads(run, args, None, False, weights)
+    for a, b in zip(autocast, plain):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -11,6 +11,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../cell_math.h"
 #include "../layer_loops.h"
 #include "cpu_common.h"
@@ -84,6 +87,50 @@ void lstm_pointwise_backward(const LstmBackwardStep<scalar_t, scalar_t>& step, c
   });
 }
 
+// One step in which every row advances, without projection: an LSTMCell call. The general
+// loop's fixed costs (ping-pong hidden buffers, the bias sum and projection through ATen ops,
+// the final-state selection) were two thirds of a small cell's time. Here: both products
+// straight into the gates buffer, one pointwise pass writing h into y and h_n and c into c_n
+// (and, for training, into the reserve, whose gates part is the gates buffer).
+bool is_single_full_step(const LayerSizes& s) {
+  return s.seq_len == 1 && !s.has_proj && s.active_rows[0] == s.batch;
+}
+
+template <typename scalar_t>
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_single_step(const LayerSizes& s, const Tensor& x, const Tensor& h0,
+                                                            const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                                                            const c10::optional<Tensor>& b_ih,
+                                                            const c10::optional<Tensor>& b_hh, bool keep_reserve) {
+  const int64_t B = s.batch, H = s.hidden_size;
+  const auto options = x.options();
+  Tensor reserve = at::empty({keep_reserve ? lstm_reserve_numel(s) : B * 4 * H}, options);
+  Tensor y = at::empty({1, B, H}, options), h_n = at::empty({B, H}, options), c_n = at::empty({B, H}, options);
+  const Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
+  scalar_t* gates = reserve.data_ptr<scalar_t>();
+  RecurrentGemm(w_ih, /*transposed=*/true, B, 1).run(x_c.data_ptr<scalar_t>(), B, gates, /*accumulate=*/false);
+  RecurrentGemm(w_hh, /*transposed=*/true, B, 1).run(h0_c.data_ptr<scalar_t>(), B, gates, /*accumulate=*/true);
+  std::vector<scalar_t> bias;
+  if (s.has_bias) {
+    const Tensor b1 = b_ih->contiguous(), b2 = b_hh->contiguous();
+    const scalar_t *p1 = b1.data_ptr<scalar_t>(), *p2 = b2.data_ptr<scalar_t>();
+    bias.resize(4 * H);
+    for (int64_t j = 0; j < 4 * H; ++j) bias[j] = p1[j] + p2[j];
+  }
+  scalar_t* c_state = c_n.data_ptr<scalar_t>();
+  std::copy_n(c0_c.data_ptr<scalar_t>(), B * H, c_state);
+  LstmForwardStep<scalar_t, scalar_t> step;
+  step.rows = B;
+  step.h_prev = h0_c.data_ptr<scalar_t>();
+  step.gates = gates;
+  step.bias = s.has_bias ? bias.data() : nullptr;
+  step.c_state = c_state;
+  step.cells = keep_reserve ? gates + B * 4 * H : c_state;
+  step.h_out = y.data_ptr<scalar_t>();
+  step.h_next = h_n.data_ptr<scalar_t>();
+  lstm_pointwise_forward<scalar_t>(step, H);
+  return {y, h_n, c_n, keep_reserve ? reserve : Tensor()};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
@@ -91,6 +138,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cpu(
   const LayerSizes s = check_lstm_layer_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
+  if (is_single_full_step(s)) {
+    return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_forward_cpu", [&] {
+      return lstm_single_step<scalar_t>(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, /*keep_reserve=*/true);
+    });
+  }
   if (stationary::enabled(s)) {
     return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_forward_cpu", [&] {
       const bool fuse_input = stationary::fuse_input_projection(s, /*training=*/true);
@@ -122,6 +174,12 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_inference_cpu(
     return {y, h_n, c_n};
   }
   at::AutoDispatchBelowADInplaceOrView guard;
+  if (is_single_full_step(s)) {
+    return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_inference_cpu", [&] {
+      auto [y, h_n, c_n, none] = lstm_single_step<scalar_t>(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, false);
+      return std::make_tuple(y, h_n, c_n);
+    });
+  }
   if (stationary::enabled(s)) {
     return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_inference_cpu", [&] {
       return stationary::lstm_inference<scalar_t>(s, reverse, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths.has_value());
