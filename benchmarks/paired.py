@@ -3,6 +3,7 @@ input, and the figure is the median of the per-pair ratios. On a noisy machine t
 than timing each implementation as a block (as pytest-benchmark does).
 
     python benchmarks/paired.py lstm      # or gru
+    python benchmarks/paired.py lstmcell  # or grucell: 20 steps of the cell from a Python loop
 """
 import argparse
 import statistics
@@ -14,6 +15,33 @@ from torch import nn
 import lstm_fused
 
 CONFIGS = [(32, 100, 32, 128), (64, 50, 256, 256), (8, 200, 1, 64), (128, 35, 512, 512)]  # B, T, I, H
+CELL_CONFIGS = [(8, 20, 64, 64), (32, 20, 128, 128), (128, 20, 256, 256)]  # B, steps, I, H
+MODULES = {
+    "lstm": (nn.LSTM, lstm_fused.LSTM),
+    "gru": (nn.GRU, lstm_fused.GRU),
+    "lstmcell": (nn.LSTMCell, lstm_fused.LSTMCell),
+    "grucell": (nn.GRUCell, lstm_fused.GRUCell),
+}
+
+
+class CellLoop(nn.Module):
+    """A cell stepped over the sequence from Python, as a decoder or a custom RNN would."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x):
+        h = torch.zeros(x.size(1), self.cell.hidden_size)
+        c = torch.zeros_like(h)
+        outputs = []
+        for x_t in x:
+            if isinstance(self.cell, (nn.LSTMCell, lstm_fused.LSTMCell)):
+                h, c = self.cell(x_t, (h, c))
+            else:
+                h = self.cell(x_t, h)
+            outputs.append(h)
+        return torch.stack(outputs), h
 
 
 def seconds(fn):
@@ -24,19 +52,23 @@ def seconds(fn):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("cell", choices=["lstm", "gru"])
+    parser.add_argument("cell", choices=list(MODULES))
     parser.add_argument("--pairs", type=int, default=25)
-    parser.add_argument("--configs", default="0,1,2,3", help="which of the four configs, by index (0-3)")
+    parser.add_argument("--configs", default=None, help="which configs, by index (default: all)")
     parser.add_argument("--modes", default="inference,training")
     args = parser.parse_args()
-    configs = [CONFIGS[int(i)] for i in args.configs.split(",")]
+    is_cell = args.cell.endswith("cell")
+    table = CELL_CONFIGS if is_cell else CONFIGS
+    configs = table if args.configs is None else [table[int(i)] for i in args.configs.split(",")]
     modes = args.modes.split(",")
-    torch_class, our_class = (nn.LSTM, lstm_fused.LSTM) if args.cell == "lstm" else (nn.GRU, lstm_fused.GRU)
+    torch_class, our_class = MODULES[args.cell]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratio = torch.nn time / lstm_fused time")
     for B, T, I, H in configs:
         torch.manual_seed(0)
         ref, ours = torch_class(I, H), our_class(I, H)
         ours.load_state_dict(ref.state_dict())
+        if is_cell:
+            ref, ours = CellLoop(ref), CellLoop(ours)
         x = torch.randn(T, B, I)
         x_grad = x.clone().requires_grad_()
 

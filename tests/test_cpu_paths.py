@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lstm_fused
 from lstm_fused.ops import gru_layer, lstm_layer
-from lstm_fused.reference import lstm_layer_reference
+from lstm_fused.reference import gru_layer_reference, lstm_layer_reference
 from test_ops import make_gru_args, make_layer_args, outputs_and_grads, random_lengths
 
 # Sizes chosen for the stationary loop's edges: H below, at and across one SIMD vector (16 float
@@ -271,3 +271,22 @@ def test_ops_under_autocast_compute_in_their_arguments_dtype(cell):
     for a, b in zip(autocast, plain):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("B,I,H", [(1, 1, 1), (5, 3, 17), (33, 9, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gru_single_step_path_matches_reference(B, I, H, bias, dtype):
+    """The GRU's T = 1 path (a GRUCell call): forward, backward through its reserve, and the
+    inference op, against the float64 reference."""
+    seed = hash((B, I, H, bias, "gru")) % 10_000
+    args64 = make_gru_args(1, B, I, H, bias, "cpu", seed=seed)
+    exact, weights = outputs_and_grads(gru_layer_reference, args64, None, False)
+    args = [None if a is None else a.detach().to(dtype).requires_grad_() for a in args64]
+    ours, _ = outputs_and_grads(gru_layer, args, None, False, weights)
+    tolerance = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    for a, b in zip(ours, exact):
+        torch.testing.assert_close(a.double(), b, **tolerance)
+    with torch.no_grad():
+        for a, b in zip(gru_layer(*args), exact[:2]):
+            torch.testing.assert_close(a.double(), b, **tolerance)

@@ -79,6 +79,38 @@ void gru_pointwise_backward(const GruBackwardStep<scalar_t>& step, int64_t H) {
   });
 }
 
+// A GRUCell call (is_single_full_step): both products straight into their buffers and one
+// pointwise pass; the reserve (kept for training) is [gates | h W_hn^T + b_hn] of the one step.
+template <typename scalar_t>
+std::tuple<Tensor, Tensor, Tensor> gru_single_step(const LayerSizes& s, const Tensor& x, const Tensor& h0,
+                                                   const Tensor& w_ih, const Tensor& w_hh,
+                                                   const c10::optional<Tensor>& b_ih,
+                                                   const c10::optional<Tensor>& b_hh, bool keep_reserve) {
+  const int64_t B = s.batch, H = s.hidden_size;
+  const auto options = x.options();
+  Tensor reserve = at::empty({gru_reserve_numel(s)}, options);
+  Tensor hidden_proj = at::empty({B, 3 * H}, options);
+  Tensor y = at::empty({1, B, H}, options), h_n = at::empty({B, H}, options);
+  const Tensor x_c = x.contiguous(), h0_c = h0.contiguous();
+  const Tensor input_bias = s.has_bias ? b_ih->contiguous() : Tensor();
+  const Tensor hidden_bias = s.has_bias ? b_hh->contiguous() : Tensor();
+  scalar_t* gates = reserve.data_ptr<scalar_t>();
+  scalar_t* hidden_proj_ptr = hidden_proj.data_ptr<scalar_t>();
+  RecurrentGemm(w_ih, /*transposed=*/true, B, 1).run(x_c.data_ptr<scalar_t>(), B, gates, /*accumulate=*/false);
+  RecurrentGemm(w_hh, /*transposed=*/true, B, 1).run(h0_c.data_ptr<scalar_t>(), B, hidden_proj_ptr, false);
+  GruForwardStep<scalar_t> step;
+  step.rows = B;
+  step.h_prev = h0_c.data_ptr<scalar_t>();
+  step.gates = gates;
+  step.input_bias = s.has_bias ? input_bias.data_ptr<scalar_t>() : nullptr;
+  step.hidden_bias = s.has_bias ? hidden_bias.data_ptr<scalar_t>() : nullptr;
+  step.hidden_n_proj = gates + B * 3 * H;
+  step.h_out = y.data_ptr<scalar_t>();
+  step.h_next = h_n.data_ptr<scalar_t>();
+  gru_pointwise_forward<scalar_t>(step, hidden_proj_ptr, H);
+  return {y, h_n, keep_reserve ? reserve : Tensor()};
+}
+
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cpu(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
                                                          const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
                                                          const c10::optional<Tensor>& b_hh,
@@ -86,6 +118,11 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cpu(const Tensor& x, const 
   const LayerSizes s = check_gru_layer_forward_args(x, h0, w_ih, w_hh, b_ih, b_hh, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
+  if (is_single_full_step(s)) {
+    return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_forward_cpu", [&] {
+      return gru_single_step<scalar_t>(s, x, h0, w_ih, w_hh, b_ih, b_hh, /*keep_reserve=*/true);
+    });
+  }
   const RecurrentGemm recurrent(w_hh, /*transposed=*/true, s.batch, s.seq_len);
   Tensor hidden_proj = at::empty({s.batch, 3 * s.hidden_size}, x.options());
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_forward_cpu", [&] {
@@ -108,6 +145,12 @@ std::tuple<Tensor, Tensor> gru_layer_inference_cpu(const Tensor& x, const Tensor
   const LayerSizes s = check_gru_layer_forward_args(x, h0, w_ih, w_hh, b_ih, b_hh, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
+  if (is_single_full_step(s)) {
+    return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_inference_cpu", [&] {
+      auto [y, h_n, none] = gru_single_step<scalar_t>(s, x, h0, w_ih, w_hh, b_ih, b_hh, /*keep_reserve=*/false);
+      return std::make_tuple(y, h_n);
+    });
+  }
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
   const RecurrentGemm recurrent(w_hh, /*transposed=*/true, B, s.seq_len);
   Tensor y = layer_buffer({T, B, H}, x.options(), lengths.has_value());

@@ -87,14 +87,10 @@ void lstm_pointwise_backward(const LstmBackwardStep<scalar_t, scalar_t>& step, c
   });
 }
 
-// One step in which every row advances, without projection: an LSTMCell call. The general
-// loop's fixed costs (ping-pong hidden buffers, the bias sum and projection through ATen ops,
-// the final-state selection) were two thirds of a small cell's time. Here: both products
-// straight into the gates buffer, one pointwise pass writing h into y and h_n and c into c_n
-// (and, for training, into the reserve, whose gates part is the gates buffer).
-bool is_single_full_step(const LayerSizes& s) {
-  return s.seq_len == 1 && !s.has_proj && s.active_rows[0] == s.batch;
-}
+// One step in which every row advances, without projection: an LSTMCell call
+// (is_single_full_step). Both products go straight into the gates buffer, and one pointwise pass
+// writes h into y and h_n and c into c_n (and, for training, into the reserve, whose gates part
+// is the gates buffer).
 
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_single_step(const LayerSizes& s, const Tensor& x, const Tensor& h0,
