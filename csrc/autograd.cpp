@@ -27,13 +27,13 @@ using LstmForwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, bool);
 using LstmBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&, const optional<Tensor>&, bool);
+    const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&, const optional<Tensor>&, bool, bool);
 using GruForwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                          const optional<Tensor>&, const optional<Tensor>&,
                                                          const optional<Tensor>&, bool);
 using GruBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const optional<Tensor>&, bool);
+    const Tensor&, const optional<Tensor>&, bool, bool);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op(const char* name) {
@@ -75,9 +75,9 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
         backward_op.call(or_zeros(grads[0], y), or_zeros(grads[1], h0), or_zeros(grads[2], c0), x, h0, c0, w_ih,
                          w_hh, as_optional(w_hr), y, reserve, as_optional(lengths),
-                         ctx->saved_data["reverse"].toBool());
+                         ctx->saved_data["reverse"].toBool(), /*need_grad_x=*/ctx->needs_input_grad(0));
     const Tensor grad_b = ctx->saved_data["has_bias"].toBool() ? grad_bias : Tensor();
-    return {grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b,
+    return {ctx->needs_input_grad(0) ? grad_x : Tensor(), grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b,
             w_hr.defined() ? grad_w_hr : Tensor(), Tensor(), Tensor()};
   }
 };
@@ -105,11 +105,12 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
     const Tensor &lengths = saved[4], &y = saved[5], &reserve = saved[6];
     auto [grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
         backward_op.call(or_zeros(grads[0], y), or_zeros(grads[1], h0), x, h0, w_ih, w_hh, y, reserve,
-                         as_optional(lengths), ctx->saved_data["reverse"].toBool());
+                         as_optional(lengths), ctx->saved_data["reverse"].toBool(),
+                         /*need_grad_x=*/ctx->needs_input_grad(0));
     // b_ih and b_hh are both given or both absent (the op checks it); an absent argument gets
     // an undefined gradient.
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    return {grad_x, grad_h0, grad_w_ih, grad_w_hh, has_bias ? grad_b_ih : Tensor(), has_bias ? grad_b_hh : Tensor(),
+    return {ctx->needs_input_grad(0) ? grad_x : Tensor(), grad_h0, grad_w_ih, grad_w_hh, has_bias ? grad_b_ih : Tensor(), has_bias ? grad_b_hh : Tensor(),
             Tensor(), Tensor()};
   }
 };

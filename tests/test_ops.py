@@ -98,6 +98,13 @@ def test_opcheck(device, proj, use_lengths):
     backward_args = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n), x, h0, c0,
                      w_ih, w_hh, w_hr, y, reserve, lengths, True)
     torch.library.opcheck(torch.ops.lstm_fused.lstm_layer_backward.default, backward_args)
+    # need_grad_x=False skips the input gradient (an empty tensor) and changes nothing else.
+    torch.library.opcheck(torch.ops.lstm_fused.lstm_layer_backward.default, (*backward_args, False))
+    full = torch.ops.lstm_fused.lstm_layer_backward(*backward_args)
+    partial = torch.ops.lstm_fused.lstm_layer_backward(*backward_args, False)
+    assert partial[0].numel() == 0 and full[0].shape == x.shape
+    for a, b in zip(partial[1:], full[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_op_rejects_bad_arguments():
@@ -164,10 +171,14 @@ def test_gru_opcheck(device, use_lengths):
     torch.library.opcheck(torch.ops.lstm_fused.gru_layer_inference.default,
                           (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, False))
     y, h_n, reserve = torch.ops.lstm_fused.gru_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, True)
-    torch.library.opcheck(
-        torch.ops.lstm_fused.gru_layer_backward.default,
-        (torch.randn_like(y), torch.randn_like(h_n), x, h0, w_ih, w_hh, y, reserve, lengths, True),
-    )
+    backward_args = (torch.randn_like(y), torch.randn_like(h_n), x, h0, w_ih, w_hh, y, reserve, lengths, True)
+    torch.library.opcheck(torch.ops.lstm_fused.gru_layer_backward.default, backward_args)
+    torch.library.opcheck(torch.ops.lstm_fused.gru_layer_backward.default, (*backward_args, False))
+    full = torch.ops.lstm_fused.gru_layer_backward(*backward_args)
+    partial = torch.ops.lstm_fused.gru_layer_backward(*backward_args, False)
+    assert partial[0].numel() == 0 and full[0].shape == x.shape
+    for a, b in zip(partial[1:], full[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
