@@ -56,6 +56,8 @@ def main():
     parser.add_argument("--pairs", type=int, default=25)
     parser.add_argument("--configs", default=None, help="which configs, by index (default: all)")
     parser.add_argument("--modes", default="inference,training")
+    parser.add_argument("--plain-input", action="store_true",
+                        help="train with an input that needs no gradient (data, as in a first layer)")
     args = parser.parse_args()
     is_cell = args.cell.endswith("cell")
     table = CELL_CONFIGS if is_cell else CONFIGS
@@ -70,7 +72,7 @@ def main():
         if is_cell:
             ref, ours = CellLoop(ref), CellLoop(ours)
         x = torch.randn(T, B, I)
-        x_grad = x.clone().requires_grad_()
+        x_grad = x.clone().requires_grad_(not args.plain_input)
 
         def inference(model):
             with torch.inference_mode():
