@@ -6,6 +6,10 @@
 // loop of cells ran at 0.8x of nn.LSTMCell. Here the same logic costs a few microseconds.
 // torch.compile still traces through it: the functions call the forward and backward ops through
 // the dispatcher, whose fake kernels are in lstm_fused/ops.py.
+//
+// The reserve is not an output of the autograd functions: it leaves through a pointer argument.
+// Marking it non-differentiable instead would work in eager mode, but compiled autograd
+// (torch._dynamo.compiled_autograd) refuses C++ functions with non-differentiable outputs.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -55,16 +59,16 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
                                const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
                                const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
-                               const optional<Tensor>& lengths, bool reverse) {
+                               const optional<Tensor>& lengths, bool reverse, Tensor* reserve_out) {
     static const auto forward_op = op<LstmForwardSig>("lstm_fused::lstm_layer_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, h_n, c_n, reserve] = forward_op.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse);
     ctx->save_for_backward({x, h0, c0, w_ih, w_hh, or_undefined(w_hr), or_undefined(lengths), y, reserve});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["has_bias"] = b_ih.has_value() && b_ih->defined();
-    ctx->mark_non_differentiable({reserve});
     ctx->set_materialize_grads(false);
-    return {y, h_n, c_n, reserve};
+    *reserve_out = reserve;
+    return {y, h_n, c_n};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -78,7 +82,7 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
                          ctx->saved_data["reverse"].toBool(), /*need_grad_x=*/ctx->needs_input_grad(0));
     const Tensor grad_b = ctx->saved_data["has_bias"].toBool() ? grad_bias : Tensor();
     return {ctx->needs_input_grad(0) ? grad_x : Tensor(), grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b,
-            w_hr.defined() ? grad_w_hr : Tensor(), Tensor(), Tensor()};
+            w_hr.defined() ? grad_w_hr : Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -86,16 +90,16 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
                                const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
-                               const optional<Tensor>& lengths, bool reverse) {
+                               const optional<Tensor>& lengths, bool reverse, Tensor* reserve_out) {
     static const auto forward_op = op<GruForwardSig>("lstm_fused::gru_layer_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, h_n, reserve] = forward_op.call(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
     ctx->save_for_backward({x, h0, w_ih, w_hh, or_undefined(lengths), y, reserve});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["has_bias"] = b_ih.has_value() && b_ih->defined();
-    ctx->mark_non_differentiable({reserve});
     ctx->set_materialize_grads(false);
-    return {y, h_n, reserve};
+    *reserve_out = reserve;
+    return {y, h_n};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -110,8 +114,15 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
     // b_ih and b_hh are both given or both absent (the op checks it); an absent argument gets
     // an undefined gradient.
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    return {ctx->needs_input_grad(0) ? grad_x : Tensor(), grad_h0, grad_w_ih, grad_w_hh, has_bias ? grad_b_ih : Tensor(), has_bias ? grad_b_hh : Tensor(),
-            Tensor(), Tensor()};
+    return {ctx->needs_input_grad(0) ? grad_x : Tensor(),
+            grad_h0,
+            grad_w_ih,
+            grad_w_hh,
+            has_bias ? grad_b_ih : Tensor(),
+            has_bias ? grad_b_hh : Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor()};
   }
 };
 
@@ -119,16 +130,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_autograd(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
     const optional<Tensor>& lengths, bool reverse) {
-  const variable_list out = LstmLayerFunction::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse);
-  return {out[0], out[1], out[2], out[3]};
+  Tensor reserve;
+  const variable_list out =
+      LstmLayerFunction::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, &reserve);
+  return {out[0], out[1], out[2], reserve};
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_autograd(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
                                                               const Tensor& w_hh, const optional<Tensor>& b_ih,
                                                               const optional<Tensor>& b_hh,
                                                               const optional<Tensor>& lengths, bool reverse) {
-  const variable_list out = GruLayerFunction::apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
-  return {out[0], out[1], out[2]};
+  Tensor reserve;
+  const variable_list out = GruLayerFunction::apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, &reserve);
+  return {out[0], out[1], reserve};
 }
 
 }  // namespace

@@ -114,6 +114,9 @@ namespace {
 // themselves, following torch.nn's policy per device. This kernel only switches autocast off
 // below the op, so that the ATen calls inside the kernels (the input-projection and gradient
 // GEMMs) are not cast to the autocast dtype behind the kernel's back.
+// (callBoxed recomputes the dispatch keys from scratch, with autocast now excluded, so the keys
+// above autocast, functorch's and PreDispatch, are passed again, as ATen's own autocast
+// wrappers do; then Autograd and the device kernel.)
 void call_without_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   op.callBoxed(stack);

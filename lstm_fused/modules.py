@@ -229,13 +229,12 @@ class _FusedCellBase(nn.RNNCellBase):
     torch.nn cells make inside their C++ kernels (with the same exception types)."""
 
     def _weights(self, x: Tensor) -> List[Optional[Tensor]]:
-        """weight_ih, weight_hh, bias_ih, bias_hh in x's dtype (they differ under autocast).
-        (A cell runs this every step: each attribute is read once, and cast only when needed.)"""
+        """weight_ih, weight_hh, bias_ih, bias_hh; cast to x's dtype only under CUDA autocast
+        (where _prepare cast x), so that any other dtype mismatch is refused as torch.nn refuses it.
+        (A cell runs this every step: each attribute is read once.)"""
         weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
-        dtype = x.dtype
-        if weights[0].dtype != dtype or weights[1].dtype != dtype or (weights[2] is not None and (
-                weights[2].dtype != dtype or weights[3].dtype != dtype)):
-            weights = [w if w is None else w.to(dtype) for w in weights]
+        if weights[0].dtype != x.dtype and x.is_cuda and torch.is_autocast_enabled("cuda"):
+            weights = [w if w is None else w.to(x.dtype) for w in weights]
         return weights
 
     def _prepare(self, input: Tensor, hx: Optional[Tuple[Tensor, ...]], name: str):

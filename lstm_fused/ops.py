@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 _forward = torch.ops.lstm_fused.lstm_layer_forward
-_backward = torch.ops.lstm_fused.lstm_layer_backward
 _inference = torch.ops.lstm_fused.lstm_layer_inference
 
 
@@ -88,7 +87,6 @@ def _lstm_layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh,
 # --- GRU -------------------------------------------------------------------------------------
 
 _gru_forward = torch.ops.lstm_fused.gru_layer_forward
-_gru_backward = torch.ops.lstm_fused.gru_layer_backward
 _gru_inference = torch.ops.lstm_fused.gru_layer_inference
 
 

@@ -192,6 +192,47 @@ def test_lstm_cell_float64_with_grads():
                 torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
 
 
+
+def _cell_call(cell, x, state):
+    return cell(x, state) if isinstance(cell, (nn.LSTMCell, lstm_fused.LSTMCell)) else cell(x, state[0])
+
+
+@pytest.mark.parametrize("torch_class", [nn.LSTMCell, nn.GRUCell])
+@pytest.mark.parametrize("input_size,hidden_size", [(0, 4), (3, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cells_with_an_empty_size_match_torch_nn(torch_class, input_size, hidden_size, dtype):
+    """torch.nn's cells accept input_size 0 (the gates come from h and the biases alone) and
+    hidden_size 0; BLAS refuses such empty products, so the kernels must handle them."""
+    torch.manual_seed(0)
+    ref = torch_class(input_size, hidden_size, dtype=dtype)
+    ours = PAIRS[torch_class](input_size, hidden_size, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, input_size, dtype=dtype)
+    state = (torch.randn(5, hidden_size, dtype=dtype), torch.randn(5, hidden_size, dtype=dtype))
+    for a, b in zip(tree_flatten(_cell_call(ours, x, state))[0], tree_flatten(_cell_call(ref, x, state))[0]):
+        torch.testing.assert_close(a, b)
+
+
+CELL_BAD_INPUTS = {
+    "float64 input, float32 cell": lambda: (torch.randn(3, 4, dtype=torch.float64), None),
+    "batched input, 1-D state": lambda: (torch.randn(2, 4), torch.randn(6)),
+    "unbatched input, 2-D state": lambda: (torch.randn(4), torch.randn(1, 6)),
+    "state batch mismatch": lambda: (torch.randn(2, 4), torch.randn(3, 6)),
+    "3-D input": lambda: (torch.randn(1, 2, 4), None),
+}
+
+
+@pytest.mark.parametrize("torch_class", [nn.LSTMCell, nn.GRUCell])
+@pytest.mark.parametrize("case", list(CELL_BAD_INPUTS))
+def test_cell_bad_input_raises_like_torch_nn(torch_class, case):
+    ref, ours = torch_class(4, 6), PAIRS[torch_class](4, 6)
+    x, h = CELL_BAD_INPUTS[case]()
+    args = (x,) if h is None else (x, (h, h)) if torch_class is nn.LSTMCell else (x, h)
+    with pytest.raises(Exception) as ref_error:
+        ref(*args)
+    with pytest.raises(type(ref_error.value)):
+        ours(*args)
+
 class Forecaster(nn.Module):
     def __init__(self, lstm_class):
         super().__init__()
@@ -217,6 +258,26 @@ def test_torch_compile_fullgraph_matches_eager(module_class):
         for a, b in zip(torch.autograd.grad(traced.sum(), leaves), torch.autograd.grad(eager.sum(), leaves)):
             torch.testing.assert_close(a, b)
 
+
+
+@pytest.mark.parametrize("module_class", [lstm_fused.LSTM, lstm_fused.GRU])
+def test_compiled_autograd_gives_the_eager_gradients(module_class):
+    """Compiled autograd (torch._dynamo.compiled_autograd) traces the backward graph, C++
+    autograd functions included; it refuses functions with outputs marked non-differentiable,
+    which is why the reserve leaves the autograd function another way (csrc/autograd.cpp)."""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    if not hasattr(compiled_autograd, "_enable"):
+        pytest.skip("this torch has no torch._dynamo.compiled_autograd._enable")
+    torch.manual_seed(0)
+    model = module_class(3, 8, num_layers=2)
+    x = torch.randn(5, 4, 3, requires_grad=True)
+    leaves = [x] + list(model.parameters())
+    eager = torch.autograd.grad(model(x)[0].pow(2).sum(), leaves)
+    loss = model(x)[0].pow(2).sum()
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        loss.backward()
+    for leaf, expected in zip(leaves, eager):
+        torch.testing.assert_close(leaf.grad, expected)
 
 def test_nn_lstm_itself_graph_breaks():
     """Why the modules subclass RNNBase: fullgraph tracing refuses nn.LSTM."""

@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <memory>
 #include <type_traits>
@@ -55,7 +56,11 @@ class RecurrentGemm {
   // c[rows, n] = a[rows, k] * op(W) + (accumulate ? c : 0), all rows contiguous.
   template <typename scalar_t>
   void run(const scalar_t* a, int64_t rows, scalar_t* c, bool accumulate) const {
-    if (rows == 0) return;
+    if (rows == 0 || n_ == 0) return;
+    if (k_ == 0) {  // an empty product (input_size 0): BLAS refuses its zero leading dimensions
+      if (!accumulate) std::fill_n(c, rows * n_, scalar_t(0));
+      return;
+    }
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (mkl_available()) {
         const float beta = accumulate ? 1.0f : 0.0f;
