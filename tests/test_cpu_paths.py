@@ -222,26 +222,31 @@ def every_other(t, dtype):
     return buffer[..., ::2].requires_grad_()
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("B,I,H", [(1, 1, 1), (5, 3, 17), (33, 9, 64)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_single_step_path_matches_reference(B, I, H, bias, dtype):
-    """T = 1 with every row advancing (an LSTMCell call) has its own path: both products into one
-    gates buffer, no ping-pong buffers. Forward, the reserve backward reads, and the inference
-    op, with non-contiguous arguments; float32 (MKL's sgemm) against the float64 reference."""
-    seed = hash((B, I, H, bias)) % 10_000
-    args64 = make_layer_args(1, B, I, H, 0, bias, "cpu", seed=seed)
-    exact, weights = outputs_and_grads(lstm_layer_reference, args64, None, False)
-
+def test_single_step_path_matches_reference(cell, B, I, H, bias, dtype):
+    """T = 1 with every row advancing (an LSTMCell / GRUCell call) has its own path: both
+    products straight into their buffers, no ping-pong buffers. Forward, the reserve backward
+    reads, and the inference op, with non-contiguous arguments; float32 (MKL's sgemm) against the
+    float64 reference."""
+    seed = 1000 + 100 * B + 10 * I + H + bias
+    if cell == "lstm":
+        args64 = make_layer_args(1, B, I, H, 0, bias, "cpu", seed=seed)
+        run, reference, n_outputs = lstm_layer, lstm_layer_reference, 3
+    else:
+        args64 = make_gru_args(1, B, I, H, bias, "cpu", seed=seed)
+        run, reference, n_outputs = gru_layer, gru_layer_reference, 2
+    exact, weights = outputs_and_grads(reference, args64, None, False)
     args = [None if a is None else every_other(a, dtype) for a in args64]
     assert not any(a.is_contiguous() for a in args if a is not None and a.numel() > 1)
-    ours, _ = outputs_and_grads(lstm_layer, args, None, False, weights)
+    ours, _ = outputs_and_grads(run, args, None, False, weights)
     tolerance = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
-    for a, b in zip(ours, exact):
-        torch.testing.assert_close(a.double(), b, **tolerance)
     with torch.no_grad():
-        for a, b in zip(lstm_layer(*args), exact[:3]):
-            torch.testing.assert_close(a.double(), b, **tolerance)
+        inference = list(run(*args))
+    for a, b in zip(ours + inference, exact + exact[:n_outputs]):
+        torch.testing.assert_close(a.double(), b, **tolerance)
 
 
 def test_single_step_with_a_finished_row_takes_the_general_path():
@@ -273,22 +278,3 @@ def test_ops_under_autocast_compute_in_their_arguments_dtype(cell):
     for a, b in zip(autocast, plain):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("B,I,H", [(1, 1, 1), (5, 3, 17), (33, 9, 64)])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_gru_single_step_path_matches_reference(B, I, H, bias, dtype):
-    """The GRU's T = 1 path (a GRUCell call): forward, backward through its reserve, and the
-    inference op, with non-contiguous arguments, against the float64 reference."""
-    seed = 1000 + 100 * B + 10 * I + H + bias
-    args64 = make_gru_args(1, B, I, H, bias, "cpu", seed=seed)
-    exact, weights = outputs_and_grads(gru_layer_reference, args64, None, False)
-    args = [None if a is None else every_other(a, dtype) for a in args64]
-    ours, _ = outputs_and_grads(gru_layer, args, None, False, weights)
-    tolerance = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
-    for a, b in zip(ours, exact):
-        torch.testing.assert_close(a.double(), b, **tolerance)
-    with torch.no_grad():
-        for a, b in zip(gru_layer(*args), exact[:2]):
-            torch.testing.assert_close(a.double(), b, **tolerance)
