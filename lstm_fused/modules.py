@@ -45,10 +45,13 @@ class _FusedRNNBase(nn.RNNBase):
 
     # --- shared ---------------------------------------------------------------------------------
     def _layer_weights(self, layer: int, direction: int) -> List[Tensor]:
+        """The layer's weights as the module holds them now, read by name: this follows
+        functional_call, parametrizations and torch.export's lifted parameters without
+        re-assigning torch.nn's _flat_weights cache in forward (which export warns about)."""
         num_directions = 2 if self.bidirectional else 1
-        per_layer = len(self._flat_weights) // (self.num_layers * num_directions)
+        per_layer = len(self._flat_weights_names) // (self.num_layers * num_directions)
         start = (layer * num_directions + direction) * per_layer
-        return self._flat_weights[start : start + per_layer]
+        return [getattr(self, name) for name in self._flat_weights_names[start : start + per_layer]]
 
     def _run_layers(self, x: Tensor, hx: States, lengths: Optional[Tensor]) -> Tuple[Tensor, States]:
         """x is time-major [T, B, I]; each state tensor is [layers * directions, B, *]. Runs in
@@ -81,11 +84,10 @@ class _FusedRNNBase(nn.RNNBase):
         if device_type == "cuda":
             return low, low
         if self.mode == "LSTM":
-            return self._flat_weights[0].dtype, low
+            return getattr(self, self._flat_weights_names[0]).dtype, low
         return None, None
 
     def forward(self, input, hx=None):
-        self._update_flat_weights()
         data = input.data if isinstance(input, PackedSequence) else input
         compute, result = self._autocast_dtypes(data)
         if compute is None:

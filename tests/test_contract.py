@@ -233,6 +233,33 @@ def test_cell_bad_input_raises_like_torch_nn(torch_class, case):
     with pytest.raises(type(ref_error.value)):
         ours(*args)
 
+
+@pytest.mark.parametrize("torch_class", [nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell])
+def test_parametrized_weights_are_followed_like_torch_nn(torch_class):
+    """A parametrization (here weight norm on weight_hh) replaces the parameter by a computed
+    tensor read through the module's attribute; the modules must read it there on every call,
+    and gradients must reach the parametrization's own parameters."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    ref = torch_class(3, 5).double()
+    ours = PAIRS[torch_class](3, 5).double()
+    ours.load_state_dict(ref.state_dict())
+    name = "weight_hh_l0" if torch_class in (nn.LSTM, nn.GRU) else "weight_hh"
+    weight_norm(ref, name), weight_norm(ours, name)
+    with torch.no_grad():  # change the norm: the computed weight must change with it
+        ref.parametrizations[name].original0.mul_(1.5)
+        ours.parametrizations[name].original0.mul_(1.5)
+    x = torch.randn(4, 2, 3, dtype=torch.float64) if torch_class in (nn.LSTM, nn.GRU) else \
+        torch.randn(2, 3, dtype=torch.float64)
+    out_ref, out = tree_flatten(ref(x))[0], tree_flatten(ours(x))[0]
+    for a, b in zip(out, out_ref):
+        torch.testing.assert_close(a, b)
+    grads_ref = torch.autograd.grad(sum(o.sum() for o in out_ref), list(ref.parameters()))
+    grads = torch.autograd.grad(sum(o.sum() for o in out), list(ours.parameters()))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+
 class Forecaster(nn.Module):
     def __init__(self, lstm_class):
         super().__init__()
@@ -278,6 +305,19 @@ def test_compiled_autograd_gives_the_eager_gradients(module_class):
         loss.backward()
     for leaf, expected in zip(leaves, eager):
         torch.testing.assert_close(leaf.grad, expected)
+
+
+@pytest.mark.parametrize("module_class", [lstm_fused.LSTM, lstm_fused.GRU])
+def test_torch_export_keeps_the_fused_ops(module_class):
+    """torch.export traces the model to a graph with the fused ops in it (their fake kernels
+    give the shapes), and the exported program computes what the module does on new inputs."""
+    torch.manual_seed(0)
+    model = Forecaster(module_class)
+    program = torch.export.export(model, (torch.randn(4, 6, 3),))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert any(target.startswith("lstm_fused.") for target in targets), targets
+    x = torch.randn(4, 6, 3)
+    torch.testing.assert_close(program.module()(x), model(x))
 
 def test_nn_lstm_itself_graph_breaks():
     """Why the modules subclass RNNBase: fullgraph tracing refuses nn.LSTM."""
