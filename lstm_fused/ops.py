@@ -18,6 +18,21 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_CPU_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def _cpu_half_in_float32(x: Tensor, *others: Optional[Tensor]) -> Optional[list]:
+    """torch.nn's RNNs accept float16 and bfloat16 on the CPU; the CPU kernels compute in float32
+    or float64. For half-type CPU arguments that all share x's dtype, returns them in float32
+    (the caller casts the outputs back; autograd casts the gradients back). Otherwise None: other
+    devices have half kernels, and mixed dtypes are left for the op to refuse."""
+    if x.dtype not in _CPU_HALF_TYPES or x.device.type != "cpu":
+        return None
+    if any(t is not None and t.dtype != x.dtype for t in others):
+        return None
+    return [x.float()] + [None if t is None else t.float() for t in others]
+
+
 def lstm_layer(
     x: Tensor,
     h0: Tensor,
@@ -38,8 +53,12 @@ def lstm_layer(
     own last step. Returns (y [T, B, P], h_n [B, P], c_n [B, H]).
 
     When no gradient can flow (grad mode off, or no argument requires grad), the reserve that
-    backward would need is not kept: the inference op runs instead.
+    backward would need is not kept: the inference op runs instead. float16 and bfloat16 on the
+    CPU compute in float32 and return their own dtype.
     """
+    upcast = _cpu_half_in_float32(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    if upcast is not None:
+        return tuple(out.to(x.dtype) for out in lstm_layer(*upcast, lengths=lengths, reverse=reverse))
     if not _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         return _inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
     y, h_n, c_n, _ = _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
@@ -102,7 +121,11 @@ def gru_layer(
 ) -> Tuple[Tensor, Tensor]:
     """One GRU layer in one direction over a time-major sequence (nn.GRU's formulation and gate
     order r, z, n). x is [T, B, I], h0 [B, H]; `lengths` and `reverse` as for `lstm_layer`.
-    Returns (y [T, B, H], h_n [B, H]). Without gradients the inference op runs (no reserve)."""
+    Returns (y [T, B, H], h_n [B, H]). Without gradients the inference op runs (no reserve);
+    float16 and bfloat16 on the CPU compute in float32."""
+    upcast = _cpu_half_in_float32(x, h0, w_ih, w_hh, b_ih, b_hh)
+    if upcast is not None:
+        return tuple(out.to(x.dtype) for out in gru_layer(*upcast, lengths=lengths, reverse=reverse))
     if not _needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh):
         return _gru_inference(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
     y, h_n, _ = _gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)

@@ -219,7 +219,35 @@ CELL_BAD_INPUTS = {
     "unbatched input, 2-D state": lambda: (torch.randn(4), torch.randn(1, 6)),
     "state batch mismatch": lambda: (torch.randn(2, 4), torch.randn(3, 6)),
     "3-D input": lambda: (torch.randn(1, 2, 4), None),
+    "bfloat16 input, float32 cell": lambda: (torch.randn(3, 4, dtype=torch.bfloat16), None),
 }
+
+
+@pytest.mark.parametrize("torch_class", [nn.LSTMCell, nn.GRUCell])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cells_in_half_precision_on_the_cpu(torch_class, dtype):
+    """torch.nn's cells run float16 and bfloat16 on the CPU; ours compute those in float32 and
+    return the same dtype, with gradients in it too, within the half type's rounding of the
+    float64 result (at most twice torch.nn's own error, plus one rounding step)."""
+    torch.manual_seed(0)
+    ref = torch_class(6, 10).to(dtype)
+    ours = PAIRS[torch_class](6, 10).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    exact = copy.deepcopy(ref).double()
+    x = torch.randn(4, 6).to(dtype)
+    h = torch.randn(4, 10).to(dtype)
+    state = (h, h) if torch_class is nn.LSTMCell else h
+    state64 = (h.double(), h.double()) if torch_class is nn.LSTMCell else h.double()
+    results = []
+    for model, inputs in ((ours, (x, state)), (ref, (x, state)), (exact, (x.double(), state64))):
+        out = tree_flatten(model(*inputs))[0]
+        grads = torch.autograd.grad(sum(o.float().sum() for o in out), list(model.parameters()))
+        results.append(out + list(grads))
+    for a, b, e in zip(*results):
+        assert a.dtype == dtype
+        ours_error = (a.double() - e).abs().max().item()
+        torch_error = (b.double() - e).abs().max().item()
+        assert ours_error <= 2 * torch_error + torch.finfo(dtype).eps * e.abs().max().item(), (ours_error, torch_error)
 
 
 @pytest.mark.parametrize("torch_class", [nn.LSTMCell, nn.GRUCell])
