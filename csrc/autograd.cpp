@@ -31,13 +31,13 @@ using LstmForwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, bool);
 using LstmBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&, const optional<Tensor>&, bool, bool);
+    const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&, const optional<Tensor>&, bool, bool, bool);
 using GruForwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                          const optional<Tensor>&, const optional<Tensor>&,
                                                          const optional<Tensor>&, bool);
 using GruBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const optional<Tensor>&, bool, bool);
+    const Tensor&, const optional<Tensor>&, bool, bool, bool);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op(const char* name) {
@@ -52,6 +52,15 @@ optional<Tensor> as_optional(const Tensor& t) { return t.defined() ? optional<Te
 // is switched off: the reserve alone is several times the output); the kernels want zeros.
 Tensor or_zeros(const Tensor& grad, const Tensor& like) {
   return grad.defined() ? grad : at::zeros_like(like, at::MemoryFormat::Contiguous);
+}
+
+// Whether autograd wants the gradient of any of the inputs [first, first + count), counted as
+// the autograd function counts them: tensor arguments only, absent optional ones skipped.
+bool any_wanted(AutogradContext* ctx, size_t first, size_t count) {
+  for (size_t index = first; index < first + count; ++index) {
+    if (ctx->needs_input_grad(index)) return true;
+  }
+  return false;
 }
 
 class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
@@ -76,12 +85,18 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &h0 = saved[1], &c0 = saved[2], &w_ih = saved[3], &w_hh = saved[4];
     const Tensor &w_hr = saved[5], &lengths = saved[6], &y = saved[7], &reserve = saved[8];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    // Inputs 0-2 are x, h0, c0; then w_ih, w_hh, the biases and w_hr where given.
+    const bool want_x = ctx->needs_input_grad(0);
+    const bool want_weights = any_wanted(ctx, 3, 2 + (has_bias ? 2 : 0) + (w_hr.defined() ? 1 : 0));
     auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
         backward_op.call(or_zeros(grads[0], y), or_zeros(grads[1], h0), or_zeros(grads[2], c0), x, h0, c0, w_ih,
                          w_hh, as_optional(w_hr), y, reserve, as_optional(lengths),
-                         ctx->saved_data["reverse"].toBool(), /*need_grad_x=*/ctx->needs_input_grad(0));
-    const Tensor grad_b = ctx->saved_data["has_bias"].toBool() ? grad_bias : Tensor();
-    return {ctx->needs_input_grad(0) ? grad_x : Tensor(), grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b,
+                         ctx->saved_data["reverse"].toBool(), want_x, want_weights);
+    if (!want_x) grad_x = Tensor();
+    if (!want_weights) grad_w_ih = grad_w_hh = grad_bias = grad_w_hr = Tensor();
+    const Tensor grad_b = has_bias ? grad_bias : Tensor();
+    return {grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b, grad_b,
             w_hr.defined() ? grad_w_hr : Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
@@ -107,14 +122,17 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &h0 = saved[1], &w_ih = saved[2], &w_hh = saved[3];
     const Tensor &lengths = saved[4], &y = saved[5], &reserve = saved[6];
+    // b_ih and b_hh are both given or both absent (the op checks it); an absent argument gets
+    // an undefined gradient. Inputs 0-1 are x, h0; then w_ih, w_hh and the biases where given.
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool want_x = ctx->needs_input_grad(0);
+    const bool want_weights = any_wanted(ctx, 2, 2 + (has_bias ? 2 : 0));
     auto [grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
         backward_op.call(or_zeros(grads[0], y), or_zeros(grads[1], h0), x, h0, w_ih, w_hh, y, reserve,
-                         as_optional(lengths), ctx->saved_data["reverse"].toBool(),
-                         /*need_grad_x=*/ctx->needs_input_grad(0));
-    // b_ih and b_hh are both given or both absent (the op checks it); an absent argument gets
-    // an undefined gradient.
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    return {ctx->needs_input_grad(0) ? grad_x : Tensor(),
+                         as_optional(lengths), ctx->saved_data["reverse"].toBool(), want_x, want_weights);
+    if (!want_x) grad_x = Tensor();
+    if (!want_weights) grad_w_ih = grad_w_hh = grad_b_ih = grad_b_hh = Tensor();
+    return {grad_x,
             grad_h0,
             grad_w_ih,
             grad_w_hh,

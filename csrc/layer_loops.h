@@ -148,20 +148,30 @@ void for_each_active_step(const LayerSizes& s, bool backwards, Fn&& fn, int64_t 
   }
 }
 
-// grad_x when the caller wants it (the GEMM d_gates W_ih), else an empty tensor: a first
-// layer's input is data, and that GEMM is a sixth of a large layer's training FLOPs.
+// Which of the gradients computed after the backward loop the caller wants. A first layer's
+// input is data: its grad_x (the GEMM d_gates W_ih, a sixth of a large layer's training FLOPs)
+// is not needed. A frozen layer's weights need no gradients (the d_gates^T [x | h] GEMMs and
+// the bias sums, a third). What is not wanted comes back as an empty tensor.
+struct WantedGradients {
+  bool x = true;
+  bool weights = true;
+};
+
+inline at::Tensor unwanted(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// grad_x when wanted, from the gate gradients of every step.
 inline at::Tensor input_gradient(const at::Tensor& d_gates_2d, const at::Tensor& w_ih, const at::Tensor& x,
-                                 bool need_grad_x) {
-  if (!need_grad_x) return at::empty({0}, x.options());
+                                 const WantedGradients& wanted) {
+  if (!wanted.x) return unwanted(x);
   return at::mm(d_gates_2d, w_ih).view({x.size(0), x.size(1), x.size(2)});
 }
 
-// The gradients of x (input_gradient) and W_ih from the gate gradients of every step: GEMMs
-// after the loop.
+// The gradients of x and W_ih, when wanted, from the gate gradients of every step.
 inline std::pair<at::Tensor, at::Tensor> input_gradients(const at::Tensor& d_gates_2d, const at::Tensor& w_ih,
-                                                         const at::Tensor& x, bool need_grad_x) {
+                                                         const at::Tensor& x, const WantedGradients& wanted) {
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
-  return {input_gradient(d_gates_2d, w_ih, x, need_grad_x), at::mm(d_gates_2d.t(), x.reshape({T * B, I}))};
+  return {input_gradient(d_gates_2d, w_ih, x, wanted),
+          wanted.weights ? at::mm(d_gates_2d.t(), x.reshape({T * B, I})) : unwanted(x)};
 }
 
 // The lengths as an int64 tensor on `device`, for kernels that need each row's own first step.
@@ -261,10 +271,13 @@ struct LstmBackwardBuffers {
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradients(
       const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
-      const at::Tensor& y, bool reverse, bool need_grad_x) const {
+      const at::Tensor& y, bool reverse, const WantedGradients& wanted) const {
     const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size, I = s.input_size;
     const at::Tensor d_gates_2d = d_gates.view({T * B, 4 * H});
-    at::Tensor grad_x = input_gradient(d_gates_2d, w_ih, x, need_grad_x);
+    at::Tensor grad_x = input_gradient(d_gates_2d, w_ih, x, wanted);
+    if (!wanted.weights) {
+      return {grad_x, dh, dc.to(x.scalar_type()), unwanted(x), unwanted(x), unwanted(x), unwanted(x)};
+    }
     at::Tensor grad_bias = d_gates_2d.sum(0);
     at::Tensor grad_w_ih, grad_w_hh;
     if (I <= P) {
@@ -315,7 +328,7 @@ run_lstm_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at:
                         const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& h0,
                         const at::Tensor& c0, const at::Tensor& w_ih, const c10::optional<at::Tensor>& w_hr,
                         const at::Tensor& y, const at::Tensor& reserve, bool padded, bool reverse,
-                        bool need_grad_x, StepFn&& step) {
+                        const WantedGradients& wanted, StepFn&& step) {
   const int64_t B = s.batch, H = s.hidden_size;
   LstmBackwardBuffers<cell_t> g = begin_lstm_backward<cell_t>(s, grad_y, grad_h_n, grad_c_n, x, c0, reserve, padded);
 
@@ -344,7 +357,7 @@ run_lstm_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at:
     }
     step(bs);
   });
-  return g.gradients(s, x, h0, w_ih, y, reverse, need_grad_x);
+  return g.gradients(s, x, h0, w_ih, y, reverse, wanted);
 }
 
 template <typename scalar_t, typename StepFn>
@@ -388,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 run_gru_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                        const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
                        const at::Tensor& y, const at::Tensor& reserve, bool padded, bool reverse,
-                       bool need_grad_x, StepFn&& step) {
+                       const WantedGradients& wanted, StepFn&& step) {
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
   const GruReserve r = split_gru_reserve(reserve, s);
   at::Tensor d_input_gates = layer_buffer({T, B, 3 * H}, x.options(), padded);
@@ -413,7 +426,8 @@ run_gru_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::
 
   const at::Tensor d_input_2d = d_input_gates.view({T * B, 3 * H});
   const at::Tensor d_hidden_2d = d_hidden_gates.view({T * B, 3 * H});
-  auto [grad_x, grad_w_ih] = input_gradients(d_input_2d, w_ih, x, need_grad_x);
+  auto [grad_x, grad_w_ih] = input_gradients(d_input_2d, w_ih, x, wanted);
+  if (!wanted.weights) return {grad_x, dh, grad_w_ih, unwanted(x), unwanted(x), unwanted(x)};
   at::Tensor grad_w_hh = at::mm(d_hidden_2d.t(), h_prev.view({T * B, H}));
   return {grad_x, dh, grad_w_ih, grad_w_hh, d_input_2d.sum(0), d_hidden_2d.sum(0)};
 }

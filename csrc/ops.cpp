@@ -36,12 +36,13 @@ TORCH_LIBRARY(lstm_fused, m) {
       "-> (Tensor y, Tensor h_n, Tensor c_n)");
   // Gradients of lstm_layer_forward. grad_bias is the gradient of b_ih and of b_hh alike (the
   // caller drops it when the layer has no bias);
-  // grad_w_hr is an empty tensor when there is no projection, and grad_x when need_grad_x is
-  // false (its GEMM is skipped: a first layer's input is data).
+  // grad_w_hr is an empty tensor when there is no projection. need_grad_x / need_grad_weights
+  // false: grad_x / the weight and bias gradients are empty tensors, their GEMMs skipped (a first
+  // layer's input is data; a frozen layer's weights want no gradient).
   m.def(
       "lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, "
       "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor y, Tensor reserve, "
-      "Tensor? lengths, bool reverse, bool need_grad_x=True) "
+      "Tensor? lengths, bool reverse, bool need_grad_x=True, bool need_grad_weights=True) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr)");
 
@@ -54,10 +55,11 @@ TORCH_LIBRARY(lstm_fused, m) {
   m.def(
       "gru_layer_inference(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "Tensor? lengths, bool reverse) -> (Tensor y, Tensor h_n)");
-  // Gradients of gru_layer_forward; grad_x is an empty tensor when need_grad_x is false.
+  // Gradients of gru_layer_forward; need_grad_x and need_grad_weights as for the LSTM.
   m.def(
       "gru_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, "
-      "Tensor w_hh, Tensor y, Tensor reserve, Tensor? lengths, bool reverse, bool need_grad_x=True) "
+      "Tensor w_hh, Tensor y, Tensor reserve, Tensor? lengths, bool reverse, bool need_grad_x=True, "
+      "bool need_grad_weights=True) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
       "Tensor grad_b_hh)");
 }

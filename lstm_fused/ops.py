@@ -91,15 +91,18 @@ def _lstm_layer_inference_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
 
 @torch.library.register_fake("lstm_fused::lstm_layer_backward")
 def _lstm_layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, y, reserve,
-                              lengths, reverse, need_grad_x=True):
+                              lengths, reverse, need_grad_x=True, need_grad_weights=True):
+    def weight_grad(w, shape):
+        return w.new_empty(shape) if need_grad_weights else x.new_empty(0)
+
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_grad_x else x.new_empty(0),
         torch.empty_like(h0, memory_format=torch.contiguous_format),
         torch.empty_like(c0, memory_format=torch.contiguous_format),
-        w_ih.new_empty(w_ih.shape),
-        w_hh.new_empty(w_hh.shape),
-        w_ih.new_empty(w_ih.shape[0]),
-        w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty(0),
+        weight_grad(w_ih, w_ih.shape),
+        weight_grad(w_hh, w_hh.shape),
+        weight_grad(w_ih, w_ih.shape[0]),
+        weight_grad(w_hr, w_hr.shape) if w_hr is not None else x.new_empty(0),
     )
 
 
@@ -150,14 +153,18 @@ def _gru_layer_inference_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
 
 
 @torch.library.register_fake("lstm_fused::gru_layer_backward")
-def _gru_layer_backward_fake(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths, reverse, need_grad_x=True):
+def _gru_layer_backward_fake(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths, reverse,
+                             need_grad_x=True, need_grad_weights=True):
+    def weight_grad(w, shape):
+        return w.new_empty(shape) if need_grad_weights else x.new_empty(0)
+
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_grad_x else x.new_empty(0),
         torch.empty_like(h0, memory_format=torch.contiguous_format),
-        w_ih.new_empty(w_ih.shape),
-        w_hh.new_empty(w_hh.shape),
-        w_ih.new_empty(w_ih.shape[0]),
-        w_ih.new_empty(w_ih.shape[0]),
+        weight_grad(w_ih, w_ih.shape),
+        weight_grad(w_hh, w_hh.shape),
+        weight_grad(w_ih, w_ih.shape[0]),
+        weight_grad(w_ih, w_ih.shape[0]),
     )
 
 

@@ -83,15 +83,22 @@ def test_gradcheck(device, proj, bias, use_lengths, reverse):
     assert gradcheck_layer(lstm_layer, args, lengths, reverse)
 
 
-def check_backward_op(op, backward_args, x):
-    """opcheck on a backward op with and without need_grad_x: without it, grad_x is an empty
-    tensor (its GEMM skipped) and every other gradient is the same, bit for bit."""
-    torch.library.opcheck(op, backward_args)
-    torch.library.opcheck(op, (*backward_args, False))
-    full, partial = op(*backward_args), op(*backward_args, False)
-    assert partial[0].numel() == 0 and full[0].shape == x.shape
-    for a, b in zip(partial[1:], full[1:]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+def check_backward_op(op, backward_args, x, state_outputs):
+    """opcheck on a backward op with and without need_grad_x / need_grad_weights: what is not
+    wanted is an empty tensor (its GEMMs skipped), and every other gradient is the same, bit for
+    bit. Outputs 0 is grad_x, then `state_outputs` state gradients, then the weights'."""
+    full = op(*backward_args)
+    assert full[0].shape == x.shape
+    for need_x, need_weights in ((True, True), (False, True), (True, False), (False, False)):
+        args = (*backward_args, need_x, need_weights)
+        torch.library.opcheck(op, args)
+        partial = op(*args)
+        for k, (a, b) in enumerate(zip(partial, full)):
+            wanted = need_x if k == 0 else True if k <= state_outputs else need_weights
+            if wanted:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            else:
+                assert a.numel() == 0, k
 
 
 @pytest.mark.parametrize("proj,use_lengths", [(0, False), (3, True)])
@@ -108,7 +115,7 @@ def test_opcheck(device, proj, use_lengths):
     x, h0, c0, w_ih, w_hh, _, _, w_hr = plain
     backward_args = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n), x, h0, c0,
                      w_ih, w_hh, w_hr, y, reserve, lengths, True)
-    check_backward_op(torch.ops.lstm_fused.lstm_layer_backward.default, backward_args, x)
+    check_backward_op(torch.ops.lstm_fused.lstm_layer_backward.default, backward_args, x, 2)
 
 
 def test_op_rejects_bad_arguments():
@@ -176,7 +183,7 @@ def test_gru_opcheck(device, use_lengths):
                           (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, False))
     y, h_n, reserve = torch.ops.lstm_fused.gru_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, True)
     backward_args = (torch.randn_like(y), torch.randn_like(h_n), x, h0, w_ih, w_hh, y, reserve, lengths, True)
-    check_backward_op(torch.ops.lstm_fused.gru_layer_backward.default, backward_args, x)
+    check_backward_op(torch.ops.lstm_fused.gru_layer_backward.default, backward_args, x, 1)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -210,6 +217,49 @@ def test_gradients_through_each_output_alone(cell, bias):
     exact_x, = torch.autograd.grad((reference(*args)[0] * weight).sum(), args[0])
     torch.testing.assert_close(ours_x, exact_x, rtol=1e-7, atol=1e-12)
 
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("frozen", ["all weights", "w_hh only", "none"])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_backward_skips_only_the_unwanted_gradients(cell, frozen, x_grad):
+    """The autograd function asks the backward op for grad_x only when x needs it, and for the
+    weight gradients only when some weight needs one (a frozen layer): the flags it passes are
+    recorded below the autograd layer, and the gradients that are asked for stay exact."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordBackwardFlags(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.flags = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name().endswith("_layer_backward"):
+                schema_args = func._schema.arguments
+                values = list(args) + [a.default_value for a in schema_args[len(args):]]
+                self.flags.append(tuple(values[-2:]))
+            return func(*args, **(kwargs or {}))
+
+    T, B, I, H = 4, 3, 5, 6
+    if cell == "lstm":
+        args = make_layer_args(T, B, I, H, 0, True, "cpu", seed=51)
+        run, reference, w_hh_index = lstm_layer, lstm_layer_reference, 4
+    else:
+        args = make_gru_args(T, B, I, H, True, "cpu", seed=53)
+        run, reference, w_hh_index = gru_layer, gru_layer_reference, 3
+    args[0].requires_grad_(x_grad)
+    weights = [w for w in args[w_hh_index - 1:] if w is not None]  # w_ih, w_hh, b_ih, b_hh
+    for index, w in enumerate(weights):
+        w.requires_grad_(frozen == "none" or (frozen == "w_hh only" and index != 1))
+    leaves = [a for a in args if a is not None and a.requires_grad]
+    weight = torch.randn(run(*args)[0].shape, dtype=torch.float64)
+    recorder = RecordBackwardFlags()
+    with recorder:
+        ours = torch.autograd.grad((run(*args)[0] * weight).sum(), leaves)
+    exact = torch.autograd.grad((reference(*args)[0] * weight).sum(), leaves)
+    for a, b in zip(ours, exact):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    assert recorder.flags == [(x_grad, frozen != "all weights")]
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_second_order_gradient_is_an_error_not_zeros(cell):

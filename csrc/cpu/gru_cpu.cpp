@@ -187,14 +187,15 @@ std::tuple<Tensor, Tensor> gru_layer_inference_cpu(const Tensor& x, const Tensor
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cpu(
     const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& y, const Tensor& reserve, const c10::optional<Tensor>& lengths,
-    bool reverse, bool need_grad_x) {
+    bool reverse, bool need_grad_x, bool need_grad_weights) {
+  const WantedGradients wanted{need_grad_x, need_grad_weights};
   const LayerSizes s = check_gru_layer_backward_args(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
   const RecurrentGemm recurrent(w_hh, /*transposed=*/false, s.batch, s.seq_len);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_backward_cpu", [&] {
     return run_gru_layer_backward<scalar_t>(
-        s, grad_y, grad_h_n, x, h0, w_ih, y, reserve, lengths.has_value(), reverse, need_grad_x,
+        s, grad_y, grad_h_n, x, h0, w_ih, y, reserve, lengths.has_value(), reverse, wanted,
         [&](const GruBackwardStep<scalar_t>& step) {
           gru_pointwise_backward<scalar_t>(step, s.hidden_size);
           recurrent.run(step.d_hidden_gates, step.rows, step.dh, /*accumulate=*/true);

@@ -217,7 +217,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const c10::optional<Tensor>& w_hr, const Tensor& y, const Tensor& reserve,
-    const c10::optional<Tensor>& lengths, bool reverse, bool need_grad_x) {
+    const c10::optional<Tensor>& lengths, bool reverse, bool need_grad_x, bool need_grad_weights) {
+  const WantedGradients wanted{need_grad_x, need_grad_weights};
   const LayerSizes s = check_lstm_layer_backward_args(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh,
                                                       w_hr, y, reserve, lengths);
   check_cpu_dtype(x);
@@ -226,13 +227,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
       auto g = begin_lstm_backward<scalar_t>(s, grad_y, grad_h_n, grad_c_n, x, c0, reserve, lengths.has_value());
       stationary::lstm_backward<scalar_t>(s, reverse, g, w_hh);
-      return g.gradients(s, x, h0, w_ih, y, reverse, need_grad_x);
+      return g.gradients(s, x, h0, w_ih, y, reverse, wanted);
     });
   }
   const RecurrentGemm recurrent(w_hh, /*transposed=*/false, s.batch, s.seq_len);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
     return run_lstm_layer_backward<scalar_t, scalar_t>(
-        s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hr, y, reserve, lengths.has_value(), reverse, need_grad_x,
+        s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hr, y, reserve, lengths.has_value(), reverse, wanted,
         [&](const LstmBackwardStep<scalar_t, scalar_t>& step) {
           lstm_pointwise_backward<scalar_t>(step, s, reverse);
           recurrent.run(step.d_gates, step.rows, step.dh_prev, /*accumulate=*/false);

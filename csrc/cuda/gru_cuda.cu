@@ -110,7 +110,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(const Tensor& x, const
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cuda(
     const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& y, const Tensor& reserve, const c10::optional<Tensor>& lengths,
-    bool reverse, bool need_grad_x) {
+    bool reverse, bool need_grad_x, bool need_grad_weights) {
+  const WantedGradients wanted{need_grad_x, need_grad_weights};
   const LayerSizes s = check_gru_layer_backward_args(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths);
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::AutoDispatchBelowADInplaceOrView guard;
@@ -118,7 +119,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cu
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gru_layer_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     return run_gru_layer_backward<scalar_t>(
-        s, grad_y, grad_h_n, x, h0, w_ih, y, reserve, lengths.has_value(), reverse, need_grad_x,
+        s, grad_y, grad_h_n, x, h0, w_ih, y, reserve, lengths.has_value(), reverse, wanted,
         [&](const GruBackwardStep<scalar_t>& step) {
           gru_backward_pointwise_kernel<scalar_t, acc_t>
               <<<pointwise_blocks(step.rows * H), kPointwiseThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(

@@ -119,7 +119,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const c10::optional<Tensor>& w_hr, const Tensor& y, const Tensor& reserve,
-    const c10::optional<Tensor>& lengths, bool reverse, bool need_grad_x) {
+    const c10::optional<Tensor>& lengths, bool reverse, bool need_grad_x, bool need_grad_weights) {
+  const WantedGradients wanted{need_grad_x, need_grad_weights};
   const LayerSizes s = check_lstm_layer_backward_args(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih,
                                                       w_hh, w_hr, y, reserve, lengths);
   const c10::cuda::CUDAGuard device_guard(x.device());
@@ -128,7 +129,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     return run_lstm_layer_backward<scalar_t, acc_t>(
-        s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hr, y, reserve, lengths.has_value(), reverse, need_grad_x,
+        s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hr, y, reserve, lengths.has_value(), reverse, wanted,
         [&](const LstmBackwardStep<scalar_t, acc_t>& step) {
           lstm_backward_pointwise_kernel<scalar_t, acc_t>
               <<<pointwise_blocks(step.rows * s.hidden_size), kPointwiseThreads, 0,
