@@ -58,6 +58,8 @@ def main():
     parser.add_argument("--modes", default="inference,training")
     parser.add_argument("--plain-input", action="store_true",
                         help="train with an input that needs no gradient (data, as in a first layer)")
+    parser.add_argument("--frozen", action="store_true",
+                        help="train with both models' weights frozen (gradients for the input only)")
     args = parser.parse_args()
     is_cell = args.cell.endswith("cell")
     table = CELL_CONFIGS if is_cell else CONFIGS
@@ -71,6 +73,9 @@ def main():
         ours.load_state_dict(ref.state_dict())
         if is_cell:
             ref, ours = CellLoop(ref), CellLoop(ours)
+        if args.frozen:
+            for p in list(ref.parameters()) + list(ours.parameters()):
+                p.requires_grad_(False)
         x = torch.randn(T, B, I)
         x_grad = x.clone().requires_grad_(not args.plain_input)
 
