@@ -69,14 +69,56 @@ struct FastFloatActivations {
   }
 };
 
+#elif defined(CPU_CAPABILITY_AVX2)
+// The same functions for AVX2 builds (8 lanes), where SLEEF's tanh was 8% of an LSTM inference
+// at B=64 H=256. Two differences: 2^n is built from its exponent bits (no vscalefps; n is an
+// integer in [-44, 44], so 2^n is a normal float), and the reciprocal starts from vrcpps's 12 bits,
+// so it takes two Newton steps to reach float precision. A NaN argument gives a NaN (its 2^n is
+// garbage, but p is NaN).
+struct FastFloatActivations {
+  using Vec = at::vec::Vectorized<float>;
+  static __m256 exp_clamped(__m256 x) {
+    x = _mm256_min_ps(_mm256_set1_ps(30.0f), _mm256_max_ps(_mm256_set1_ps(-30.0f), x));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.4286068203094172e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+  }
+  // 1 / (1 + e) for e >= 0.
+  static __m256 one_over_one_plus(__m256 e) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 d = _mm256_add_ps(e, one);
+    __m256 y = _mm256_rcp_ps(d);
+    y = _mm256_fmadd_ps(_mm256_fnmadd_ps(d, y, one), y, y);
+    return _mm256_fmadd_ps(_mm256_fnmadd_ps(d, y, one), y, y);
+  }
+  static Vec sigmoid(const Vec& x) {
+    return Vec(one_over_one_plus(exp_clamped(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+  }
+  static Vec tanh(const Vec& x) {
+    const __m256 s = one_over_one_plus(exp_clamped(_mm256_mul_ps(x, _mm256_set1_ps(-2.0f))));
+    return Vec(_mm256_fmsub_ps(s, _mm256_set1_ps(2.0f), _mm256_set1_ps(1.0f)));
+  }
+};
 #endif
 
-// The activations the CPU cell kernels use for each dtype.
+// The activations the CPU cell kernels use for each dtype: the fast float32 ones where the
+// build's SIMD level has them.
 template <typename scalar_t>
 struct CellActivationsFor {
   using type = VecActivations<scalar_t>;
 };
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 template <>
 struct CellActivationsFor<float> {
   using type = FastFloatActivations;

@@ -41,11 +41,15 @@
 namespace lstm_fused {
 namespace stationary {
 
-// Rows per register tile: MR rows x NV vectors of accumulators, plus NV registers for the panel's
-// vectors, must fit the vector registers with NV = 4 (the four gates): AVX-512 has 32 (6 x 4 + 4 =
-// 28), AVX2 and below 16 (2 x 4 + 4 = 12; only the AVX-512 build has been timed).
+// Rows per register tile, with NV = 4 vectors (the four gates) per row. AVX-512 has 32 registers:
+// 6 x 4 accumulators + 4 panel vectors + a broadcast. AVX2 has 16: 3 x 4 accumulators, and the
+// compiler keeps 3 of the 4 panel vectors in registers and reads the fourth from L1 in each FMA
+// (9 loads per 12 FMAs per k, no spills). 3 rows measured faster than 2 (8 accumulators, just
+// the FMA latency times its throughput, and 10 loads per 8 FMAs): benchmarks/NOTES.md.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kMaxRows = 6;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kMaxRows = 3;
 #else
 constexpr int kMaxRows = 2;
 #endif
