@@ -25,6 +25,21 @@ class _FusedRNNBase(nn.RNNBase):
     """What the LSTM and GRU modules share: input forms, layers, directions and dropout.
     A subclass says how to run one layer and how its state looks."""
 
+    def check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
+        """torch.nn's input checks (same exception types), with the weight dtype read from the
+        module's current first weight: torch.nn reads its _flat_weights cache, which forward no
+        longer refreshes (_layer_weights), so functional_call with weights of another dtype works
+        as it does on nn.LSTM."""
+        weight_dtype = getattr(self, self._flat_weights_names[0]).dtype
+        if input.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(f"{self.mode}: the input is {input.dtype} but the weights are {weight_dtype}; "
+                             f"convert one of them (input.to({weight_dtype}) or module.to({input.dtype}))")
+        dims = 2 if batch_sizes is not None else 3
+        if input.dim() != dims:
+            raise RuntimeError(f"{self.mode}: input must have {dims} dimensions, got {input.dim()}")
+        if input.size(-1) != self.input_size:
+            raise RuntimeError(f"{self.mode}: input has {input.size(-1)} features, expected input_size {self.input_size}")
+
     def flatten_parameters(self) -> None:
         """Does nothing: the fused kernels read the weights where they are (torch.nn flattens
         them into one buffer for cuDNN)."""

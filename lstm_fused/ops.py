@@ -25,7 +25,8 @@ def _cpu_half_in_float32(x: Tensor, *others: Optional[Tensor]) -> Optional[list]
     """torch.nn's RNNs accept float16 and bfloat16 on the CPU; the CPU kernels compute in float32
     or float64. For half-type CPU arguments that all share x's dtype, returns them in float32
     (the caller casts the outputs back; autograd casts the gradients back). Otherwise None: other
-    devices have half kernels, and mixed dtypes are left for the op to refuse."""
+    devices have half kernels, and mixed dtypes are left for the op to refuse. The copies cost a
+    pass over the weights per call, every step for a cell: float32 modules are the fast path."""
     if x.dtype not in _CPU_HALF_TYPES or x.device.type != "cpu":
         return None
     if any(t is not None and t.dtype != x.dtype for t in others):

@@ -3,6 +3,7 @@ the module surface, and torch.compile. PyTorch's own module samples are in test_
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -169,6 +170,26 @@ def test_functional_call_uses_the_given_weights():
     assert torch.equal(out, torch.zeros_like(out)) and torch.equal(c, torch.zeros_like(c))
     out_again, _ = ours(x)
     assert out_again.abs().sum() > 0, "functional_call must not change the module's own weights"
+
+
+
+@pytest.mark.parametrize("torch_class", [nn.LSTM, nn.GRU])
+def test_functional_call_with_weights_of_another_dtype(torch_class):
+    """functional_call with float64 weights on a float32 module runs in float64, as on torch.nn
+    (the dtype check must read the weights given, not a cache of the module's own)."""
+    torch.manual_seed(0)
+    ref = torch_class(3, 5)
+    ours = PAIRS[torch_class](3, 5)
+    ours.load_state_dict(ref.state_dict())
+    weights = {name: p.detach().double() for name, p in ref.named_parameters()}
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    expected = torch.func.functional_call(ref, weights, (x,))
+    got = torch.func.functional_call(ours, weights, (x,))
+    for a, b in zip(tree_flatten(got)[0], tree_flatten(expected)[0]):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError):  # and a float64 input to the float32 module itself is refused
+        ours(x)
 
 
 def test_lstm_cell_float64_with_grads():
@@ -341,7 +362,10 @@ def test_torch_export_keeps_the_fused_ops(module_class):
     give the shapes), and the exported program computes what the module does on new inputs."""
     torch.manual_seed(0)
     model = Forecaster(module_class)
-    program = torch.export.export(model, (torch.randn(4, 6, 3),))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = torch.export.export(model, (torch.randn(4, 6, 3),))
+    assert not [w for w in caught if "_flat_weights" in str(w.message)], "forward must not re-assign module state"
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert any(target.startswith("lstm_fused.") for target in targets), targets
     x = torch.randn(4, 6, 3)

@@ -220,12 +220,15 @@ def test_gradients_through_each_output_alone(cell, bias):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-@pytest.mark.parametrize("frozen", ["all weights", "w_hh only", "none"])
+@pytest.mark.parametrize("bias,proj,use_lengths", [(True, 0, False), (False, 3, True)])
+@pytest.mark.parametrize("trainable", ["none", "all but w_hh", "last only", "all"])
 @pytest.mark.parametrize("x_grad", [True, False])
-def test_backward_skips_only_the_unwanted_gradients(cell, frozen, x_grad):
+def test_backward_skips_only_the_unwanted_gradients(cell, bias, proj, use_lengths, trainable, x_grad):
     """The autograd function asks the backward op for grad_x only when x needs it, and for the
-    weight gradients only when some weight needs one (a frozen layer): the flags it passes are
-    recorded below the autograd layer, and the gradients that are asked for stay exact."""
+    weight gradients only when some weight needs one (a frozen layer). Which inputs count as
+    weights depends on the optional ones given (biases, w_hr, lengths): "last only" trains only
+    the last weight argument (w_hr, b_hh or w_hh). The flags are recorded below the autograd
+    layer, and the gradients asked for stay exact."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class RecordBackwardFlags(TorchDispatchMode):
@@ -242,24 +245,27 @@ def test_backward_skips_only_the_unwanted_gradients(cell, frozen, x_grad):
 
     T, B, I, H = 4, 3, 5, 6
     if cell == "lstm":
-        args = make_layer_args(T, B, I, H, 0, True, "cpu", seed=51)
-        run, reference, w_hh_index = lstm_layer, lstm_layer_reference, 4
+        args = make_layer_args(T, B, I, H, proj, bias, "cpu", seed=51)
+        run, reference, first_weight = lstm_layer, lstm_layer_reference, 3
     else:
-        args = make_gru_args(T, B, I, H, True, "cpu", seed=53)
-        run, reference, w_hh_index = gru_layer, gru_layer_reference, 3
+        args = make_gru_args(T, B, I, H, bias, "cpu", seed=53)
+        run, reference, first_weight = gru_layer, gru_layer_reference, 2
+    lengths = torch.tensor([4, 2, 1]) if use_lengths else None
     args[0].requires_grad_(x_grad)
-    weights = [w for w in args[w_hh_index - 1:] if w is not None]  # w_ih, w_hh, b_ih, b_hh
+    weights = [w for w in args[first_weight:] if w is not None]  # w_ih, w_hh, biases, w_hr as given
     for index, w in enumerate(weights):
-        w.requires_grad_(frozen == "none" or (frozen == "w_hh only" and index != 1))
+        w.requires_grad_({"none": False, "all but w_hh": index != 1, "last only": index == len(weights) - 1,
+                          "all": True}[trainable])
     leaves = [a for a in args if a is not None and a.requires_grad]
-    weight = torch.randn(run(*args)[0].shape, dtype=torch.float64)
+    weight = torch.randn(run(*args, lengths=lengths)[0].shape, dtype=torch.float64)
     recorder = RecordBackwardFlags()
     with recorder:
-        ours = torch.autograd.grad((run(*args)[0] * weight).sum(), leaves)
-    exact = torch.autograd.grad((reference(*args)[0] * weight).sum(), leaves)
+        ours = torch.autograd.grad((run(*args, lengths=lengths)[0] * weight).sum(), leaves)
+    exact = torch.autograd.grad((reference(*args, lengths=lengths)[0] * weight).sum(), leaves)
     for a, b in zip(ours, exact):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
-    assert recorder.flags == [(x_grad, frozen != "all weights")]
+    assert recorder.flags == [(x_grad, trainable != "none")]
+
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_second_order_gradient_is_an_error_not_zeros(cell):
