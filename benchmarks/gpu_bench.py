@@ -1,5 +1,7 @@
 """GPU timings of lstm_fused against torch.nn (cuDNN) on the configs of the CUDA performance issue,
-forward (inference) and forward + backward, timed with CUDA events (median of repeats).
+forward (inference) and forward + backward, timed with CUDA events (median of repeats). The
+"cell" configs step an LSTMCell / GRUCell from a Python loop (T is the number of steps), against
+the torch.nn cell in the same loop.
 
     python benchmarks/gpu_bench.py --json out.json          # on a GPU machine
     python benchmarks/gpu_bench.py --smoke --device cpu     # tiny sizes, to test the script itself
@@ -28,12 +30,37 @@ CONFIGS = {
     "lstm-packed-B64-L10to400-I256-H256-fp32": ("lstm", 64, 400, 256, 256, "fp32", (10, 400)),
     "gru-B64-T100-I512-H512-fp32": ("gru", 64, 100, 512, 512, "fp32", None),
     "gru-B16-T1024-I768-H768-bf16": ("gru", 16, 1024, 768, 768, "bf16", None),
+    "lstmcell-B64-T50-I512-H512-fp32": ("lstmcell", 64, 50, 512, 512, "fp32", None),
+    "grucell-B64-T50-I512-H512-fp32": ("grucell", 64, 50, 512, 512, "fp32", None),
 }
 SMOKE_CONFIGS = {
     "lstm-B4-T8-I8-H16-fp32": ("lstm", 4, 8, 8, 16, "fp32", None),
     "lstm-packed-B6-L2to8-I8-H16-fp32": ("lstm", 6, 8, 8, 16, "fp32", (2, 8)),
     "gru-B4-T8-I8-H16-fp32": ("gru", 4, 8, 8, 16, "fp32", None),
+    "lstmcell-B4-T5-I8-H16-fp32": ("lstmcell", 4, 5, 8, 16, "fp32", None),
 }
+MODULES = {
+    "lstm": (nn.LSTM, lstm_fused.LSTM),
+    "gru": (nn.GRU, lstm_fused.GRU),
+    "lstmcell": (nn.LSTMCell, lstm_fused.LSTMCell),
+    "grucell": (nn.GRUCell, lstm_fused.GRUCell),
+}
+
+
+def cell_loop(cell):
+    """A cell stepped over a time-major input from Python: (outputs [T, B, H], last state)."""
+    is_lstm = isinstance(cell, (nn.LSTMCell, lstm_fused.LSTMCell))
+
+    def run(x):
+        h = x.new_zeros(x.size(1), cell.hidden_size)
+        state = (h, h) if is_lstm else h
+        outputs = []
+        for x_t in x:
+            state = cell(x_t, state)
+            outputs.append(state[0] if is_lstm else state)
+        return torch.stack(outputs), state
+
+    return run
 
 
 def timer(device):
@@ -69,10 +96,11 @@ def bench_config(name, spec, device, measure):
     cell, B, T, I, H, dtype_name, packed = spec
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
-    torch_class, our_class = (nn.LSTM, lstm_fused.LSTM) if cell == "lstm" else (nn.GRU, lstm_fused.GRU)
+    torch_class, our_class = MODULES[cell]
     ref = torch_class(I, H).to(device, dtype)
     ours = our_class(I, H).to(device, dtype)
     ours.load_state_dict(ref.state_dict())
+    call = cell_loop if cell.endswith("cell") else (lambda model: model)
     x = torch.randn(T, B, I, device=device, dtype=dtype)
     if packed is not None:
         lengths = torch.randint(packed[0], packed[1] + 1, (B,), generator=torch.Generator().manual_seed(0))
@@ -84,13 +112,13 @@ def bench_config(name, spec, device, measure):
     def forward(model):
         def run():
             with torch.no_grad():
-                model(make_input())
+                call(model)(make_input())
         return run
 
     def forward_backward(model):
         def run():
             inp = make_input()
-            out, _ = model(inp)
+            out, _ = call(model)(inp)
             data = out.data if packed is not None else out
             data.float().sum().backward()
         return run
@@ -107,7 +135,7 @@ def bench_config(name, spec, device, measure):
             result["ours_per_step_fwd_ms"] = measure(forward(ours))
         finally:
             del os.environ["LSTM_FUSED_PERSISTENT"]
-    gates = 4 if cell == "lstm" else 3
+    gates = 4 if cell.startswith("lstm") else 3
     steps = T if packed is None else float(lengths.float().mean())  # packed: the real work only
     flops = lstm_flops(B, steps, I, H, gates)
     result["ours_fwd_tflops"] = flops / (result["ours_fwd_ms"] * 1e-3) / 1e12
