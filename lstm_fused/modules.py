@@ -18,6 +18,13 @@ from .ops import gru_layer, lstm_layer
 
 __all__ = ["LSTM", "LSTMCell", "GRU", "GRUCell"]
 
+
+def _any_autocast_enabled() -> bool:
+    """Whether autocast is on for any device (torch.nn's RNN input check skips the dtype test
+    then); torch's own helper where this torch has it."""
+    check = getattr(torch._C, "_is_any_autocast_enabled", None)
+    return check() if check is not None else any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+
 States = Tuple[Tensor, ...]  # (h, c) for an LSTM, (h,) for a GRU; each [layers * directions, B, *]
 
 
@@ -31,7 +38,7 @@ class _FusedRNNBase(nn.RNNBase):
         longer refreshes (_layer_weights), so functional_call with weights of another dtype works
         as it does on nn.LSTM."""
         weight_dtype = getattr(self, self._flat_weights_names[0]).dtype
-        if input.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
+        if input.dtype != weight_dtype and not _any_autocast_enabled():
             raise ValueError(f"{self.mode}: the input is {input.dtype} but the weights are {weight_dtype}; "
                              f"convert one of them (input.to({weight_dtype}) or module.to({input.dtype}))")
         dims = 2 if batch_sizes is not None else 3
