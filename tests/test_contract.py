@@ -371,6 +371,19 @@ def test_torch_export_keeps_the_fused_ops(module_class):
     x = torch.randn(4, 6, 3)
     torch.testing.assert_close(program.module()(x), model(x))
 
+
+@pytest.mark.parametrize("module_class", [lstm_fused.LSTM, lstm_fused.GRU])
+def test_torch_jit_trace_matches_eager(module_class):
+    """torch.jit.trace records the fused ops (torch.jit.script is not supported: README)."""
+    torch.manual_seed(0)
+    model = Forecaster(module_class)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python values it treats as constants
+        traced = torch.jit.trace(model, torch.randn(4, 6, 3), check_trace=False)
+    assert "lstm_fused::" in str(traced.inlined_graph)
+    x = torch.randn(4, 6, 3)
+    torch.testing.assert_close(traced(x), model(x))
+
 def test_nn_lstm_itself_graph_breaks():
     """Why the modules subclass RNNBase: fullgraph tracing refuses nn.LSTM."""
     model = Forecaster(nn.LSTM)
