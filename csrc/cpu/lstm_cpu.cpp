@@ -91,7 +91,6 @@ void lstm_pointwise_backward(const LstmBackwardStep<scalar_t, scalar_t>& step, c
 // (is_single_full_step). Both products go straight into the gates buffer, and one pointwise pass
 // writes h into y and h_n and c into c_n (and, for training, into the reserve, whose gates part
 // is the gates buffer).
-
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_single_step(const LayerSizes& s, const Tensor& x, const Tensor& h0,
                                                             const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
@@ -189,13 +188,12 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_inference_cpu(
   init_hidden_buffers(h_buffers, h0);
   Tensor c = c0.contiguous().clone();
   const Tensor bias = s.has_bias ? (*b_ih + *b_hh).contiguous() : Tensor();
-  Tensor cells = at::empty({B, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_inference_cpu", [&] {
     scalar_t* h_ptr[2] = {h_buffers[0].data_ptr<scalar_t>(), h_buffers[1].data_ptr<scalar_t>()};
     LstmForwardStep<scalar_t, scalar_t> fs;
     fs.bias = s.has_bias ? bias.data_ptr<scalar_t>() : nullptr;
     fs.c_state = c.data_ptr<scalar_t>();
-    fs.cells = cells.data_ptr<scalar_t>();
+    fs.cells = fs.c_state;  // no reserve to fill: the pointwise pass's copy of c_t lands on itself
     for_each_projected_segment(s, x, w_ih, reverse, [&](int64_t first, int64_t end, int64_t t_low, const Tensor& proj) {
       scalar_t* projection = proj.data_ptr<scalar_t>();
       for_each_active_step(s, reverse, [&](int64_t index, int64_t t, int64_t rows) {
