@@ -89,18 +89,15 @@ inline void gemm_tile(const scalar_t* a, int64_t lda, const scalar_t* b, int64_t
   }
 }
 
-// gemm_tile with the tile's row count (1..kMaxRows) chosen at run time.
-template <typename scalar_t, int NV>
+// gemm_tile with the tile's row count (1..kMaxRows) chosen at run time; only the row counts this
+// build's tiles can have are instantiated.
+template <typename scalar_t, int NV, int MR = kMaxRows>
 inline void gemm_rows(int rows, const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldk, int64_t ldv,
                       int64_t K, scalar_t* c, int64_t ldc, bool accumulate) {
-  switch (rows) {
-    case 1: return gemm_tile<scalar_t, 1, NV>(a, lda, b, ldk, ldv, K, c, ldc, accumulate);
-    case 2: return gemm_tile<scalar_t, 2, NV>(a, lda, b, ldk, ldv, K, c, ldc, accumulate);
-    case 3: return gemm_tile<scalar_t, 3, NV>(a, lda, b, ldk, ldv, K, c, ldc, accumulate);
-    case 4: return gemm_tile<scalar_t, 4, NV>(a, lda, b, ldk, ldv, K, c, ldc, accumulate);
-    case 5: return gemm_tile<scalar_t, 5, NV>(a, lda, b, ldk, ldv, K, c, ldc, accumulate);
-    default: return gemm_tile<scalar_t, 6, NV>(a, lda, b, ldk, ldv, K, c, ldc, accumulate);
+  if constexpr (MR > 1) {
+    if (rows < MR) return gemm_rows<scalar_t, NV, MR - 1>(rows, a, lda, b, ldk, ldv, K, c, ldc, accumulate);
   }
+  gemm_tile<scalar_t, MR, NV>(a, lda, b, ldk, ldv, K, c, ldc, accumulate);
 }
 
 // Splits `rows` into the fewest tiles of at most kMaxRows rows, of sizes that differ by at most one
