@@ -10,13 +10,28 @@
 // The reserve is not an output of the autograd functions: it leaves through a pointer argument.
 // Marking it non-differentiable instead would work in eager mode, but compiled autograd
 // (torch._dynamo.compiled_autograd) refuses C++ functions with non-differentiable outputs.
+//
+// Two things the fused kernels cannot do go through the same math in differentiable ATen ops
+// (csrc/composite_layers.cpp):
+// - a backward that must itself be differentiable (create_graph=True: gradient penalties,
+//   Hessian-vector products, torch.autograd.gradgradcheck) recomputes the layer's forward in
+//   those ops and differentiates it with create_graph, so that the gradients it returns carry a
+//   graph back to the layer's inputs and weights;
+// - torch.func's grad transforms (grad, vjp, jacrev, hessian), which refuse C++ autograd
+//   functions, and forward-mode AD (torch.autograd.forward_ad, torch.func.jvp and jacfwd), which
+//   C++ autograd functions do not support, run the layer's forward in those ops instead of the
+//   fused kernel.
 #include <ATen/ATen.h>
+#include <ATen/FuncTorchTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
+
+#include "composite_layers.h"
 
 namespace lstm_fused {
 namespace {
@@ -63,6 +78,56 @@ bool any_wanted(AutogradContext* ctx, size_t first, size_t count) {
   return false;
 }
 
+// Whether a torch.func transform that refuses C++ autograd functions is active (functorch's own
+// check, which Function::apply makes and turns into an error).
+bool cpp_autograd_function_refused() {
+  const auto& functorch_tls = at::functorch::functorchTLSAccessor();
+  if (!functorch_tls) return false;
+  try {
+    functorch_tls->checkSupportsCppAutogradFunction();
+    return false;
+  } catch (const c10::Error&) {
+    return true;
+  }
+}
+
+// Whether forward-mode AD carries a tangent on any of the tensors (torch.autograd.forward_ad, and
+// torch.func's jvp and jacfwd, which C++ autograd functions do not support: eager forward AD
+// raises, and functorch's jvp silently dropped the tangent through them).
+bool any_tangent(std::initializer_list<const Tensor*> tensors) {
+  for (const Tensor* t : tensors) {
+    if (t->defined() && t->_fw_grad(/*level=*/0).defined()) return true;
+  }
+  return false;
+}
+
+// The gradients, with a graph of their own, of the recomputed `outputs` weighted by `grads`
+// (undefined: that output took no part) with respect to each of `inputs` that requires grad;
+// undefined for the others. For a backward run with create_graph=True.
+variable_list differentiable_gradients(const variable_list& outputs, const variable_list& grads,
+                                       const variable_list& inputs) {
+  variable_list differentiated, weights, wanted;
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    if (grads[i].defined() && outputs[i].requires_grad()) {
+      differentiated.push_back(outputs[i]);
+      weights.push_back(grads[i]);
+    }
+  }
+  std::vector<size_t> slots;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (inputs[i].defined() && inputs[i].requires_grad()) {
+      wanted.push_back(inputs[i]);
+      slots.push_back(i);
+    }
+  }
+  variable_list result(inputs.size());
+  if (differentiated.empty() || wanted.empty()) return result;
+  const variable_list found = torch::autograd::grad(differentiated, wanted, weights, /*retain_graph=*/true,
+                                                    /*create_graph=*/true, /*allow_unused=*/true);
+  for (size_t k = 0; k < slots.size(); ++k) result[slots[k]] = found[k];
+  return result;
+}
+
 class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
@@ -72,7 +137,8 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     static const auto forward_op = op<LstmForwardSig>("lstm_fused::lstm_layer_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, h_n, c_n, reserve] = forward_op.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse);
-    ctx->save_for_backward({x, h0, c0, w_ih, w_hh, or_undefined(w_hr), or_undefined(lengths), y, reserve});
+    ctx->save_for_backward({x, h0, c0, w_ih, w_hh, or_undefined(w_hr), or_undefined(lengths), y, reserve,
+                            or_undefined(b_ih), or_undefined(b_hh)});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["has_bias"] = b_ih.has_value() && b_ih->defined();
     ctx->set_materialize_grads(false);
@@ -86,13 +152,20 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     const Tensor &x = saved[0], &h0 = saved[1], &c0 = saved[2], &w_ih = saved[3], &w_hh = saved[4];
     const Tensor &w_hr = saved[5], &lengths = saved[6], &y = saved[7], &reserve = saved[8];
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool reverse = ctx->saved_data["reverse"].toBool();
+    if (at::GradMode::is_enabled()) {  // create_graph=True: the engine runs backward with grad mode on
+      const Tensor &b_ih = saved[9], &b_hh = saved[10];
+      auto [y_again, h_n, c_n] = lstm_layer_composite(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse);
+      variable_list g = differentiable_gradients({y_again, h_n, c_n}, grads, {x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr});
+      return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], Tensor(), Tensor(), Tensor()};
+    }
     // Inputs 0-2 are x, h0, c0; then w_ih, w_hh, the biases and w_hr where given.
     const bool want_x = ctx->needs_input_grad(0);
     const bool want_weights = any_wanted(ctx, 3, 2 + (has_bias ? 2 : 0) + (w_hr.defined() ? 1 : 0));
     auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
         backward_op.call(or_zeros(grads[0], y), or_zeros(grads[1], h0), or_zeros(grads[2], c0), x, h0, c0, w_ih,
-                         w_hh, as_optional(w_hr), y, reserve, as_optional(lengths),
-                         ctx->saved_data["reverse"].toBool(), want_x, want_weights);
+                         w_hh, as_optional(w_hr), y, reserve, as_optional(lengths), reverse, want_x,
+                         want_weights);
     if (!want_x) grad_x = Tensor();
     if (!want_weights) grad_w_ih = grad_w_hh = grad_bias = grad_w_hr = Tensor();
     const Tensor grad_b = has_bias ? grad_bias : Tensor();
@@ -109,7 +182,7 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
     static const auto forward_op = op<GruForwardSig>("lstm_fused::gru_layer_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, h_n, reserve] = forward_op.call(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
-    ctx->save_for_backward({x, h0, w_ih, w_hh, or_undefined(lengths), y, reserve});
+    ctx->save_for_backward({x, h0, w_ih, w_hh, or_undefined(lengths), y, reserve, or_undefined(b_ih), or_undefined(b_hh)});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["has_bias"] = b_ih.has_value() && b_ih->defined();
     ctx->set_materialize_grads(false);
@@ -125,11 +198,18 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
     // b_ih and b_hh are both given or both absent (the op checks it); an absent argument gets
     // an undefined gradient. Inputs 0-1 are x, h0; then w_ih, w_hh and the biases where given.
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool reverse = ctx->saved_data["reverse"].toBool();
+    if (at::GradMode::is_enabled()) {  // create_graph=True, as for the LSTM
+      const Tensor &b_ih = saved[7], &b_hh = saved[8];
+      auto [y_again, h_n] = gru_layer_composite(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
+      variable_list g = differentiable_gradients({y_again, h_n}, grads, {x, h0, w_ih, w_hh, b_ih, b_hh});
+      return {g[0], g[1], g[2], g[3], g[4], g[5], Tensor(), Tensor(), Tensor()};
+    }
     const bool want_x = ctx->needs_input_grad(0);
     const bool want_weights = any_wanted(ctx, 2, 2 + (has_bias ? 2 : 0));
     auto [grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
         backward_op.call(or_zeros(grads[0], y), or_zeros(grads[1], h0), x, h0, w_ih, w_hh, y, reserve,
-                         as_optional(lengths), ctx->saved_data["reverse"].toBool(), want_x, want_weights);
+                         as_optional(lengths), reverse, want_x, want_weights);
     if (!want_x) grad_x = Tensor();
     if (!want_weights) grad_w_ih = grad_w_hh = grad_b_ih = grad_b_hh = Tensor();
     return {grad_x,
@@ -148,6 +228,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_autograd(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
     const optional<Tensor>& lengths, bool reverse) {
+  const Tensor bias_ih = or_undefined(b_ih), bias_hh = or_undefined(b_hh), proj = or_undefined(w_hr);
+  if (cpp_autograd_function_refused() || any_tangent({&x, &h0, &c0, &w_ih, &w_hh, &bias_ih, &bias_hh, &proj})) {
+    auto [y, h_n, c_n] =
+        lstm_layer_composite(x, h0, c0, w_ih, w_hh, bias_ih, bias_hh, proj, or_undefined(lengths), reverse);
+    return {y, h_n, c_n, x.new_empty({0})};  // no reserve: autograd differentiates the ATen ops
+  }
   Tensor reserve;
   const variable_list out =
       LstmLayerFunction::apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, &reserve);
@@ -158,6 +244,11 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_autograd(const Tensor& x, c
                                                               const Tensor& w_hh, const optional<Tensor>& b_ih,
                                                               const optional<Tensor>& b_hh,
                                                               const optional<Tensor>& lengths, bool reverse) {
+  const Tensor bias_ih = or_undefined(b_ih), bias_hh = or_undefined(b_hh);
+  if (cpp_autograd_function_refused() || any_tangent({&x, &h0, &w_ih, &w_hh, &bias_ih, &bias_hh})) {
+    auto [y, h_n] = gru_layer_composite(x, h0, w_ih, w_hh, bias_ih, bias_hh, or_undefined(lengths), reverse);
+    return {y, h_n, x.new_empty({0})};
+  }
   Tensor reserve;
   const variable_list out = GruLayerFunction::apply(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, &reserve);
   return {out[0], out[1], reserve};
@@ -169,9 +260,10 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_autograd(const Tensor& x, c
 TORCH_LIBRARY_IMPL(lstm_fused, Autograd, m) {
   m.impl("lstm_layer_forward", &lstm_fused::lstm_layer_forward_autograd);
   m.impl("gru_layer_forward", &lstm_fused::gru_layer_forward_autograd);
-  // The backward ops are not differentiable (no double backward). Without a kernel here autograd
-  // would warn and treat them as constants, so that a second-order gradient came out as silent
-  // zeros; this fallback makes reaching them an error ("derivative ... is not implemented").
+  // The backward ops are not differentiable: the autograd functions above do not call them when
+  // the backward must be differentiable. Called directly under create_graph, they would be treated
+  // as constants, with a warning, and a second-order gradient would come out as silent zeros; this
+  // fallback makes that an error ("derivative ... is not implemented").
   m.impl("lstm_layer_backward", torch::autograd::autogradNotImplementedFallback());
   m.impl("gru_layer_backward", torch::autograd::autogradNotImplementedFallback());
 }

@@ -9,12 +9,18 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 _forward = torch.ops.lstm_fused.lstm_layer_forward
 _inference = torch.ops.lstm_fused.lstm_layer_inference
 
 
 def _needs_grad(*tensors) -> bool:
+    """Whether the forward op (with its autograd) must run rather than the inference op: some
+    argument requires grad, or forward-mode AD is active (a dual level is open; grad mode does not
+    switch it off, and csrc/autograd.cpp gives tangents their own path)."""
+    if forward_ad._current_level >= 0:
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

@@ -267,21 +267,60 @@ def test_backward_skips_only_the_unwanted_gradients(cell, bias, proj, use_length
     assert recorder.flags == [(x_grad, trainable != "none")]
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_second_order_gradient_is_an_error_not_zeros(cell):
-    """The backward kernels are not differentiable. A first-order gradient with create_graph=True
-    still works; differentiating it again must raise, not return zeros."""
+@pytest.mark.parametrize("cell,proj,bias,use_lengths,reverse", [
+    ("lstm", 0, True, False, False), ("lstm", 2, True, True, True), ("lstm", 0, False, True, False),
+    ("gru", 0, True, False, True), ("gru", 0, False, True, False),
+])
+def test_gradgradcheck(device, cell, proj, bias, use_lengths, reverse):
+    """Second-order gradients: a backward run with create_graph=True recomputes the layer in
+    differentiable ATen ops (csrc/composite_layers.cpp) and differentiates that."""
+    T, B, I, H = 4, 3, 2, 3
     if cell == "lstm":
-        args = make_layer_args(3, 2, 4, 5, 0, True, "cpu", seed=41)
-        run = lstm_layer
+        args, layer = make_layer_args(T, B, I, H, proj, bias, device, seed=47), lstm_layer
     else:
-        args = make_gru_args(3, 2, 4, 5, True, "cpu", seed=43)
-        run = gru_layer
-    grad_x, = torch.autograd.grad(run(*args)[0].pow(2).sum(), args[0], create_graph=True)
-    first_order, = torch.autograd.grad(run(*args)[0].pow(2).sum(), args[0])
-    torch.testing.assert_close(grad_x, first_order, rtol=0, atol=0)
+        args, layer = make_gru_args(T, B, I, H, bias, device, seed=53), gru_layer
+    lengths = torch.tensor([4, 2, 1]) if use_lengths else None
+    leaves = tuple(a for a in args if a is not None)
+
+    def fn(*tensors):
+        it = iter(tensors)
+        return layer(*[next(it) if a is not None else None for a in args], lengths=lengths, reverse=reverse)
+
+    assert torch.autograd.gradgradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_create_graph_gives_the_fused_first_order_gradient(cell):
+    """create_graph=True takes the differentiable path; its first-order gradients are those of the
+    fused backward, and differentiating them again matches the float64 reference's."""
+    if cell == "lstm":
+        args, run, reference = make_layer_args(5, 3, 4, 6, 0, True, "cpu", seed=41), lstm_layer, lstm_layer_reference
+    else:
+        args, run, reference = make_gru_args(5, 3, 4, 6, True, "cpu", seed=43), gru_layer, gru_layer_reference
+    lengths = torch.tensor([5, 3, 2])
+    leaves = [a for a in args if a is not None]
+    first_order = torch.autograd.grad(run(*args, lengths=lengths)[0].pow(2).sum(), leaves)
+    with_graph = torch.autograd.grad(run(*args, lengths=lengths)[0].pow(2).sum(), leaves, create_graph=True)
+    exact = torch.autograd.grad(reference(*args, lengths=lengths)[0].pow(2).sum(), leaves, create_graph=True)
+    for a, b in zip(with_graph, first_order):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    penalty = sum(g.pow(2).sum() for g in with_graph)
+    exact_penalty = sum(g.pow(2).sum() for g in exact)
+    for a, b in zip(torch.autograd.grad(penalty, leaves), torch.autograd.grad(exact_penalty, leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_backward_op_called_directly_is_not_differentiable():
+    """The backward kernels are not differentiable: differentiating their outputs must raise, not
+    treat them as constants (which would give silent zeros)."""
+    args = make_layer_args(3, 2, 4, 5, 0, True, "cpu", requires_grad=False, seed=41)
+    y, h_n, c_n, reserve = torch.ops.lstm_fused.lstm_layer_forward(*args, None, False)
+    grad_y = torch.randn_like(y, requires_grad=True)
+    x, h0, c0, w_ih, w_hh = args[:5]
+    grads = torch.ops.lstm_fused.lstm_layer_backward(grad_y, torch.zeros_like(h_n), torch.zeros_like(c_n), x, h0,
+                                                     c0, w_ih, w_hh, None, y, reserve, None, False)
     with pytest.raises(RuntimeError, match="not implemented"):
-        torch.autograd.grad(grad_x.sum(), args[3])
+        torch.autograd.grad(grads[3].sum(), grad_y)
 
 
 def _relative_error(a, b):
