@@ -24,6 +24,7 @@
 #include <ATen/ATen.h>
 #include <ATen/FuncTorchTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
@@ -32,6 +33,7 @@
 #include <vector>
 
 #include "composite_layers.h"
+#include "layer_args.h"
 
 namespace lstm_fused {
 namespace {
@@ -91,6 +93,12 @@ bool cpp_autograd_function_refused() {
   }
 }
 
+// lengths where its values can be read for checking; under functorch it arrives wrapped, without
+// storage, and is then left to the composite's ATen ops.
+optional<Tensor> readable(const optional<Tensor>& lengths) {
+  return lengths.has_value() && lengths->defined() && lengths->has_storage() ? lengths : c10::nullopt;
+}
+
 // Whether forward-mode AD carries a tangent on any of the tensors (torch.autograd.forward_ad, and
 // torch.func's jvp and jacfwd, which C++ autograd functions do not support: eager forward AD
 // raises, and functorch's jvp silently dropped the tangent through them).
@@ -101,23 +109,38 @@ bool any_tangent(std::initializer_list<const Tensor*> tensors) {
   return false;
 }
 
-// The gradients, with a graph of their own, of the recomputed `outputs` weighted by `grads`
-// (undefined: that output took no part) with respect to each of `inputs` that requires grad;
-// undefined for the others. For a backward run with create_graph=True.
-variable_list differentiable_gradients(const variable_list& outputs, const variable_list& grads,
-                                       const variable_list& inputs) {
-  variable_list differentiated, weights, wanted;
+// A backward that must itself be differentiable (create_graph=True): recomputes the layer from
+// `inputs` (its saved tensor arguments in order, undefined for absent optional ones) with
+// `recompute`, in differentiable ATen ops, and returns the gradients of the recomputed outputs
+// weighted by `grads` (undefined: that output took no part), with their graph, for the inputs
+// autograd wants; undefined for the others.
+// The recomputation runs on aliases of the wanted inputs, and the gradients are taken with respect
+// to those: taken with respect to the saved tensors themselves they would be total derivatives,
+// including the paths through each other's history (in a cell loop h0 is the previous step's h,
+// made from the same weights), which the engine then propagates a second time. Autocast is off
+// for both, as for the fused ops (it would otherwise follow the backward caller's autocast state).
+template <typename Recompute>
+variable_list differentiable_gradients(AutogradContext* ctx, const variable_list& grads, const variable_list& inputs,
+                                       const Recompute& recompute) {
+  variable_list aliases(inputs.size()), wanted;
+  std::vector<size_t> slots;
+  size_t edge = 0;  // needs_input_grad counts tensor arguments, absent optional ones skipped
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (!inputs[i].defined()) continue;
+    const bool want = ctx->needs_input_grad(edge++) && inputs[i].requires_grad();
+    aliases[i] = want ? inputs[i].view_as(inputs[i]) : inputs[i];
+    if (want) {
+      wanted.push_back(aliases[i]);
+      slots.push_back(i);
+    }
+  }
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const variable_list outputs = recompute(aliases);
+  variable_list differentiated, weights;
   for (size_t i = 0; i < outputs.size(); ++i) {
     if (grads[i].defined() && outputs[i].requires_grad()) {
       differentiated.push_back(outputs[i]);
       weights.push_back(grads[i]);
-    }
-  }
-  std::vector<size_t> slots;
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    if (inputs[i].defined() && inputs[i].requires_grad()) {
-      wanted.push_back(inputs[i]);
-      slots.push_back(i);
     }
   }
   variable_list result(inputs.size());
@@ -154,9 +177,12 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool reverse = ctx->saved_data["reverse"].toBool();
     if (at::GradMode::is_enabled()) {  // create_graph=True: the engine runs backward with grad mode on
-      const Tensor &b_ih = saved[9], &b_hh = saved[10];
-      auto [y_again, h_n, c_n] = lstm_layer_composite(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse);
-      variable_list g = differentiable_gradients({y_again, h_n, c_n}, grads, {x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr});
+      const variable_list g = differentiable_gradients(
+          ctx, grads, {x, h0, c0, w_ih, w_hh, saved[9], saved[10], w_hr}, [&](const variable_list& a) {
+            auto [y_again, h_n, c_n] = lstm_layer_composite(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], lengths,
+                                                            reverse);
+            return variable_list{y_again, h_n, c_n};
+          });
       return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], Tensor(), Tensor(), Tensor()};
     }
     // Inputs 0-2 are x, h0, c0; then w_ih, w_hh, the biases and w_hr where given.
@@ -182,7 +208,12 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
     static const auto forward_op = op<GruForwardSig>("lstm_fused::gru_layer_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, h_n, reserve] = forward_op.call(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
-    ctx->save_for_backward({x, h0, w_ih, w_hh, or_undefined(lengths), y, reserve, or_undefined(b_ih), or_undefined(b_hh)});
+    ctx->save_for_backward({x, h0, w_ih, w_hh, or_undefined(lengths), y, reserve});
+    // The biases only for a differentiable backward, which recomputes the layer. Not saved as
+    // variables: the GRU's gradients do not depend on them, and nn.GRU does not refuse a bias
+    // changed in place before backward.
+    ctx->saved_data["b_ih"] = or_undefined(b_ih);
+    ctx->saved_data["b_hh"] = or_undefined(b_hh);
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["has_bias"] = b_ih.has_value() && b_ih->defined();
     ctx->set_materialize_grads(false);
@@ -200,9 +231,12 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool reverse = ctx->saved_data["reverse"].toBool();
     if (at::GradMode::is_enabled()) {  // create_graph=True, as for the LSTM
-      const Tensor &b_ih = saved[7], &b_hh = saved[8];
-      auto [y_again, h_n] = gru_layer_composite(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
-      variable_list g = differentiable_gradients({y_again, h_n}, grads, {x, h0, w_ih, w_hh, b_ih, b_hh});
+      const Tensor b_ih = ctx->saved_data["b_ih"].toTensor(), b_hh = ctx->saved_data["b_hh"].toTensor();
+      const variable_list g =
+          differentiable_gradients(ctx, grads, {x, h0, w_ih, w_hh, b_ih, b_hh}, [&](const variable_list& a) {
+            auto [y_again, h_n] = gru_layer_composite(a[0], a[1], a[2], a[3], a[4], a[5], lengths, reverse);
+            return variable_list{y_again, h_n};
+          });
       return {g[0], g[1], g[2], g[3], g[4], g[5], Tensor(), Tensor(), Tensor()};
     }
     const bool want_x = ctx->needs_input_grad(0);
@@ -230,6 +264,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_autograd(
     const optional<Tensor>& lengths, bool reverse) {
   const Tensor bias_ih = or_undefined(b_ih), bias_hh = or_undefined(b_hh), proj = or_undefined(w_hr);
   if (cpp_autograd_function_refused() || any_tangent({&x, &h0, &c0, &w_ih, &w_hh, &bias_ih, &bias_hh, &proj})) {
+    check_lstm_layer_forward_args(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, readable(lengths));  // as the kernels do
     auto [y, h_n, c_n] =
         lstm_layer_composite(x, h0, c0, w_ih, w_hh, bias_ih, bias_hh, proj, or_undefined(lengths), reverse);
     return {y, h_n, c_n, x.new_empty({0})};  // no reserve: autograd differentiates the ATen ops
@@ -246,6 +281,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_autograd(const Tensor& x, c
                                                               const optional<Tensor>& lengths, bool reverse) {
   const Tensor bias_ih = or_undefined(b_ih), bias_hh = or_undefined(b_hh);
   if (cpp_autograd_function_refused() || any_tangent({&x, &h0, &w_ih, &w_hh, &bias_ih, &bias_hh})) {
+    check_gru_layer_forward_args(x, h0, w_ih, w_hh, b_ih, b_hh, readable(lengths));
     auto [y, h_n] = gru_layer_composite(x, h0, w_ih, w_hh, bias_ih, bias_hh, or_undefined(lengths), reverse);
     return {y, h_n, x.new_empty({0})};
   }

@@ -477,9 +477,12 @@ def test_torch_func_hessian_and_vmap_match_torch_nn(torch_class):
     h_ours, h_ref = (hessian(lambda v, m=m: m(v)[0].sin().sum())(x) for m in (ours, ref))
     torch.testing.assert_close(h_ours, h_ref, rtol=1e-9, atol=1e-12)
     batch = torch.randn(4, 3, 2, 2, dtype=torch.float64)  # vmap over a leading dimension
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.autograd.profiler.profile() as profile:
         warnings.simplefilter("ignore")  # functorch's note that the ops have no batching rule of their own
         mapped = vmap(lambda v: ours(v)[0])(batch)
+    names = {event.name for event in profile.function_events}
+    assert "lstm_fused::lstm_layer_forward" in names or "lstm_fused::gru_layer_forward" in names, names
+    assert "aten::sigmoid" not in names, "vmap alone must not take the composite path"
     # torch.nn's RNNs have no vmap support at all ("Batching rule not implemented"): a loop instead
     torch.testing.assert_close(mapped, torch.stack([ref(v)[0] for v in batch]), rtol=1e-9, atol=1e-12)
 
@@ -505,3 +508,70 @@ def test_forward_mode_ad_matches_torch_nn(torch_class, kwargs):
             results.append(fwAD.unpack_dual(_first_output(module, fwAD.make_dual(x, tangent))).tangent)
     assert results[0] is not None
     torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("torch_class", [nn.LSTMCell, nn.GRUCell])
+def test_gradient_penalty_through_a_cell_loop_matches_torch_nn(torch_class):
+    """Several steps of a cell share its weights and carry the state: the differentiable backward
+    must count each path once (differentiating with respect to the saved tensors themselves would
+    count the paths through the earlier steps again). h0 is also c0 in the LSTM's first step."""
+    ours, ref = _module_pair(torch_class, input_size=3, hidden_size=4)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    h0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    results = []
+    for module in (ours, ref):
+        state = (h0, h0) if torch_class is nn.LSTMCell else h0
+        for step in x:
+            state = module(step, state)
+        h = state[0] if isinstance(state, tuple) else state
+        leaves = [h0] + list(module.parameters())
+        grads = torch.autograd.grad(h.pow(2).sum(), leaves, create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in grads)
+        results.append(list(grads) + list(torch.autograd.grad(penalty, leaves)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_create_graph_under_autocast_computes_in_the_arguments_dtype():
+    """The recomputation of a differentiable backward runs without autocast, as the fused ops do,
+    wherever backward is called from."""
+    torch.manual_seed(0)
+    model = lstm_fused.LSTM(3, 4)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x)[0].float().pow(2).sum()
+        inside, = torch.autograd.grad(loss, x, create_graph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x)[0].float().pow(2).sum()
+    fused, = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(inside, fused, rtol=1e-5, atol=1e-6)
+
+
+def test_gru_bias_changed_in_place_before_backward_is_accepted_like_nn_gru():
+    ours, ref = _module_pair(nn.GRU, input_size=3, hidden_size=4)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    for module in (ours, ref):
+        loss = module(x)[0].sum()
+        with torch.no_grad():
+            module.bias_hh_l0.add_(1.0)
+        loss.backward()  # nn.GRU's backward does not read the biases: no version-counter error
+
+
+def test_grad_of_vmap_matches_a_loop():
+    """grad over a vmapped model (the batched tensors inside vmap report requires_grad False: the
+    forward op must still be chosen)."""
+    from torch.func import functional_call, grad, vmap
+
+    ours, ref = _module_pair(nn.LSTM, input_size=3, hidden_size=4)
+    params = {name: p.detach() for name, p in ref.named_parameters()}
+    batch = torch.randn(3, 5, 1, 3, dtype=torch.float64)
+
+    def loss(module):
+        def f(p):
+            return vmap(lambda v: functional_call(module, p, (v,))[0])(batch).pow(2).sum()
+        return f
+
+    got = grad(loss(ours))(params)
+    expected = torch.autograd.grad(sum(ref(v)[0].pow(2).sum() for v in batch), list(ref.parameters()))
+    for (name, g), e in zip(got.items(), expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
