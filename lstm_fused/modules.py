@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .ops import gru_layer, lstm_layer
+from .ops import gru_layer, lstm_layer, side_by_side_possible
 
 
 __all__ = ["LSTM", "LSTMCell", "GRU", "GRUCell"]
@@ -59,6 +59,14 @@ class _FusedRNNBase(nn.RNNBase):
                    reverse: bool) -> Tuple[Tensor, States]:
         raise NotImplementedError
 
+    def _op_weights(self, weights: List[Tensor]) -> List[Optional[Tensor]]:
+        """A layer's weights as its op takes them, None for those the module does not have."""
+        raise NotImplementedError
+
+    # The op running both directions of a layer (csrc/directions.cpp): (x, states of both
+    # directions, op weights of each, lengths) -> the outputs and final states of each.
+    _bidirectional_op = None
+
     def _as_states(self, hx) -> States:
         raise NotImplementedError
 
@@ -83,7 +91,16 @@ class _FusedRNNBase(nn.RNNBase):
         layer_input = x
         for layer in range(self.num_layers):
             outputs = []
-            for direction in range(num_directions):
+            if num_directions == 2 and side_by_side_possible(layer_input):
+                states = [s[2 * layer + direction] for direction in (0, 1) for s in hx]
+                weights = [self._op_weights([w.to(x.dtype) for w in self._layer_weights(layer, direction)])
+                           for direction in (0, 1)]
+                results = self._bidirectional_op(layer_input, states, weights[0], weights[1], lengths)
+                half = len(results) // 2
+                for part in (results[:half], results[half:]):
+                    outputs.append(part[0])
+                    final.append(tuple(part[1:]))
+            for direction in range(num_directions if not outputs else 0):
                 k = layer * num_directions + direction
                 weights = [w.to(x.dtype) for w in self._layer_weights(layer, direction)]
                 y, state = self._run_layer(layer_input, tuple(s[k] for s in hx), weights, lengths, direction == 1)
@@ -210,11 +227,14 @@ class LSTM(_FusedRNNBase):
     def _from_states(self, states: States):
         return states[0], states[1]
 
-    def _run_layer(self, x, state, weights, lengths, reverse):
-        w_ih, w_hh = weights[0], weights[1]
+    _bidirectional_op = torch.ops.lstm_fused.lstm_layer_bidirectional
+
+    def _op_weights(self, weights):
         b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
-        w_hr = weights[-1] if self.proj_size > 0 else None
-        y, h, c = lstm_layer(x, state[0], state[1], w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+        return [weights[0], weights[1], b_ih, b_hh, weights[-1] if self.proj_size > 0 else None]
+
+    def _run_layer(self, x, state, weights, lengths, reverse):
+        y, h, c = lstm_layer(x, state[0], state[1], *self._op_weights(weights), lengths, reverse)
         return y, (h, c)
 
 
@@ -242,9 +262,14 @@ class GRU(_FusedRNNBase):
     def _from_states(self, states: States):
         return states[0]
 
-    def _run_layer(self, x, state, weights, lengths, reverse):
+    _bidirectional_op = torch.ops.lstm_fused.gru_layer_bidirectional
+
+    def _op_weights(self, weights):
         b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
-        y, h = gru_layer(x, state[0], weights[0], weights[1], b_ih, b_hh, lengths, reverse)
+        return [weights[0], weights[1], b_ih, b_hh]
+
+    def _run_layer(self, x, state, weights, lengths, reverse):
+        y, h = gru_layer(x, state[0], *self._op_weights(weights), lengths, reverse)
         return y, (h,)
 
 

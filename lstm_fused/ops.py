@@ -17,9 +17,10 @@ _inference = torch.ops.lstm_fused.lstm_layer_inference
 
 def _needs_grad(*tensors) -> bool:
     """Whether the forward op (with its autograd) must run rather than the inference op: some
-    argument requires grad, or forward-mode AD is active (a dual level is open; grad mode does not
-    switch it off, and csrc/autograd.cpp gives tangents their own path)."""
-    if forward_ad._current_level >= 0:
+    argument requires grad, forward-mode AD is active (a dual level is open; grad mode does not
+    switch it off, and csrc/autograd.cpp gives tangents their own path), or a torch.func transform
+    is (inside vmap the batched tensors say they need no grad even under an outer grad)."""
+    if forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -70,6 +71,18 @@ def lstm_layer(
         return _inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
     y, h_n, c_n, _ = _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
     return y, h_n, c_n
+
+
+def side_by_side_possible(x: Tensor) -> bool:
+    """Whether the two directions of a bidirectional layer may go to the *_layer_bidirectional ops,
+    which run them side by side on the CPU (csrc/directions.cpp; the ops themselves fall back to
+    one after the other for tensors or thread states they cannot hand to a second thread). Not
+    while tracing (the graph keeps one op per direction), not for half types (computed in float32
+    by lstm_layer / gru_layer), not under forward-mode AD, and only with two threads or more."""
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace get_num_threads
+        return False
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and forward_ad._current_level < 0 and torch.get_num_threads() > 1)
 
 
 def lstm_reserve_numel(seq_len: int, batch: int, hidden_size: int, has_proj: bool):

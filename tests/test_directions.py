@@ -1,0 +1,149 @@
+"""The *_layer_bidirectional ops (csrc/directions.cpp): both directions of a layer in one call, side
+by side on the CPU when torch has two threads or more (an OpenMP worker runs the reverse direction
+under the caller's thread-local state), one after the other otherwise. Whether the two really ran
+concurrently is not observable from here; the speed is measured in benchmarks/ instead."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lstm_fused
+from helpers import run_with_grads
+
+lstm_op = torch.ops.lstm_fused.lstm_layer_bidirectional
+gru_op = torch.ops.lstm_fused.gru_layer_bidirectional
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _pair(torch_class, **kwargs):
+    torch.manual_seed(0)
+    ref = torch_class(**kwargs)
+    ours = getattr(lstm_fused, torch_class.__name__)(**kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("torch_class,kwargs", [
+    (nn.LSTM, dict(input_size=3, hidden_size=20, num_layers=2)),
+    (nn.LSTM, dict(input_size=3, hidden_size=20, bias=False)),
+    (nn.LSTM, dict(input_size=3, hidden_size=8, proj_size=3)),
+    (nn.LSTM, dict(input_size=3, hidden_size=130)),  # above the LSTM's side-by-side limit
+    (nn.GRU, dict(input_size=3, hidden_size=20, num_layers=2)),
+])
+@pytest.mark.parametrize("packed", [False, True])
+def test_side_by_side_matches_one_thread_and_torch_nn(two_threads, torch_class, kwargs, packed):
+    """Outputs and gradients with two threads (side by side) against one thread (one direction after
+    the other) and against torch.nn."""
+    ours, ref = _pair(torch_class, bidirectional=True, **kwargs)
+    gen = torch.Generator().manual_seed(5)
+    if packed:
+        inputs = pack_sequence([torch.randn(n, 3, generator=gen) for n in (7, 5, 2)])
+    else:
+        inputs = torch.randn(6, 4, 3, generator=gen)
+
+    def run(module):
+        x = inputs.data if packed else inputs
+        leaf = x.clone().requires_grad_()
+        given = type(inputs)(leaf, *inputs[1:]) if packed else leaf
+        outs, grads, _ = run_with_grads(module, given)  # grads[0] is the input's (leaf's)
+        return outs + grads
+
+    side_by_side = run(ours)
+    torch.set_num_threads(1)
+    one_thread = run(ours)
+    torch.set_num_threads(2)
+    expected = run(ref)
+    for a, b, e in zip(side_by_side, one_thread, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+def _lstm_args(H=6, B=3, I=4, T=5, requires_grad=False):
+    gen = torch.Generator().manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).requires_grad_(requires_grad)
+
+    x = rand(T, B, I)
+    state = [rand(B, H) for _ in range(4)]
+    weights = [[rand(4 * H, I), rand(4 * H, H), rand(4 * H), rand(4 * H), None] for _ in range(2)]
+    return x, state, weights
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+def test_the_worker_thread_runs_under_the_callers_grad_mode(two_threads, mode):
+    x, state, (w, w_rev) = _lstm_args(requires_grad=True)
+    if mode == "grad":
+        outs = lstm_op(x, state, w, w_rev, None)
+        assert all(o.grad_fn is not None for o in outs)
+    elif mode == "no_grad":
+        with torch.no_grad():
+            outs = lstm_op(x, state, w, w_rev, None)
+        assert all(o.grad_fn is None for o in outs)
+    else:
+        with torch.inference_mode():
+            outs = lstm_op(x, state, w, w_rev, None)
+        assert all(o.is_inference() for o in outs)
+    # the same op per direction as the modules would call: the forward op with grad, else inference
+    op = torch.ops.lstm_fused.lstm_layer_forward if mode == "grad" else torch.ops.lstm_fused.lstm_layer_inference
+    with torch.no_grad():
+        forward = op(x, state[0], state[1], *w, None, False)
+        reverse = op(x, state[2], state[3], *w_rev, None, True)
+    for got, expected in zip(outs, forward[:3] + reverse[:3]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("broken", ["forward", "reverse"])
+def test_an_error_in_either_direction_is_raised_to_the_caller(two_threads, broken):
+    x, state, (w, w_rev) = _lstm_args()
+    target = w if broken == "forward" else w_rev
+    target[1] = torch.randn(5, 5)  # a w_hh of the wrong shape
+    with pytest.raises(RuntimeError, match="w_hh"):
+        lstm_op(x, state, w, w_rev, None)
+    with pytest.raises(RuntimeError, match="required"):
+        lstm_op(x, state, [None] * 5, w_rev, None)
+
+
+def test_gru_op_matches_two_calls(two_threads):
+    gen = torch.Generator().manual_seed(2)
+    x, H = torch.randn(6, 3, 4, generator=gen), 5
+    state = [torch.randn(3, H, generator=gen) for _ in range(2)]
+    weights = [[torch.randn(3 * H, 4, generator=gen), torch.randn(3 * H, H, generator=gen), None, None]
+               for _ in range(2)]
+    lengths = torch.tensor([6, 4, 1])
+    outs = gru_op(x, state, weights[0], weights[1], lengths)
+    expected = [*torch.ops.lstm_fused.gru_layer_inference(x, state[0], *weights[0], lengths, False),
+                *torch.ops.lstm_fused.gru_layer_inference(x, state[1], *weights[1], lengths, True)]
+    for got, e in zip(outs, expected):
+        torch.testing.assert_close(got, e, rtol=0, atol=0)
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_dispatch_mode_sees_both_directions_on_its_own_thread(two_threads):
+    """Python dispatch modes are per thread: under one, both directions run on the caller's thread,
+    one after the other, so that the mode sees both."""
+    x, state, (w, w_rev) = _lstm_args()
+    recorder = _Recorder()
+    with recorder:
+        outs = lstm_op(x, state, w, w_rev, None)
+    assert recorder.ops.count("lstm_fused.lstm_layer_inference.default") == 2, recorder.ops
+    plain = lstm_op(x, state, w, w_rev, None)
+    for a, b in zip(outs, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
