@@ -60,6 +60,7 @@ def main():
                         help="train with an input that needs no gradient (data, as in a first layer)")
     parser.add_argument("--frozen", action="store_true",
                         help="train with both models' weights frozen (gradients for the input only)")
+    parser.add_argument("--bidirectional", action="store_true", help="bidirectional LSTM / GRU")
     args = parser.parse_args()
     is_cell = args.cell.endswith("cell")
     table = CELL_CONFIGS if is_cell else CONFIGS
@@ -69,7 +70,8 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratio = torch.nn time / lstm_fused time")
     for B, T, I, H in configs:
         torch.manual_seed(0)
-        ref, ours = torch_class(I, H), our_class(I, H)
+        kwargs = dict(bidirectional=True) if args.bidirectional and not is_cell else {}
+        ref, ours = torch_class(I, H, **kwargs), our_class(I, H, **kwargs)
         ours.load_state_dict(ref.state_dict())
         if is_cell:
             ref, ours = CellLoop(ref), CellLoop(ours)

@@ -8,17 +8,20 @@
 // at::parallel_for all run single-threaded), and each core keeps its own direction's W_hh in its
 // own cache.
 //
-// The ops are CompositeImplicitAutograd: each direction is a call of the per-direction op
-// (lstm_layer_forward when a gradient is wanted, else lstm_layer_inference; the same for the GRU),
-// with its own autograd, so backward is unchanged. The second direction runs on an OpenMP worker
-// thread under the caller's thread-local state (grad mode, autocast, inference mode, profiler).
-// Tensors or a thread state that involve Python (tensor subclasses, dispatch modes, fake tensors),
-// functorch or forward-mode AD take the sequential path: their machinery is not for other threads.
+// When a gradient is wanted, a pair autograd function runs both directions' forward ops side by
+// side and, in backward, both directions' backward ops side by side (the autograd engine would run
+// two per-direction nodes one after the other on one thread). Otherwise each direction is a call of
+// its own op (the inference op without gradients; the forward op, with its own autograd, where the
+// pair function cannot be used). The second direction runs on an OpenMP worker thread under the
+// caller's thread-local state (grad mode, autocast, inference mode, profiler). Tensors or a thread
+// state that involve Python (tensor subclasses, dispatch modes, fake tensors), functorch or
+// forward-mode AD take the sequential path: their machinery is not for other threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #ifdef _OPENMP
@@ -27,18 +30,26 @@
 
 #include <array>
 #include <exception>
-#include <string>
 #include <tuple>
 #include <vector>
+
+#include "autograd_common.h"
+#include "composite_layers.h"
 
 namespace lstm_fused {
 namespace {
 
-using at::Tensor;
 using OptionalTensors = c10::List<std::optional<Tensor>>;
+using LstmInferenceSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                            const Tensor&, const optional<Tensor>&,
+                                                            const optional<Tensor>&, const optional<Tensor>&,
+                                                            const optional<Tensor>&, bool);
+using GruInferenceSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                   const optional<Tensor>&, const optional<Tensor>&,
+                                                   const optional<Tensor>&, bool);
 
-std::optional<Tensor> weight(const OptionalTensors& weights, size_t k) {
-  const std::optional<Tensor> w = weights.get(k);
+optional<Tensor> weight(const OptionalTensors& weights, size_t k) {
+  const optional<Tensor> w = weights.get(k);
   return w.has_value() && w->defined() ? w : std::nullopt;
 }
 
@@ -55,13 +66,13 @@ const c10::DispatchKeySet& foreign_keys() {
 }
 
 // Whether a tensor can be handed to another thread without Python or functorch noticing.
-bool plain_cpu(const std::optional<Tensor>& t) {
+bool plain_cpu(const optional<Tensor>& t) {
   if (!t.has_value() || !t->defined()) return true;
   return t->device().is_cpu() && t->layout() == at::kStrided && !t->key_set().has_any(foreign_keys()) &&
          !t->_fw_grad(/*level=*/0).defined();
 }
 
-bool side_by_side_possible(const std::vector<std::optional<Tensor>>& tensors) {
+bool side_by_side_possible(const std::vector<optional<Tensor>>& tensors) {
 #ifdef _OPENMP
   if (at::get_num_threads() < 2 || at::in_parallel_region()) return false;
   if (c10::impl::tls_local_dispatch_key_set().included_.has_any(foreign_keys())) return false;
@@ -76,7 +87,7 @@ bool side_by_side_possible(const std::vector<std::optional<Tensor>>& tensors) {
 
 // Whether the per-direction forward op must run rather than the inference op (as in
 // lstm_fused/ops.py): a gradient is wanted, or a forward-mode tangent must be carried.
-bool forward_op_wanted(const std::vector<std::optional<Tensor>>& tensors) {
+bool forward_op_wanted(const std::vector<optional<Tensor>>& tensors) {
   const bool grad_mode = at::GradMode::is_enabled();
   for (const auto& t : tensors) {
     if (!t.has_value() || !t->defined()) continue;
@@ -87,9 +98,9 @@ bool forward_op_wanted(const std::vector<std::optional<Tensor>>& tensors) {
 
 // run(reverse) for reverse = false and true, side by side when `parallel`; the results in that
 // order. An exception in either direction is rethrown here, after both have finished.
-template <typename Run>
-std::array<std::vector<Tensor>, 2> both_directions(bool parallel, const Run& run) {
-  std::array<std::vector<Tensor>, 2> results;
+template <typename Result, typename Run>
+std::array<Result, 2> both_directions(bool parallel, const Run& run) {
+  std::array<Result, 2> results;
   if (!parallel) {
     results[0] = run(false);
     results[1] = run(true);
@@ -126,9 +137,22 @@ std::array<std::vector<Tensor>, 2> both_directions(bool parallel, const Run& run
   return results;
 }
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+// Which of `inputs` (tensor arguments in order, undefined for absent optional ones) autograd
+// wants gradients for: needs_input_grad counts the present ones only.
+std::vector<bool> wanted_inputs(AutogradContext* ctx, const variable_list& inputs) {
+  std::vector<bool> wanted(inputs.size(), false);
+  size_t edge = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (inputs[i].defined()) wanted[i] = ctx->needs_input_grad(edge++);
+  }
+  return wanted;
+}
+
+bool any_of(const std::vector<bool>& flags, size_t first, size_t count) {
+  for (size_t i = first; i < first + count; ++i) {
+    if (flags[i]) return true;
+  }
+  return false;
 }
 
 // The LSTM's directions run side by side only up to this hidden size. Paired against one after
@@ -137,84 +161,337 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
 // keeps both cores busy. (The GRU's per-step loop gained at every size measured, up to H = 256.)
 constexpr int64_t kLargestSideBySideLstm = 128;
 
-std::vector<Tensor> lstm_layer_bidirectional(const Tensor& x, at::TensorList state, const OptionalTensors& weights,
-                                             const OptionalTensors& weights_reverse,
-                                             const std::optional<Tensor>& lengths) {
+// --- LSTM ------------------------------------------------------------------------------------
+
+// One direction's arguments of lstm_layer_forward, after x.
+struct LstmDirection {
+  Tensor h0, c0, w_ih, w_hh;
+  optional<Tensor> b_ih, b_hh, w_hr;
+};
+
+std::array<LstmDirection, 2> lstm_directions(at::TensorList state, const OptionalTensors& weights,
+                                             const OptionalTensors& weights_reverse) {
   TORCH_CHECK(state.size() == 4, "lstm_layer_bidirectional: state is [h0, c0, h0_reverse, c0_reverse]");
   TORCH_CHECK(weights.size() == 5 && weights_reverse.size() == 5,
               "lstm_layer_bidirectional: weights are [w_ih, w_hh, b_ih, b_hh, w_hr] per direction");
   TORCH_CHECK(weight(weights, 0) && weight(weights, 1) && weight(weights_reverse, 0) && weight(weights_reverse, 1),
               "lstm_layer_bidirectional: w_ih and w_hh are required");
-  static const auto forward_op = op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-      const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&, bool)>(
-      "lstm_fused::lstm_layer_forward");
-  static const auto inference_op = op<std::tuple<Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-      const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&, bool)>(
-      "lstm_fused::lstm_layer_inference");
-  std::vector<std::optional<Tensor>> all = {x, lengths};
-  for (const Tensor& s : state) all.emplace_back(s);
-  for (size_t k = 0; k < 5; ++k) {
-    all.push_back(weight(weights, k));
-    all.push_back(weight(weights_reverse, k));
+  std::array<LstmDirection, 2> d;
+  for (int r = 0; r < 2; ++r) {
+    const OptionalTensors& w = r ? weights_reverse : weights;
+    d[r] = {state[2 * r], state[2 * r + 1], *weight(w, 0), *weight(w, 1), weight(w, 2), weight(w, 3), weight(w, 4)};
   }
-  const bool with_grad = forward_op_wanted(all);
-  const int64_t hidden_size = weight(weights, 0)->size(0) / 4;
-  auto run = [&](bool reverse) -> std::vector<Tensor> {
-    const OptionalTensors& w = reverse ? weights_reverse : weights;
-    const Tensor& h0 = state[reverse ? 2 : 0];
-    const Tensor& c0 = state[reverse ? 3 : 1];
-    const Tensor w_ih = *weight(w, 0), w_hh = *weight(w, 1);
-    if (with_grad) {
-      auto [y, h_n, c_n, reserve] =
-          forward_op.call(x, h0, c0, w_ih, w_hh, weight(w, 2), weight(w, 3), weight(w, 4), lengths, reverse);
-      return {y, h_n, c_n};
-    }
-    auto [y, h_n, c_n] =
-        inference_op.call(x, h0, c0, w_ih, w_hh, weight(w, 2), weight(w, 3), weight(w, 4), lengths, reverse);
-    return {y, h_n, c_n};
-  };
-  auto [forward, backward] =
-      both_directions(hidden_size <= kLargestSideBySideLstm && side_by_side_possible(all), run);
-  forward.insert(forward.end(), backward.begin(), backward.end());
-  return forward;
+  return d;
 }
 
-std::vector<Tensor> gru_layer_bidirectional(const Tensor& x, at::TensorList state, const OptionalTensors& weights,
-                                            const OptionalTensors& weights_reverse,
-                                            const std::optional<Tensor>& lengths) {
+std::vector<optional<Tensor>> lstm_tensors(const Tensor& x, const std::array<LstmDirection, 2>& d,
+                                           const optional<Tensor>& lengths) {
+  std::vector<optional<Tensor>> all = {x, lengths};
+  for (const LstmDirection& a : d) {
+    for (const optional<Tensor>& t : {optional<Tensor>(a.h0), optional<Tensor>(a.c0), optional<Tensor>(a.w_ih),
+                                      optional<Tensor>(a.w_hh), a.b_ih, a.b_hh, a.w_hr}) {
+      all.push_back(t);
+    }
+  }
+  return all;
+}
+
+bool lstm_side_by_side(const std::array<LstmDirection, 2>& d, const std::vector<optional<Tensor>>& all) {
+  return d[0].w_ih.size(0) / 4 <= kLargestSideBySideLstm && side_by_side_possible(all);
+}
+
+// Each direction a call of its own op, through the dispatcher (so with its own autograd).
+std::vector<Tensor> lstm_by_direction(const Tensor& x, const std::array<LstmDirection, 2>& d,
+                                      const optional<Tensor>& lengths, bool with_grad, bool parallel) {
+  static const auto forward_op = op<LstmForwardSig>("lstm_fused::lstm_layer_forward");
+  static const auto inference_op = op<LstmInferenceSig>("lstm_fused::lstm_layer_inference");
+  const auto results = both_directions<std::tuple<Tensor, Tensor, Tensor>>(parallel, [&](bool reverse) {
+    const LstmDirection& a = d[reverse];
+    if (with_grad) {
+      auto [y, h_n, c_n, reserve] =
+          forward_op.call(x, a.h0, a.c0, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, lengths, reverse);
+      return std::make_tuple(y, h_n, c_n);
+    }
+    return inference_op.call(x, a.h0, a.c0, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, lengths, reverse);
+  });
+  const auto& [y, h_n, c_n] = results[0];
+  const auto& [y_r, h_n_r, c_n_r] = results[1];
+  return {y, h_n, c_n, y_r, h_n_r, c_n_r};
+}
+
+// Both directions' forward ops side by side, and in backward both backward ops side by side.
+// Inputs: x, then h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr of each direction, then lengths.
+class LstmPairFunction : public torch::autograd::Function<LstmPairFunction> {
+ public:
+  static constexpr size_t kPerDirection = 7;
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                               const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
+                               const optional<Tensor>& b_hh, const optional<Tensor>& w_hr, const Tensor& h0_r,
+                               const Tensor& c0_r, const Tensor& w_ih_r, const Tensor& w_hh_r,
+                               const optional<Tensor>& b_ih_r, const optional<Tensor>& b_hh_r,
+                               const optional<Tensor>& w_hr_r, const optional<Tensor>& lengths) {
+    static const auto forward_op = op<LstmForwardSig>("lstm_fused::lstm_layer_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const std::array<LstmDirection, 2> d = {{{h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr},
+                                             {h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r}}};
+    const auto results = both_directions<std::tuple<Tensor, Tensor, Tensor, Tensor>>(true, [&](bool reverse) {
+      const LstmDirection& a = d[reverse];
+      return forward_op.call(x, a.h0, a.c0, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, lengths, reverse);
+    });
+    variable_list saved = {x, or_undefined(lengths)};
+    variable_list outputs;
+    for (int r = 0; r < 2; ++r) {
+      const auto& [y, h_n, c_n, reserve] = results[r];
+      const LstmDirection& a = d[r];
+      saved.insert(saved.end(), {a.h0, a.c0, a.w_ih, a.w_hh, or_undefined(a.b_ih), or_undefined(a.b_hh),
+                                 or_undefined(a.w_hr), y, reserve});
+      outputs.insert(outputs.end(), {y, h_n, c_n});
+    }
+    ctx->save_for_backward(saved);
+    ctx->set_materialize_grads(false);
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = op<LstmBackwardSig>("lstm_fused::lstm_layer_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &lengths = saved[1];
+    // The inputs in the forward's order (lengths aside), and each direction's y and reserve.
+    variable_list inputs = {x};
+    std::array<Tensor, 2> y, reserve;
+    for (int r = 0; r < 2; ++r) {
+      const size_t base = 2 + 9 * r;
+      inputs.insert(inputs.end(), saved.begin() + base, saved.begin() + base + kPerDirection);
+      y[r] = saved[base + 7];
+      reserve[r] = saved[base + 8];
+    }
+    variable_list result;
+    if (at::GradMode::is_enabled()) {  // create_graph=True: see csrc/autograd.cpp
+      result = differentiable_gradients(ctx, grads, inputs, [&](const variable_list& a) {
+        variable_list outputs;
+        for (int r = 0; r < 2; ++r) {
+          const size_t k = 1 + kPerDirection * r;
+          auto [y_again, h_n, c_n] = lstm_layer_composite(a[0], a[k], a[k + 1], a[k + 2], a[k + 3], a[k + 4],
+                                                          a[k + 5], a[k + 6], lengths, r == 1);
+          outputs.insert(outputs.end(), {y_again, h_n, c_n});
+        }
+        return outputs;
+      });
+      result.push_back(Tensor());  // lengths
+      return result;
+    }
+    const std::vector<bool> wanted = wanted_inputs(ctx, inputs);
+    const bool want_x = wanted[0];
+    std::vector<optional<Tensor>> all(saved.begin(), saved.end());
+    const auto grads_of = both_directions<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>>(
+        side_by_side_possible(all), [&](bool reverse) {
+          const size_t k = 1 + kPerDirection * reverse;
+          const Tensor &h0 = inputs[k], &c0 = inputs[k + 1], &w_hr = inputs[k + 6];
+          return backward_op.call(or_zeros(grads[3 * reverse], y[reverse]), or_zeros(grads[3 * reverse + 1], h0),
+                                  or_zeros(grads[3 * reverse + 2], c0), x, h0, c0, inputs[k + 2], inputs[k + 3],
+                                  as_optional(w_hr), y[reverse], reserve[reverse], as_optional(lengths), reverse,
+                                  want_x, any_of(wanted, k + 2, 5));
+        });
+    result.assign(inputs.size() + 1, Tensor());
+    if (want_x) result[0] = std::get<0>(grads_of[0]) + std::get<0>(grads_of[1]);
+    for (int r = 0; r < 2; ++r) {
+      const size_t k = 1 + kPerDirection * r;
+      const auto& [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = grads_of[r];
+      result[k] = grad_h0;
+      result[k + 1] = grad_c0;
+      if (!any_of(wanted, k + 2, 5)) continue;
+      result[k + 2] = grad_w_ih;
+      result[k + 3] = grad_w_hh;
+      if (inputs[k + 4].defined()) result[k + 4] = result[k + 5] = grad_bias;
+      if (inputs[k + 6].defined()) result[k + 6] = grad_w_hr;
+    }
+    return result;
+  }
+};
+
+// Below autograd (inference mode), and wherever no gradient is wanted.
+std::vector<Tensor> lstm_layer_bidirectional(const Tensor& x, at::TensorList state, const OptionalTensors& weights,
+                                             const OptionalTensors& weights_reverse, const optional<Tensor>& lengths) {
+  const auto d = lstm_directions(state, weights, weights_reverse);
+  const auto all = lstm_tensors(x, d, lengths);
+  return lstm_by_direction(x, d, lengths, forward_op_wanted(all), lstm_side_by_side(d, all));
+}
+
+std::vector<Tensor> lstm_layer_bidirectional_autograd(const Tensor& x, at::TensorList state,
+                                                      const OptionalTensors& weights,
+                                                      const OptionalTensors& weights_reverse,
+                                                      const optional<Tensor>& lengths) {
+  const auto d = lstm_directions(state, weights, weights_reverse);
+  const auto all = lstm_tensors(x, d, lengths);
+  const bool with_grad = forward_op_wanted(all);
+  const bool parallel = lstm_side_by_side(d, all);
+  if (!with_grad || !parallel || cpp_autograd_function_refused()) {
+    return lstm_by_direction(x, d, lengths, with_grad, parallel);
+  }
+  return LstmPairFunction::apply(x, d[0].h0, d[0].c0, d[0].w_ih, d[0].w_hh, d[0].b_ih, d[0].b_hh, d[0].w_hr, d[1].h0,
+                                 d[1].c0, d[1].w_ih, d[1].w_hh, d[1].b_ih, d[1].b_hh, d[1].w_hr, lengths);
+}
+
+// --- GRU -------------------------------------------------------------------------------------
+
+struct GruDirection {
+  Tensor h0, w_ih, w_hh;
+  optional<Tensor> b_ih, b_hh;
+};
+
+std::array<GruDirection, 2> gru_directions(at::TensorList state, const OptionalTensors& weights,
+                                           const OptionalTensors& weights_reverse) {
   TORCH_CHECK(state.size() == 2, "gru_layer_bidirectional: state is [h0, h0_reverse]");
   TORCH_CHECK(weights.size() == 4 && weights_reverse.size() == 4,
               "gru_layer_bidirectional: weights are [w_ih, w_hh, b_ih, b_hh] per direction");
   TORCH_CHECK(weight(weights, 0) && weight(weights, 1) && weight(weights_reverse, 0) && weight(weights_reverse, 1),
               "gru_layer_bidirectional: w_ih and w_hh are required");
-  static const auto forward_op = op<std::tuple<Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-      const std::optional<Tensor>&, const std::optional<Tensor>&, bool)>("lstm_fused::gru_layer_forward");
-  static const auto inference_op = op<std::tuple<Tensor, Tensor>(
-      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-      const std::optional<Tensor>&, const std::optional<Tensor>&, bool)>("lstm_fused::gru_layer_inference");
-  std::vector<std::optional<Tensor>> all = {x, lengths, state[0], state[1]};
-  for (size_t k = 0; k < 4; ++k) {
-    all.push_back(weight(weights, k));
-    all.push_back(weight(weights_reverse, k));
+  std::array<GruDirection, 2> d;
+  for (int r = 0; r < 2; ++r) {
+    const OptionalTensors& w = r ? weights_reverse : weights;
+    d[r] = {state[r], *weight(w, 0), *weight(w, 1), weight(w, 2), weight(w, 3)};
   }
-  const bool with_grad = forward_op_wanted(all);
-  auto run = [&](bool reverse) -> std::vector<Tensor> {
-    const OptionalTensors& w = reverse ? weights_reverse : weights;
-    const Tensor& h0 = state[reverse ? 1 : 0];
-    const Tensor w_ih = *weight(w, 0), w_hh = *weight(w, 1);
-    if (with_grad) {
-      auto [y, h_n, reserve] = forward_op.call(x, h0, w_ih, w_hh, weight(w, 2), weight(w, 3), lengths, reverse);
-      return {y, h_n};
+  return d;
+}
+
+std::vector<optional<Tensor>> gru_tensors(const Tensor& x, const std::array<GruDirection, 2>& d,
+                                          const optional<Tensor>& lengths) {
+  std::vector<optional<Tensor>> all = {x, lengths};
+  for (const GruDirection& a : d) {
+    for (const optional<Tensor>& t :
+         {optional<Tensor>(a.h0), optional<Tensor>(a.w_ih), optional<Tensor>(a.w_hh), a.b_ih, a.b_hh}) {
+      all.push_back(t);
     }
-    auto [y, h_n] = inference_op.call(x, h0, w_ih, w_hh, weight(w, 2), weight(w, 3), lengths, reverse);
-    return {y, h_n};
-  };
-  auto [forward, backward] = both_directions(side_by_side_possible(all), run);
-  forward.insert(forward.end(), backward.begin(), backward.end());
-  return forward;
+  }
+  return all;
+}
+
+std::vector<Tensor> gru_by_direction(const Tensor& x, const std::array<GruDirection, 2>& d,
+                                     const optional<Tensor>& lengths, bool with_grad, bool parallel) {
+  static const auto forward_op = op<GruForwardSig>("lstm_fused::gru_layer_forward");
+  static const auto inference_op = op<GruInferenceSig>("lstm_fused::gru_layer_inference");
+  const auto results = both_directions<std::tuple<Tensor, Tensor>>(parallel, [&](bool reverse) {
+    const GruDirection& a = d[reverse];
+    if (with_grad) {
+      auto [y, h_n, reserve] = forward_op.call(x, a.h0, a.w_ih, a.w_hh, a.b_ih, a.b_hh, lengths, reverse);
+      return std::make_tuple(y, h_n);
+    }
+    return inference_op.call(x, a.h0, a.w_ih, a.w_hh, a.b_ih, a.b_hh, lengths, reverse);
+  });
+  return {std::get<0>(results[0]), std::get<1>(results[0]), std::get<0>(results[1]), std::get<1>(results[1])};
+}
+
+// The GRU's pair function. Inputs: x, then h0, w_ih, w_hh, b_ih, b_hh of each direction, then
+// lengths. The biases are kept outside the version check, as in csrc/autograd.cpp.
+class GruPairFunction : public torch::autograd::Function<GruPairFunction> {
+ public:
+  static constexpr size_t kPerDirection = 5;
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+                               const Tensor& w_hh, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+                               const Tensor& h0_r, const Tensor& w_ih_r, const Tensor& w_hh_r,
+                               const optional<Tensor>& b_ih_r, const optional<Tensor>& b_hh_r,
+                               const optional<Tensor>& lengths) {
+    static const auto forward_op = op<GruForwardSig>("lstm_fused::gru_layer_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const std::array<GruDirection, 2> d = {{{h0, w_ih, w_hh, b_ih, b_hh}, {h0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r}}};
+    const auto results = both_directions<std::tuple<Tensor, Tensor, Tensor>>(true, [&](bool reverse) {
+      const GruDirection& a = d[reverse];
+      return forward_op.call(x, a.h0, a.w_ih, a.w_hh, a.b_ih, a.b_hh, lengths, reverse);
+    });
+    variable_list saved = {x, or_undefined(lengths)};
+    variable_list outputs;
+    for (int r = 0; r < 2; ++r) {
+      const auto& [y, h_n, reserve] = results[r];
+      saved.insert(saved.end(), {d[r].h0, d[r].w_ih, d[r].w_hh, y, reserve});
+      ctx->saved_data[r ? "b_ih_reverse" : "b_ih"] = or_undefined(d[r].b_ih);
+      ctx->saved_data[r ? "b_hh_reverse" : "b_hh"] = or_undefined(d[r].b_hh);
+      outputs.insert(outputs.end(), {y, h_n});
+    }
+    ctx->save_for_backward(saved);
+    ctx->set_materialize_grads(false);
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = op<GruBackwardSig>("lstm_fused::gru_layer_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &lengths = saved[1];
+    variable_list inputs = {x};
+    std::array<Tensor, 2> y, reserve;
+    for (int r = 0; r < 2; ++r) {
+      const size_t base = 2 + 5 * r;
+      inputs.insert(inputs.end(), {saved[base], saved[base + 1], saved[base + 2],
+                                   ctx->saved_data[r ? "b_ih_reverse" : "b_ih"].toTensor(),
+                                   ctx->saved_data[r ? "b_hh_reverse" : "b_hh"].toTensor()});
+      y[r] = saved[base + 3];
+      reserve[r] = saved[base + 4];
+    }
+    variable_list result;
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      result = differentiable_gradients(ctx, grads, inputs, [&](const variable_list& a) {
+        variable_list outputs;
+        for (int r = 0; r < 2; ++r) {
+          const size_t k = 1 + kPerDirection * r;
+          auto [y_again, h_n] =
+              gru_layer_composite(a[0], a[k], a[k + 1], a[k + 2], a[k + 3], a[k + 4], lengths, r == 1);
+          outputs.insert(outputs.end(), {y_again, h_n});
+        }
+        return outputs;
+      });
+      result.push_back(Tensor());  // lengths
+      return result;
+    }
+    const std::vector<bool> wanted = wanted_inputs(ctx, inputs);
+    const bool want_x = wanted[0];
+    std::vector<optional<Tensor>> all(saved.begin(), saved.end());
+    const auto grads_of = both_directions<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>>(
+        side_by_side_possible(all), [&](bool reverse) {
+          const size_t k = 1 + kPerDirection * reverse;
+          const Tensor& h0 = inputs[k];
+          return backward_op.call(or_zeros(grads[2 * reverse], y[reverse]), or_zeros(grads[2 * reverse + 1], h0), x,
+                                  h0, inputs[k + 1], inputs[k + 2], y[reverse], reserve[reverse],
+                                  as_optional(lengths), reverse, want_x, any_of(wanted, k + 1, 4));
+        });
+    result.assign(inputs.size() + 1, Tensor());
+    if (want_x) result[0] = std::get<0>(grads_of[0]) + std::get<0>(grads_of[1]);
+    for (int r = 0; r < 2; ++r) {
+      const size_t k = 1 + kPerDirection * r;
+      const auto& [grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] = grads_of[r];
+      result[k] = grad_h0;
+      if (!any_of(wanted, k + 1, 4)) continue;
+      result[k + 1] = grad_w_ih;
+      result[k + 2] = grad_w_hh;
+      if (inputs[k + 3].defined()) {
+        result[k + 3] = grad_b_ih;
+        result[k + 4] = grad_b_hh;
+      }
+    }
+    return result;
+  }
+};
+
+std::vector<Tensor> gru_layer_bidirectional(const Tensor& x, at::TensorList state, const OptionalTensors& weights,
+                                            const OptionalTensors& weights_reverse, const optional<Tensor>& lengths) {
+  const auto d = gru_directions(state, weights, weights_reverse);
+  const auto all = gru_tensors(x, d, lengths);
+  return gru_by_direction(x, d, lengths, forward_op_wanted(all), side_by_side_possible(all));
+}
+
+std::vector<Tensor> gru_layer_bidirectional_autograd(const Tensor& x, at::TensorList state,
+                                                     const OptionalTensors& weights,
+                                                     const OptionalTensors& weights_reverse,
+                                                     const optional<Tensor>& lengths) {
+  const auto d = gru_directions(state, weights, weights_reverse);
+  const auto all = gru_tensors(x, d, lengths);
+  const bool with_grad = forward_op_wanted(all);
+  const bool parallel = side_by_side_possible(all);
+  if (!with_grad || !parallel || cpp_autograd_function_refused()) {
+    return gru_by_direction(x, d, lengths, with_grad, parallel);
+  }
+  return GruPairFunction::apply(x, d[0].h0, d[0].w_ih, d[0].w_hh, d[0].b_ih, d[0].b_hh, d[1].h0, d[1].w_ih,
+                                d[1].w_hh, d[1].b_ih, d[1].b_hh, lengths);
 }
 
 }  // namespace
@@ -223,16 +500,24 @@ std::vector<Tensor> gru_layer_bidirectional(const Tensor& x, at::TensorList stat
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   // Both directions of a bidirectional layer (csrc/directions.cpp): state [h0, c0, h0_reverse,
   // c0_reverse], weights [w_ih, w_hh, b_ih, b_hh, w_hr] per direction (None where absent);
-  // returns [y, h_n, c_n, y_reverse, h_n_reverse, c_n_reverse], as two lstm_layer_forward calls
-  // (or lstm_layer_inference calls, when no gradient is wanted) would.
+  // returns [y, h_n, c_n, y_reverse, h_n_reverse, c_n_reverse], as lstm_layer_forward (or
+  // lstm_layer_inference, when no gradient is wanted) of each direction would.
   m.def(
       "lstm_layer_bidirectional(Tensor x, Tensor[] state, Tensor?[] weights, Tensor?[] weights_reverse, "
-      "Tensor? lengths) -> Tensor[]",
-      &lstm_fused::lstm_layer_bidirectional);
+      "Tensor? lengths) -> Tensor[]");
   // The GRU's: state [h0, h0_reverse], weights [w_ih, w_hh, b_ih, b_hh]; returns [y, h_n,
   // y_reverse, h_n_reverse].
   m.def(
       "gru_layer_bidirectional(Tensor x, Tensor[] state, Tensor?[] weights, Tensor?[] weights_reverse, "
-      "Tensor? lengths) -> Tensor[]",
-      &lstm_fused::gru_layer_bidirectional);
+      "Tensor? lengths) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(lstm_fused, CompositeExplicitAutograd, m) {
+  m.impl("lstm_layer_bidirectional", &lstm_fused::lstm_layer_bidirectional);
+  m.impl("gru_layer_bidirectional", &lstm_fused::gru_layer_bidirectional);
+}
+
+TORCH_LIBRARY_IMPL(lstm_fused, Autograd, m) {
+  m.impl("lstm_layer_bidirectional", &lstm_fused::lstm_layer_bidirectional_autograd);
+  m.impl("gru_layer_bidirectional", &lstm_fused::gru_layer_bidirectional_autograd);
 }

@@ -5,6 +5,7 @@ csrc/cuda; their autograd is C++ (csrc/autograd.cpp: a Python autograd function 
 step more than its kernels). The fake kernels here are what lets torch.compile trace a model
 through the ops without a graph break.
 """
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -78,8 +79,11 @@ def side_by_side_possible(x: Tensor) -> bool:
     which run them side by side on the CPU (csrc/directions.cpp; the ops themselves fall back to
     one after the other for tensors or thread states they cannot hand to a second thread). Not
     while tracing (the graph keeps one op per direction), not for half types (computed in float32
-    by lstm_layer / gru_layer), not under forward-mode AD, and only with two threads or more."""
+    by lstm_layer / gru_layer), not under forward-mode AD, and only with two threads or more.
+    LSTM_FUSED_SIDE_BY_SIDE=0 switches it off (for measurements)."""
     if torch.compiler.is_compiling():  # first: dynamo cannot trace get_num_threads
+        return False
+    if os.environ.get("LSTM_FUSED_SIDE_BY_SIDE") == "0":
         return False
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and forward_ad._current_level < 0 and torch.get_num_threads() > 1)
@@ -186,6 +190,22 @@ def _gru_layer_backward_fake(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, le
         weight_grad(w_ih, w_ih.shape[0]),
         weight_grad(w_ih, w_ih.shape[0]),
     )
+
+
+@torch.library.register_fake("lstm_fused::lstm_layer_bidirectional")
+def _lstm_layer_bidirectional_fake(x, state, weights, weights_reverse, lengths):
+    outputs = []
+    for (h0, c0), w in ((state[:2], weights), (state[2:], weights_reverse)):
+        outputs += _lstm_layer_inference_fake(x, h0, c0, *w, lengths, False)
+    return outputs
+
+
+@torch.library.register_fake("lstm_fused::gru_layer_bidirectional")
+def _gru_layer_bidirectional_fake(x, state, weights, weights_reverse, lengths):
+    outputs = []
+    for h0, w in ((state[0], weights), (state[1], weights_reverse)):
+        outputs += _gru_layer_inference_fake(x, h0, *w, lengths, False)
+    return outputs
 
 
 def _inference_backward(ctx, *grads):

@@ -138,12 +138,108 @@ class _Recorder(TorchDispatchMode):
 
 def test_a_dispatch_mode_sees_both_directions_on_its_own_thread(two_threads):
     """Python dispatch modes are per thread: under one, both directions run on the caller's thread,
-    one after the other, so that the mode sees both."""
+    one after the other, so that the mode sees both (the op's autograd kernel, above the mode,
+    calls the per-direction ops)."""
     x, state, (w, w_rev) = _lstm_args()
     recorder = _Recorder()
     with recorder:
         outs = lstm_op(x, state, w, w_rev, None)
-    assert recorder.ops.count("lstm_fused.lstm_layer_inference.default") == 2, recorder.ops
+    assert recorder.ops == ["lstm_fused.lstm_layer_inference.default"] * 2, recorder.ops
     plain = lstm_op(x, state, w, w_rev, None)
     for a, b in zip(outs, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _lstm_args64(bias=True, proj=0, lengths=False, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    T, B, I, H = 4, 3, 2, 3
+    P = proj or H
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x = rand(T, B, I)
+    state = [rand(B, P), rand(B, H), rand(B, P), rand(B, H)]
+    weights = [[rand(4 * H, I), rand(4 * H, P), rand(4 * H) if bias else None, rand(4 * H) if bias else None,
+                rand(P, H) if proj else None] for _ in range(2)]
+    return x, state, weights, (torch.tensor([4, 2, 1]) if lengths else None)
+
+
+def _gru_args64(bias=True, lengths=False, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    T, B, I, H = 4, 3, 2, 3
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x = rand(T, B, I)
+    state = [rand(B, H), rand(B, H)]
+    weights = [[rand(3 * H, I), rand(3 * H, H), rand(3 * H) if bias else None, rand(3 * H) if bias else None]
+               for _ in range(2)]
+    return x, state, weights, (torch.tensor([4, 2, 1]) if lengths else None)
+
+
+def _as_function(op, x, state, weights, lengths):
+    """The op as a function of its tensors (for gradcheck), and those tensors."""
+    leaves = [x, *state] + [w for ws in weights for w in ws if w is not None]
+
+    def fn(*tensors):
+        it = iter(tensors)
+        xx = next(it)
+        ss = [next(it) for _ in state]
+        ww = [[next(it) if w is not None else None for w in ws] for ws in weights]
+        return tuple(op(xx, ss, ww[0], ww[1], lengths))
+
+    return fn, leaves
+
+
+@pytest.mark.parametrize("cell,bias,proj,lengths", [
+    ("lstm", True, 0, False), ("lstm", False, 2, True), ("gru", True, 0, True), ("gru", False, 0, False),
+])
+def test_pair_function_gradcheck_and_gradgradcheck(two_threads, cell, bias, proj, lengths):
+    """The pair autograd function (both directions' backward ops side by side) against numerical
+    gradients, and its differentiable backward (create_graph) against numerical second order."""
+    if cell == "lstm":
+        op, (x, state, weights, lens) = lstm_op, _lstm_args64(bias, proj, lengths)
+        function_name = "LstmPairFunction"
+    else:
+        op, (x, state, weights, lens) = gru_op, _gru_args64(bias, lengths)
+        function_name = "GruPairFunction"
+    fn, leaves = _as_function(op, x, state, weights, lens)
+    assert function_name in fn(*leaves)[0].grad_fn.name(), "two threads and a gradient: the pair function runs"
+    assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradgradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("wanted", ["input only", "weights only", "reverse weights only", "states only"])
+def test_pair_function_computes_what_autograd_wants(two_threads, wanted):
+    """Each direction's backward op skips the input-gradient GEMM or its weight gradients as the
+    inputs' requires_grad says; the gradients that are wanted match the single-direction ops'."""
+    x, state, weights, lengths = _lstm_args64(bias=True, proj=0, lengths=True)
+    for t in [x, *state] + [w for ws in weights for w in ws if w is not None]:
+        t.requires_grad_(False)
+    chosen = {"input only": [x], "weights only": [w for ws in weights for w in ws if w is not None],
+              "reverse weights only": [w for w in weights[1] if w is not None], "states only": state}[wanted]
+    for t in chosen:
+        t.requires_grad_(True)
+    outs = lstm_op(x, state, weights[0], weights[1], lengths)
+    assert "LstmPairFunction" in outs[0].grad_fn.name()
+    gen = torch.Generator().manual_seed(9)
+    probes = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
+    got = torch.autograd.grad(sum((o * p).sum() for o, p in zip(outs, probes)), chosen)
+    single = []
+    for reverse in (False, True):
+        w = weights[reverse]
+        single += torch.ops.lstm_fused.lstm_layer_forward(x, state[2 * reverse], state[2 * reverse + 1], *w,
+                                                          lengths, reverse)[:3]
+    expected = torch.autograd.grad(sum((o * p).sum() for o, p in zip(single, probes)), chosen)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_opcheck_pair_ops(two_threads):
+    x, state, weights, lengths = _lstm_args64(bias=True, proj=2, lengths=True)
+    torch.library.opcheck(lstm_op, (x.float(), [s.float() for s in state],
+                                    *[[w.float() if w is not None else None for w in ws] for ws in weights], lengths))
+    x, state, weights, lengths = _gru_args64(bias=False, lengths=False)
+    torch.library.opcheck(gru_op, (x, state, weights[0], weights[1], lengths))
