@@ -27,13 +27,17 @@ SHAPES = [
 @pytest.mark.parametrize("threads", ["1", "2", "3"])
 @pytest.mark.parametrize("use_lengths,reverse", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("input_projection", ["fused", "separate"])
+@pytest.mark.parametrize("split", ["units", "rows"])
 def test_stationary_loop_matches_reference_float64(monkeypatch, T, B, I, H, threads, use_lengths, reverse,
-                                                   input_projection):
+                                                   input_projection, split):
     """Forward and backward of the stationary loop, with the input projection inside the loop's
-    product or as one GEMM before it (LSTM_FUSED_CPU_INPUT)."""
+    product or as one GEMM before it (LSTM_FUSED_CPU_INPUT), its threads sharing each step by
+    hidden units or by batch rows (LSTM_FUSED_CPU_SPLIT; with lengths, the rows split balances
+    row-steps, so the threads get different row counts)."""
     monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", "stationary")
     monkeypatch.setenv("LSTM_FUSED_CPU_THREADS", threads)
     monkeypatch.setenv("LSTM_FUSED_CPU_INPUT", input_projection)
+    monkeypatch.setenv("LSTM_FUSED_CPU_SPLIT", split)
     seed = hash((T, B, I, H, threads, use_lengths, reverse)) % 10_000
     args = make_layer_args(T, B, I, H, 0, True, "cpu", seed=seed)
     lengths = random_lengths(T, B, seed) if use_lengths else None
@@ -53,13 +57,18 @@ def test_stationary_and_per_step_loops_agree_float32(monkeypatch, T, B, I, H, us
     lengths = random_lengths(T, B, seed) if use_lengths else None
     exact, weights = outputs_and_grads(lstm_layer_reference, args64, lengths, reverse)
     monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", "stationary")
-    stationary, _ = outputs_and_grads(lstm_layer, args32, lengths, reverse, weights)
+    monkeypatch.setenv("LSTM_FUSED_CPU_SPLIT", "units")
+    by_units, _ = outputs_and_grads(lstm_layer, args32, lengths, reverse, weights)
+    monkeypatch.setenv("LSTM_FUSED_CPU_SPLIT", "rows")
+    by_rows, _ = outputs_and_grads(lstm_layer, args32, lengths, reverse, weights)
     monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", "step")
     per_step, _ = outputs_and_grads(lstm_layer, args32, lengths, reverse, weights)
-    for a, b, e in zip(stationary, per_step, exact):
+    for a, b, c, e in zip(by_units, per_step, by_rows, exact):
         scale = e.abs().max().item() + 1.0
         assert (a.double() - e).abs().max().item() < 2e-5 * scale
         assert (b.double() - e).abs().max().item() < 2e-5 * scale
+        # a row's arithmetic is the same whichever thread does it
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
 
 
 def test_float32_activations_over_a_wide_range():

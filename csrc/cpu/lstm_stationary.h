@@ -16,6 +16,11 @@
 //   backward: the pointwise backward of the thread's units (their columns of d_gates, and dc);
 //             one barrier (the product needs every column of d_gates); dh[rows, own units] =
 //             d_gates W_hh[:, own] (each thread reads back only its own units of dh).
+// When all the packed weights fit comfortably in each core's L2 (kRowSplitPanelBytes: H = 128
+// and below for float32), the team shares each step by batch rows instead (TeamPlan): every thread
+// owns a range of rows and all units, computes the whole step for its rows, and never waits for
+// the others, since a row's next step reads only that row's h_t (and in backward only its own
+// rows of d_gates). Each row's arithmetic is the same either way, so the results are bitwise equal.
 // The buffers, the input projection and the gradient GEMMs after the loop are the shared ones
 // (layer_loops.h); only the time loop differs from the per-step path.
 #pragma once
@@ -201,6 +206,85 @@ inline int team_threads(const LayerSizes& s, int64_t chunks) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, chunks)));
 }
 
+// How a team shares each step. By units: each thread owns a range of hidden units (chunks) for
+// every row, and the team meets at a barrier after each step, since the next step's product reads
+// every unit of h_t. By rows: each thread owns a range of batch rows for every unit; a row's next
+// step reads only that row's h_t, which the same thread wrote, so there is no barrier at all, but
+// each thread streams all of the packed weights every step instead of its slice.
+struct TeamPlan {
+  int threads = 1;
+  bool by_rows = false;
+};
+
+// Below kRowSplitPanelBytes of packed weights per thread (the whole of W_hh, and W_ih when the
+// loop does the input projection) the rows split is taken: they then stay in each core's L2.
+// Measured same-binary (time by units / time by rows, 2 threads): H = 128 at B = 16, 32, 64:
+// inference 1.15 / 1.09 / 1.03x, training 1.27 / 1.16 / 1.18x; H = 64, B = 8: 1.44x and 1.31x
+// (small steps ran on one thread by units: kSingleThreadStep). H = 256 (1-2 MB of panels): 0.91-1.04x.
+// LSTM_FUSED_CPU_SPLIT=rows|units forces either (for measurements and tests).
+constexpr int64_t kRowSplitPanelBytes = 512 * 1024;
+
+inline TeamPlan plan_team(const LayerSizes& s, int64_t chunks, int64_t panel_bytes) {
+  TeamPlan plan;
+  bool by_rows = panel_bytes <= kRowSplitPanelBytes;
+  if (const char* setting = std::getenv("LSTM_FUSED_CPU_SPLIT")) {
+    if (std::strcmp(setting, "rows") == 0) by_rows = true;
+    if (std::strcmp(setting, "units") == 0) by_rows = false;
+  }
+  if (!by_rows || at::in_parallel_region()) {
+    plan.threads = team_threads(s, chunks);
+    return plan;
+  }
+  int64_t threads = at::get_num_threads();
+  if (const char* setting = std::getenv("LSTM_FUSED_CPU_THREADS")) {
+    const long value = std::strtol(setting, nullptr, 10);
+    if (value > 0) threads = value;
+  }
+  plan.threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, s.batch)));
+  plan.by_rows = plan.threads > 1;
+  return plan;
+}
+
+// The first row of thread `id` of `count` under the rows split: boundaries that give each thread
+// about the same number of (row, step) pairs (rows are sorted by decreasing length).
+inline int64_t row_boundary(const LayerSizes& s, int id, int count) {
+  if (id <= 0) return 0;
+  if (id >= count) return s.batch;
+  int64_t total = 0;
+  for (int64_t length : s.lengths) total += length;
+  const int64_t target = total * id / count;
+  int64_t sum = 0, row = 0;
+  while (row < s.batch && sum + s.lengths[row] <= target) sum += s.lengths[row++];
+  return row;
+}
+
+// What one thread of the team computes: units [first_chunk, last_chunk) of rows [first_row,
+// last_row), or of a step's active rows where fewer.
+struct Share {
+  int64_t first_chunk = 0, last_chunk = 0, first_row = 0, last_row = 0;
+  bool by_rows = false;
+
+  Share(const TeamPlan& plan, const LayerSizes& s, int64_t chunks, int id, int count) : by_rows(plan.by_rows) {
+    if (by_rows) {
+      last_chunk = chunks;
+      first_row = row_boundary(s, id, count);
+      last_row = row_boundary(s, id + 1, count);
+    } else {
+      std::tie(first_chunk, last_chunk) = owned_chunks(chunks, id, count);
+      last_row = s.batch;
+    }
+  }
+
+  // [begin, end) of this thread's rows among a step's first `rows` (the active ones).
+  std::pair<int64_t, int64_t> rows_of(int64_t rows) const {
+    return {std::min(first_row, rows), std::min(last_row, rows)};
+  }
+
+  void step_done() const {
+    if (!by_rows) team_barrier();  // the next step reads every unit of h_t
+  }
+};
+
 // Whether the CPU LSTM ops take this path: float32/float64 without projection, and a step's
 // recurrent product below kLargestStationaryStep FLOPs. Above that MKL's per-step packed GEMM
 // (two threads per step) was measured 4-6% faster at B=128 H=512 (268 MFLOP per step), and the
@@ -305,51 +389,58 @@ void forward_steps(const LayerSizes& s, bool reverse, int64_t first_index, int64
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t w = lanes<scalar_t>();
   const int64_t B = s.batch, H = s.hidden_size, chunks = chunk_count<scalar_t>(H);
-  const int threads = team_threads(s, chunks);
+  const int64_t panel_bytes =
+      (packed.numel() + (st.x != nullptr ? chunks * st.input_size * 4 * w : 0)) * static_cast<int64_t>(sizeof(scalar_t));
+  const TeamPlan plan = plan_team(s, chunks, panel_bytes);
   const scalar_t* panels = packed.data_ptr<scalar_t>();
   // Each thread's product of one chunk for every row: [B][4 * w], the gates of its w units.
-  const at::Tensor products = at::empty({threads, B * 4 * w}, packed.options());
+  const at::Tensor products = at::empty({plan.threads, B * 4 * w}, packed.options());
   scalar_t* const product_base = products.data_ptr<scalar_t>();
 
 #ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(plan.threads)
 #endif
   {
-    const auto [first_chunk, last_chunk] = owned_chunks(chunks, team_id(), team_size());
+    const Share share(plan, s, chunks, team_id(), team_size());
     scalar_t* product = product_base + team_id() * B * 4 * w;
     for_each_active_step(s, reverse, [&](int64_t index, int64_t t, int64_t rows) {
-      const scalar_t* h_prev = st.h[index % 2];
-      scalar_t* h_next = st.h[(index + 1) % 2];
+      const auto [row_begin, row_end] = share.rows_of(rows);
+      const int64_t own_rows = row_end - row_begin;
+      const scalar_t* h_prev = st.h[index % 2] + row_begin * H;
+      scalar_t* h_next = st.h[(index + 1) % 2] + row_begin * H;
       scalar_t* gates_t = gates_of(t);
-      scalar_t* y_t = st.y + t * B * H;
-      scalar_t* cells_t = st.cells != nullptr ? st.cells + t * B * H : nullptr;
-      for (int64_t chunk = first_chunk; chunk < last_chunk; ++chunk) {
+      if (gates_t != nullptr) gates_t += row_begin * 4 * H;
+      scalar_t* y_t = st.y + (t * B + row_begin) * H;
+      scalar_t* c_rows = st.c + row_begin * H;
+      scalar_t* cells_t = st.cells != nullptr ? st.cells + (t * B + row_begin) * H : nullptr;
+      for (int64_t chunk = share.first_chunk; own_rows > 0 && chunk < share.last_chunk; ++chunk) {
         const int64_t u = chunk * w;
         const int n = static_cast<int>(std::min<int64_t>(w, H - u));
         // While the product runs, fetch the rows the cell update reads (the input projection, c)
         // and writes (y, the reserve): otherwise each of them is a cache miss in the epilogue.
+        // (Rows from here on count from row_begin.)
         const auto prefetch = [&](int64_t row0, int tile_rows) {
           for (int64_t b = row0; b < row0 + tile_rows; ++b) {
             if (gates_t != nullptr) {
               const scalar_t* g = gates_t + b * 4 * H + u;
               for (int gate = 0; gate < 4; ++gate) __builtin_prefetch(g + gate * H, 1);
             }
-            __builtin_prefetch(st.c + b * H + u, 1);
+            __builtin_prefetch(c_rows + b * H + u, 1);
             __builtin_prefetch(y_t + b * H + u, 1);
             if (cells_t != nullptr) __builtin_prefetch(cells_t + b * H + u, 1);
           }
         };
         if (st.x != nullptr) {
           const int64_t I = st.input_size;
-          panel_product<scalar_t, 4>(rows, st.x + t * B * I, I, st.x_panels + chunk * I * 4 * w, 4 * w, w, I, product,
-                                     4 * w, prefetch);
-          panel_product<scalar_t, 4>(rows, h_prev, H, panels + chunk * H * 4 * w, 4 * w, w, H, product, 4 * w,
+          panel_product<scalar_t, 4>(own_rows, st.x + (t * B + row_begin) * I, I, st.x_panels + chunk * I * 4 * w,
+                                     4 * w, w, I, product, 4 * w, prefetch);
+          panel_product<scalar_t, 4>(own_rows, h_prev, H, panels + chunk * H * 4 * w, 4 * w, w, H, product, 4 * w,
                                      NoPrefetch(), /*accumulate=*/I > 0);
         } else {
-          panel_product<scalar_t, 4>(rows, h_prev, H, panels + chunk * H * 4 * w, 4 * w, w, H, product, 4 * w,
+          panel_product<scalar_t, 4>(own_rows, h_prev, H, panels + chunk * H * 4 * w, 4 * w, w, H, product, 4 * w,
                                      prefetch);
         }
-        for (int64_t b = 0; b < rows; ++b) {
+        for (int64_t b = 0; b < own_rows; ++b) {
           scalar_t* g = gates_t != nullptr ? gates_t + b * 4 * H + u : nullptr;
           const scalar_t* acc = product + b * 4 * w;
           Vec i = Vec::loadu(acc), fg = Vec::loadu(acc + w), gg = Vec::loadu(acc + 2 * w), o = Vec::loadu(acc + 3 * w);
@@ -367,20 +458,20 @@ void forward_steps(const LayerSizes& s, bool reverse, int64_t first_index, int64
           }
           const int64_t k = b * H + u;
           Vec c, h;
-          lstm_cell_forward<Vec, CellActivations<scalar_t>>(i, fg, gg, o, Vec::loadu(st.c + k, n), c, h);
+          lstm_cell_forward<Vec, CellActivations<scalar_t>>(i, fg, gg, o, Vec::loadu(c_rows + k, n), c, h);
           if (st.keep_gates) {
             i.store(g, n);
             fg.store(g + H, n);
             gg.store(g + 2 * H, n);
             o.store(g + 3 * H, n);
           }
-          c.store(st.c + k, n);
+          c.store(c_rows + k, n);
           if (cells_t != nullptr) c.store(cells_t + k, n);
           h.store(y_t + k, n);
           h.store(h_next + k, n);
         }
       }
-      team_barrier();  // the next step reads every unit of h_t
+      share.step_done();
     }, first_index, end_index);
   }
 }
@@ -485,21 +576,23 @@ void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar
   scalar_t* dh = g.dh.template data_ptr<scalar_t>();
   scalar_t* dc = g.dc.template data_ptr<scalar_t>();
   const int64_t* lengths = s.lengths.data();
-  const int threads = team_threads(s, chunks);
+  const TeamPlan plan = plan_team(s, chunks, packed.numel() * static_cast<int64_t>(sizeof(scalar_t)));
   // Each thread's product of up to kMaxVectors chunks for every row.
-  const at::Tensor products = at::empty({threads, B * kMaxVectors * w}, packed.options());
+  const at::Tensor products = at::empty({plan.threads, B * kMaxVectors * w}, packed.options());
   scalar_t* const product_base = products.data_ptr<scalar_t>();
 
 #ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(plan.threads)
 #endif
   {
-    const auto [first_chunk, last_chunk] = owned_chunks(chunks, team_id(), team_size());
+    const Share share(plan, s, chunks, team_id(), team_size());
+    const int64_t first_chunk = share.first_chunk, last_chunk = share.last_chunk;
     scalar_t* product = product_base + team_id() * B * kMaxVectors * w;
     for_each_active_step(s, !reverse, [&](int64_t, int64_t t, int64_t rows) {
+      const auto [row_begin, row_end] = share.rows_of(rows);
       const scalar_t* gates_t = gates + t * B * 4 * H;
       scalar_t* d_gates_t = d_gates + t * B * 4 * H;
-      for (int64_t b = 0; b < rows; ++b) {
+      for (int64_t b = row_begin; b < row_end; ++b) {
         const int64_t prev = previous_step(t, lengths[b], reverse);
         const scalar_t* c_prev = prev < 0 ? c0 + b * H : cells + (prev * B + b) * H;
         const scalar_t* c_t = cells + (t * B + b) * H;
@@ -522,7 +615,7 @@ void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar
           dc_v.store(dc + k, n);
         }
       }
-      team_barrier();
+      share.step_done();  // by units, the product below reads every unit's d_gates
       // While the product runs, fetch what the next step's pointwise pass reads for these
       // chunks (its gates, grad_y, c_t) and writes (d_gates): cold lines of the reserve otherwise.
       const int64_t next_t = reverse ? t + 1 : t - 1;
@@ -532,9 +625,9 @@ void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar
         const int vectors = static_cast<int>(std::min<int64_t>(kMaxVectors, last_chunk - chunk));
         const int64_t u = chunk * w;
         const int64_t units = std::min<int64_t>(vectors * w, H - u);
-        const auto prefetch = [&](int64_t row0, int tile_rows) {
+        const auto prefetch = [&](int64_t row0, int tile_rows) {  // row0 counts from row_begin
           if (!has_next) return;
-          for (int64_t b = row0; b < row0 + tile_rows; ++b) {
+          for (int64_t b = row_begin + row0; b < row_begin + row0 + tile_rows; ++b) {
             const int64_t row = next_t * B + b;
             for (int64_t unit = u; unit < u + units; unit += w) {
               for (int gate = 0; gate < 4; ++gate) {
@@ -546,10 +639,12 @@ void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar
             }
           }
         };
-        panel_product_vectors<scalar_t>(vectors, rows, d_gates_t, 4 * H, panels + chunk * 4 * H * w, w, 4 * H * w,
-                                        4 * H, product, kMaxVectors * w, prefetch);
-        for (int64_t b = 0; b < rows; ++b)
-          std::memcpy(dh + b * H + u, product + b * kMaxVectors * w, units * sizeof(scalar_t));
+        if (row_end == row_begin) continue;
+        panel_product_vectors<scalar_t>(vectors, row_end - row_begin, d_gates_t + row_begin * 4 * H, 4 * H,
+                                        panels + chunk * 4 * H * w, w, 4 * H * w, 4 * H, product, kMaxVectors * w,
+                                        prefetch);
+        for (int64_t b = row_begin; b < row_end; ++b)
+          std::memcpy(dh + b * H + u, product + (b - row_begin) * kMaxVectors * w, units * sizeof(scalar_t));
       }
     });
   }
