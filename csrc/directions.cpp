@@ -155,11 +155,14 @@ bool any_of(const std::vector<bool>& flags, size_t first, size_t count) {
   return false;
 }
 
-// The LSTM's directions run side by side only up to this hidden size. Paired against one after
-// the other (bidirectional nn.LSTM configs, 2 threads, inference): H = 64 and 128 gained 1.12-1.31x
-// at B = 8-128; H = 256 0.99-1.05x and H = 512 0.95-1.04x, where each direction's loop already
-// keeps both cores busy. (The GRU's per-step loop gained at every size measured, up to H = 256.)
-constexpr int64_t kLargestSideBySideLstm = 128;
+// The directions run side by side only up to this hidden size. Paired against one after the
+// other (bidirectional configs of benchmarks/NOTES.md, 2 threads): the LSTM at H = 64 and 128
+// gained 1.12-1.31x in inference (before the stationary loop's rows split; 1.04-1.24x after it),
+// at H = 256 and 512 0.95-1.05x, where each direction's loop already keeps both cores busy. The
+// GRU gained 1.04-1.13x at H = 256 and 512 too, but side by side both directions' temporaries are
+// alive at once: its training peak memory rose from 73 to 104 MB (B = 64, H = 256) and from 194
+// to 278 MB (B = 128, H = 512), above nn.GRU's 91 and 222 MB. Hence the same limit for both.
+constexpr int64_t kLargestSideBySide = 128;
 
 // --- LSTM ------------------------------------------------------------------------------------
 
@@ -197,7 +200,7 @@ std::vector<optional<Tensor>> lstm_tensors(const Tensor& x, const std::array<Lst
 }
 
 bool lstm_side_by_side(const std::array<LstmDirection, 2>& d, const std::vector<optional<Tensor>>& all) {
-  return d[0].w_ih.size(0) / 4 <= kLargestSideBySideLstm && side_by_side_possible(all);
+  return d[0].w_ih.size(0) / 4 <= kLargestSideBySide && side_by_side_possible(all);
 }
 
 // Each direction a call of its own op, through the dispatcher (so with its own autograd).
@@ -367,6 +370,10 @@ std::vector<optional<Tensor>> gru_tensors(const Tensor& x, const std::array<GruD
   return all;
 }
 
+bool gru_side_by_side(const std::array<GruDirection, 2>& d, const std::vector<optional<Tensor>>& all) {
+  return d[0].w_ih.size(0) / 3 <= kLargestSideBySide && side_by_side_possible(all);
+}
+
 std::vector<Tensor> gru_by_direction(const Tensor& x, const std::array<GruDirection, 2>& d,
                                      const optional<Tensor>& lengths, bool with_grad, bool parallel) {
   static const auto forward_op = op<GruForwardSig>("lstm_fused::gru_layer_forward");
@@ -476,7 +483,7 @@ std::vector<Tensor> gru_layer_bidirectional(const Tensor& x, at::TensorList stat
                                             const OptionalTensors& weights_reverse, const optional<Tensor>& lengths) {
   const auto d = gru_directions(state, weights, weights_reverse);
   const auto all = gru_tensors(x, d, lengths);
-  return gru_by_direction(x, d, lengths, forward_op_wanted(all), side_by_side_possible(all));
+  return gru_by_direction(x, d, lengths, forward_op_wanted(all), gru_side_by_side(d, all));
 }
 
 std::vector<Tensor> gru_layer_bidirectional_autograd(const Tensor& x, at::TensorList state,
@@ -486,7 +493,7 @@ std::vector<Tensor> gru_layer_bidirectional_autograd(const Tensor& x, at::Tensor
   const auto d = gru_directions(state, weights, weights_reverse);
   const auto all = gru_tensors(x, d, lengths);
   const bool with_grad = forward_op_wanted(all);
-  const bool parallel = side_by_side_possible(all);
+  const bool parallel = gru_side_by_side(d, all);
   if (!with_grad || !parallel || cpp_autograd_function_refused()) {
     return gru_by_direction(x, d, lengths, with_grad, parallel);
   }

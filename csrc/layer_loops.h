@@ -78,6 +78,7 @@ struct GruBackwardStep {
                                             //            z*dh (pointwise) + d_hidden_gates W_hh
   scalar_t* d_input_gates = nullptr;        // [rows, 3H] receives the gradients of x W_ih^T + b_ih
   scalar_t* d_hidden_gates = nullptr;       // [rows, 3H] receives the gradients of h W_hh^T + b_hh
+                                            //            (step scratch: not kept after the step)
 };
 
 // Asks Linux to back a large fresh CPU buffer with 2 MB pages, before anything touches it.
@@ -405,7 +406,11 @@ run_gru_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
   const GruReserve r = split_gru_reserve(reserve, s);
   at::Tensor d_input_gates = layer_buffer({T, B, 3 * H}, x.options(), padded);
-  at::Tensor d_hidden_gates = layer_buffer({T, B, 3 * H}, x.options(), padded);
+  // The gradients of h W_hh^T + b_hh are d_input_gates' in the r and z columns and d_n * r in the
+  // n column. Each step writes its own into one [B, 3H] scratch for the recurrent product, and
+  // after the loop d_input_gates becomes them in place, instead of a second [T, B, 3H] buffer
+  // (at B=128, H=512: 27 MB less at the peak).
+  at::Tensor d_hidden_step = at::empty({B, 3 * H}, x.options());
   const at::Tensor h_prev = gather_previous_hidden(y, h0, s, reverse);
   at::Tensor dh = grad_h_n.clone(at::MemoryFormat::Contiguous);
   const at::Tensor grad_y_c = grad_y.contiguous();
@@ -420,16 +425,19 @@ run_gru_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::
     bs.h_prev = h_prev.data_ptr<scalar_t>() + t * B * H;
     bs.grad_y = grad_y_c.data_ptr<scalar_t>() + t * B * H;
     bs.d_input_gates = d_input_gates.data_ptr<scalar_t>() + t * B * 3 * H;
-    bs.d_hidden_gates = d_hidden_gates.data_ptr<scalar_t>() + t * B * 3 * H;
+    bs.d_hidden_gates = d_hidden_step.data_ptr<scalar_t>();
     step(bs);
   });
 
   const at::Tensor d_input_2d = d_input_gates.view({T * B, 3 * H});
-  const at::Tensor d_hidden_2d = d_hidden_gates.view({T * B, 3 * H});
   auto [grad_x, grad_w_ih] = input_gradients(d_input_2d, w_ih, x, wanted);
   if (!wanted.weights) return {grad_x, dh, grad_w_ih, unwanted(x), unwanted(x), unwanted(x)};
-  at::Tensor grad_w_hh = at::mm(d_hidden_2d.t(), h_prev.view({T * B, H}));
-  return {grad_x, dh, grad_w_ih, grad_w_hh, d_input_2d.sum(0), d_hidden_2d.sum(0)};
+  const at::Tensor grad_b_ih = d_input_2d.sum(0);
+  // d_input_gates is no longer needed as such: its n column times r turns it into the gradients
+  // of h W_hh^T + b_hh, in place.
+  d_input_2d.narrow(1, 2 * H, H).mul_(r.gates.view({T * B, 3 * H}).narrow(1, 0, H));
+  at::Tensor grad_w_hh = at::mm(d_input_2d.t(), h_prev.view({T * B, H}));
+  return {grad_x, dh, grad_w_ih, grad_w_hh, grad_b_ih, d_input_2d.sum(0)};
 }
 
 }  // namespace lstm_fused
