@@ -187,16 +187,23 @@ std::array<LstmDirection, 2> lstm_directions(at::TensorList state, const Optiona
   return d;
 }
 
-std::vector<optional<Tensor>> lstm_tensors(const Tensor& x, const std::array<LstmDirection, 2>& d,
+// x, lengths and the tensors of the given directions.
+std::vector<optional<Tensor>> lstm_tensors(const Tensor& x, const std::vector<const LstmDirection*>& directions,
                                            const optional<Tensor>& lengths) {
   std::vector<optional<Tensor>> all = {x, lengths};
-  for (const LstmDirection& a : d) {
-    for (const optional<Tensor>& t : {optional<Tensor>(a.h0), optional<Tensor>(a.c0), optional<Tensor>(a.w_ih),
-                                      optional<Tensor>(a.w_hh), a.b_ih, a.b_hh, a.w_hr}) {
+  for (const LstmDirection* a : directions) {
+    for (const optional<Tensor>& t : {optional<Tensor>(a->h0), optional<Tensor>(a->c0), optional<Tensor>(a->w_ih),
+                                      optional<Tensor>(a->w_hh), a->b_ih, a->b_hh, a->w_hr}) {
       all.push_back(t);
     }
   }
   return all;
+}
+
+// Per direction, whether its forward op must run (a gradient or a tangent is wanted through it).
+std::array<bool, 2> lstm_wants_forward_op(const Tensor& x, const std::array<LstmDirection, 2>& d,
+                                          const optional<Tensor>& lengths) {
+  return {forward_op_wanted(lstm_tensors(x, {&d[0]}, lengths)), forward_op_wanted(lstm_tensors(x, {&d[1]}, lengths))};
 }
 
 bool lstm_side_by_side(const std::array<LstmDirection, 2>& d, const std::vector<optional<Tensor>>& all) {
@@ -205,12 +212,13 @@ bool lstm_side_by_side(const std::array<LstmDirection, 2>& d, const std::vector<
 
 // Each direction a call of its own op, through the dispatcher (so with its own autograd).
 std::vector<Tensor> lstm_by_direction(const Tensor& x, const std::array<LstmDirection, 2>& d,
-                                      const optional<Tensor>& lengths, bool with_grad, bool parallel) {
+                                      const optional<Tensor>& lengths, const std::array<bool, 2>& with_grad,
+                                      bool parallel) {
   static const auto forward_op = op<LstmForwardSig>("lstm_fused::lstm_layer_forward");
   static const auto inference_op = op<LstmInferenceSig>("lstm_fused::lstm_layer_inference");
   const auto results = both_directions<std::tuple<Tensor, Tensor, Tensor>>(parallel, [&](bool reverse) {
     const LstmDirection& a = d[reverse];
-    if (with_grad) {
+    if (with_grad[reverse]) {
       auto [y, h_n, c_n, reserve] =
           forward_op.call(x, a.h0, a.c0, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, lengths, reverse);
       return std::make_tuple(y, h_n, c_n);
@@ -287,6 +295,7 @@ class LstmPairFunction : public torch::autograd::Function<LstmPairFunction> {
     const std::vector<bool> wanted = wanted_inputs(ctx, inputs);
     const bool want_x = wanted[0];
     std::vector<optional<Tensor>> all(saved.begin(), saved.end());
+    all.insert(all.end(), grads.begin(), grads.end());  // a gradient may be a Python subclass too
     const auto grads_of = both_directions<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>>(
         side_by_side_possible(all), [&](bool reverse) {
           const size_t k = 1 + kPerDirection * reverse;
@@ -317,8 +326,8 @@ class LstmPairFunction : public torch::autograd::Function<LstmPairFunction> {
 std::vector<Tensor> lstm_layer_bidirectional(const Tensor& x, at::TensorList state, const OptionalTensors& weights,
                                              const OptionalTensors& weights_reverse, const optional<Tensor>& lengths) {
   const auto d = lstm_directions(state, weights, weights_reverse);
-  const auto all = lstm_tensors(x, d, lengths);
-  return lstm_by_direction(x, d, lengths, forward_op_wanted(all), lstm_side_by_side(d, all));
+  const auto all = lstm_tensors(x, {&d[0], &d[1]}, lengths);
+  return lstm_by_direction(x, d, lengths, lstm_wants_forward_op(x, d, lengths), lstm_side_by_side(d, all));
 }
 
 std::vector<Tensor> lstm_layer_bidirectional_autograd(const Tensor& x, at::TensorList state,
@@ -326,10 +335,12 @@ std::vector<Tensor> lstm_layer_bidirectional_autograd(const Tensor& x, at::Tenso
                                                       const OptionalTensors& weights_reverse,
                                                       const optional<Tensor>& lengths) {
   const auto d = lstm_directions(state, weights, weights_reverse);
-  const auto all = lstm_tensors(x, d, lengths);
-  const bool with_grad = forward_op_wanted(all);
+  const auto all = lstm_tensors(x, {&d[0], &d[1]}, lengths);
+  const std::array<bool, 2> with_grad = lstm_wants_forward_op(x, d, lengths);
   const bool parallel = lstm_side_by_side(d, all);
-  if (!with_grad || !parallel || cpp_autograd_function_refused()) {
+  // The pair function when both directions need their forward op (a direction that needs none runs
+  // its inference op, with no reserve and no backward).
+  if (!with_grad[0] || !with_grad[1] || !parallel || cpp_autograd_function_refused()) {
     return lstm_by_direction(x, d, lengths, with_grad, parallel);
   }
   return LstmPairFunction::apply(x, d[0].h0, d[0].c0, d[0].w_ih, d[0].w_hh, d[0].b_ih, d[0].b_hh, d[0].w_hr, d[1].h0,
@@ -358,16 +369,21 @@ std::array<GruDirection, 2> gru_directions(at::TensorList state, const OptionalT
   return d;
 }
 
-std::vector<optional<Tensor>> gru_tensors(const Tensor& x, const std::array<GruDirection, 2>& d,
+std::vector<optional<Tensor>> gru_tensors(const Tensor& x, const std::vector<const GruDirection*>& directions,
                                           const optional<Tensor>& lengths) {
   std::vector<optional<Tensor>> all = {x, lengths};
-  for (const GruDirection& a : d) {
+  for (const GruDirection* a : directions) {
     for (const optional<Tensor>& t :
-         {optional<Tensor>(a.h0), optional<Tensor>(a.w_ih), optional<Tensor>(a.w_hh), a.b_ih, a.b_hh}) {
+         {optional<Tensor>(a->h0), optional<Tensor>(a->w_ih), optional<Tensor>(a->w_hh), a->b_ih, a->b_hh}) {
       all.push_back(t);
     }
   }
   return all;
+}
+
+std::array<bool, 2> gru_wants_forward_op(const Tensor& x, const std::array<GruDirection, 2>& d,
+                                         const optional<Tensor>& lengths) {
+  return {forward_op_wanted(gru_tensors(x, {&d[0]}, lengths)), forward_op_wanted(gru_tensors(x, {&d[1]}, lengths))};
 }
 
 bool gru_side_by_side(const std::array<GruDirection, 2>& d, const std::vector<optional<Tensor>>& all) {
@@ -375,12 +391,13 @@ bool gru_side_by_side(const std::array<GruDirection, 2>& d, const std::vector<op
 }
 
 std::vector<Tensor> gru_by_direction(const Tensor& x, const std::array<GruDirection, 2>& d,
-                                     const optional<Tensor>& lengths, bool with_grad, bool parallel) {
+                                     const optional<Tensor>& lengths, const std::array<bool, 2>& with_grad,
+                                     bool parallel) {
   static const auto forward_op = op<GruForwardSig>("lstm_fused::gru_layer_forward");
   static const auto inference_op = op<GruInferenceSig>("lstm_fused::gru_layer_inference");
   const auto results = both_directions<std::tuple<Tensor, Tensor>>(parallel, [&](bool reverse) {
     const GruDirection& a = d[reverse];
-    if (with_grad) {
+    if (with_grad[reverse]) {
       auto [y, h_n, reserve] = forward_op.call(x, a.h0, a.w_ih, a.w_hh, a.b_ih, a.b_hh, lengths, reverse);
       return std::make_tuple(y, h_n);
     }
@@ -453,6 +470,7 @@ class GruPairFunction : public torch::autograd::Function<GruPairFunction> {
     const std::vector<bool> wanted = wanted_inputs(ctx, inputs);
     const bool want_x = wanted[0];
     std::vector<optional<Tensor>> all(saved.begin(), saved.end());
+    all.insert(all.end(), grads.begin(), grads.end());  // a gradient may be a Python subclass too
     const auto grads_of = both_directions<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>>(
         side_by_side_possible(all), [&](bool reverse) {
           const size_t k = 1 + kPerDirection * reverse;
@@ -482,8 +500,8 @@ class GruPairFunction : public torch::autograd::Function<GruPairFunction> {
 std::vector<Tensor> gru_layer_bidirectional(const Tensor& x, at::TensorList state, const OptionalTensors& weights,
                                             const OptionalTensors& weights_reverse, const optional<Tensor>& lengths) {
   const auto d = gru_directions(state, weights, weights_reverse);
-  const auto all = gru_tensors(x, d, lengths);
-  return gru_by_direction(x, d, lengths, forward_op_wanted(all), gru_side_by_side(d, all));
+  const auto all = gru_tensors(x, {&d[0], &d[1]}, lengths);
+  return gru_by_direction(x, d, lengths, gru_wants_forward_op(x, d, lengths), gru_side_by_side(d, all));
 }
 
 std::vector<Tensor> gru_layer_bidirectional_autograd(const Tensor& x, at::TensorList state,
@@ -491,10 +509,10 @@ std::vector<Tensor> gru_layer_bidirectional_autograd(const Tensor& x, at::Tensor
                                                      const OptionalTensors& weights_reverse,
                                                      const optional<Tensor>& lengths) {
   const auto d = gru_directions(state, weights, weights_reverse);
-  const auto all = gru_tensors(x, d, lengths);
-  const bool with_grad = forward_op_wanted(all);
+  const auto all = gru_tensors(x, {&d[0], &d[1]}, lengths);
+  const std::array<bool, 2> with_grad = gru_wants_forward_op(x, d, lengths);
   const bool parallel = gru_side_by_side(d, all);
-  if (!with_grad || !parallel || cpp_autograd_function_refused()) {
+  if (!with_grad[0] || !with_grad[1] || !parallel || cpp_autograd_function_refused()) {
     return gru_by_direction(x, d, lengths, with_grad, parallel);
   }
   return GruPairFunction::apply(x, d[0].h0, d[0].w_ih, d[0].w_hh, d[0].b_ih, d[0].b_hh, d[1].h0, d[1].w_ih,

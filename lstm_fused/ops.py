@@ -79,11 +79,16 @@ def side_by_side_possible(x: Tensor) -> bool:
     which run them side by side on the CPU (csrc/directions.cpp; the ops themselves fall back to
     one after the other for tensors or thread states they cannot hand to a second thread). Not
     while tracing (the graph keeps one op per direction), not for half types (computed in float32
-    by lstm_layer / gru_layer), not under forward-mode AD, and only with two threads or more.
+    by lstm_layer / gru_layer), not under forward-mode AD, torch.func transforms or the tracer, and
+    only with two threads or more.
     LSTM_FUSED_SIDE_BY_SIDE=0 switches it off (for measurements)."""
     if torch.compiler.is_compiling():  # first: dynamo cannot trace get_num_threads
         return False
     if os.environ.get("LSTM_FUSED_SIDE_BY_SIDE") == "0":
+        return False
+    # functorch has no vmap fallback for ops with tensor-list arguments, and the tracer cannot
+    # record a Tensor?[] argument: the per-direction ops for both.
+    if torch.jit.is_tracing() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and forward_ad._current_level < 0 and torch.get_num_threads() > 1)

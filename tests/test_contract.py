@@ -310,10 +310,10 @@ def test_parametrized_weights_are_followed_like_torch_nn(torch_class):
         torch.testing.assert_close(a, b)
 
 class Forecaster(nn.Module):
-    def __init__(self, lstm_class):
+    def __init__(self, lstm_class, bidirectional=False):
         super().__init__()
-        self.lstm = lstm_class(3, 8, num_layers=2, batch_first=True)
-        self.head = nn.Linear(8, 1)
+        self.lstm = lstm_class(3, 8, num_layers=2, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(16 if bidirectional else 8, 1)
 
     def forward(self, x):
         out, _ = self.lstm(x)
@@ -372,11 +372,13 @@ def test_torch_export_keeps_the_fused_ops(module_class):
     torch.testing.assert_close(program.module()(x), model(x))
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("module_class", [lstm_fused.LSTM, lstm_fused.GRU])
-def test_torch_jit_trace_matches_eager(module_class):
-    """torch.jit.trace records the fused ops (torch.jit.script is not supported: README)."""
+def test_torch_jit_trace_matches_eager(module_class, bidirectional):
+    """torch.jit.trace records the fused ops (torch.jit.script is not supported: README). The
+    tracer cannot record the bidirectional ops' Tensor?[] arguments: it gets one op per direction."""
     torch.manual_seed(0)
-    model = Forecaster(module_class)
+    model = Forecaster(module_class, bidirectional=bidirectional)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python values it treats as constants
         traced = torch.jit.trace(model, torch.randn(4, 6, 3), check_trace=False)
@@ -466,13 +468,14 @@ def test_torch_func_grad_and_per_sample_grads_match_torch_nn(torch_class, kwargs
             torch.testing.assert_close(per_sample[name][k], expected[name], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("torch_class", [nn.LSTM, nn.GRU])
-def test_torch_func_hessian_and_vmap_match_torch_nn(torch_class):
+def test_torch_func_hessian_and_vmap_match_torch_nn(torch_class, bidirectional):
     """hessian runs grad transforms twice (the layers in differentiable ATen ops); vmap alone keeps
     the fused ops, called per sample by functorch's fallback."""
     from torch.func import hessian, vmap
 
-    ours, ref = _module_pair(torch_class, input_size=2, hidden_size=3)
+    ours, ref = _module_pair(torch_class, input_size=2, hidden_size=3, bidirectional=bidirectional)
     x = torch.randn(3, 1, 2, dtype=torch.float64)
     h_ours, h_ref = (hessian(lambda v, m=m: m(v)[0].sin().sum())(x) for m in (ours, ref))
     torch.testing.assert_close(h_ours, h_ref, rtol=1e-9, atol=1e-12)
@@ -557,12 +560,14 @@ def test_gru_bias_changed_in_place_before_backward_is_accepted_like_nn_gru():
         loss.backward()  # nn.GRU's backward does not read the biases: no version-counter error
 
 
-def test_grad_of_vmap_matches_a_loop():
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_grad_of_vmap_matches_a_loop(bidirectional):
     """grad over a vmapped model (the batched tensors inside vmap report requires_grad False: the
-    forward op must still be chosen)."""
+    forward op must still be chosen; functorch has no vmap fallback for the bidirectional ops'
+    tensor lists, so under a transform the directions go one by one)."""
     from torch.func import functional_call, grad, vmap
 
-    ours, ref = _module_pair(nn.LSTM, input_size=3, hidden_size=4)
+    ours, ref = _module_pair(nn.LSTM, input_size=3, hidden_size=4, bidirectional=bidirectional)
     params = {name: p.detach() for name, p in ref.named_parameters()}
     batch = torch.randn(3, 5, 1, 3, dtype=torch.float64)
 

@@ -223,7 +223,10 @@ def test_pair_function_computes_what_autograd_wants(two_threads, wanted):
     for t in chosen:
         t.requires_grad_(True)
     outs = lstm_op(x, state, weights[0], weights[1], lengths)
-    assert "LstmPairFunction" in outs[0].grad_fn.name()
+    if wanted == "reverse weights only":  # the forward direction needs no gradient: its inference op
+        assert outs[0].grad_fn is None and "PairFunction" not in outs[3].grad_fn.name()
+    else:
+        assert "LstmPairFunction" in outs[0].grad_fn.name()
     gen = torch.Generator().manual_seed(9)
     probes = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
     got = torch.autograd.grad(sum((o * p).sum() for o, p in zip(outs, probes)), chosen)
@@ -243,3 +246,19 @@ def test_opcheck_pair_ops(two_threads):
                                     *[[w.float() if w is not None else None for w in ws] for ws in weights], lengths))
     x, state, weights, lengths = _gru_args64(bias=False, lengths=False)
     torch.library.opcheck(gru_op, (x, state, weights[0], weights[1], lengths))
+
+
+def test_a_direction_that_needs_no_gradient_runs_its_inference_op(two_threads):
+    """With only the forward direction's weights trainable and data as input, the reverse
+    direction needs no reserve and no backward: it takes the inference op, not the pair function."""
+    x, state, weights, lengths = _lstm_args64(bias=True, proj=0, lengths=True)
+    for t in [x, *state] + [w for w in weights[1] if w is not None]:
+        t.requires_grad_(False)
+    outs = lstm_op(x, state, weights[0], weights[1], lengths)
+    assert outs[3].grad_fn is None and outs[0].grad_fn is not None
+    with torch.autograd.profiler.profile() as profile:
+        lstm_op(x, state, weights[0], weights[1], lengths)[0].sum().backward()
+    names = [event.name for event in profile.function_events]
+    assert names.count("lstm_fused::lstm_layer_inference") == 1, names
+    assert names.count("lstm_fused::lstm_layer_forward") == 1
+    assert names.count("lstm_fused::lstm_layer_backward") == 1

@@ -254,7 +254,9 @@ inline int64_t row_boundary(const LayerSizes& s, int id, int count) {
   for (int64_t length : s.lengths) total += length;
   const int64_t target = total * id / count;
   int64_t sum = 0, row = 0;
-  while (row < s.batch && sum + s.lengths[row] <= target) sum += s.lengths[row++];
+  // Take the row while that brings the sum nearer the target (sum + length/2 <= target): rows are
+  // long first, so stopping short of the target would leave the first threads with less work.
+  while (row < s.batch && 2 * sum + s.lengths[row] <= 2 * target) sum += s.lengths[row++];
   return row;
 }
 
