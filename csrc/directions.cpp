@@ -1,5 +1,5 @@
 // Both directions of a bidirectional layer in one call: on the CPU they run side by side, one
-// thread each, when the intra-op pool has two threads or more; elsewhere one after the other.
+// thread each, when the intra-op pool has two threads; elsewhere one after the other.
 //
 // Why: the two directions of a layer are independent. Run one after the other, each spreads its
 // recurrent loop over the cores and pays a barrier per step, or runs on one core when its steps are
@@ -74,7 +74,10 @@ bool plain_cpu(const optional<Tensor>& t) {
 
 bool side_by_side_possible(const std::vector<optional<Tensor>>& tensors) {
 #ifdef _OPENMP
-  if (at::get_num_threads() < 2 || at::in_parallel_region()) return false;
+  // Two threads exactly: the only team size measured. With more, side by side would leave all but
+  // two cores idle (each direction runs single-threaded in the region), so the directions go one
+  // after the other, each on the whole team.
+  if (at::get_num_threads() != 2 || at::in_parallel_region()) return false;
   if (c10::impl::tls_local_dispatch_key_set().included_.has_any(foreign_keys())) return false;
   for (const auto& t : tensors) {
     if (!plain_cpu(t)) return false;

@@ -80,7 +80,7 @@ def side_by_side_possible(x: Tensor) -> bool:
     one after the other for tensors or thread states they cannot hand to a second thread). Not
     while tracing (the graph keeps one op per direction), not for half types (computed in float32
     by lstm_layer / gru_layer), not under forward-mode AD, torch.func transforms or the tracer, and
-    only with two threads or more.
+    only with two threads or more (the ops themselves go side by side with exactly two).
     LSTM_FUSED_SIDE_BY_SIDE=0 switches it off (for measurements)."""
     if torch.compiler.is_compiling():  # first: dynamo cannot trace get_num_threads
         return False

@@ -1,5 +1,5 @@
 """The *_layer_bidirectional ops (csrc/directions.cpp): both directions of a layer in one call, side
-by side on the CPU when torch has two threads or more (an OpenMP worker runs the reverse direction
+by side on the CPU when torch has two threads (an OpenMP worker runs the reverse direction
 under the caller's thread-local state), one after the other otherwise. Whether the two really ran
 concurrently is not observable from here; the speed is measured in benchmarks/ instead."""
 import pytest
@@ -262,3 +262,18 @@ def test_a_direction_that_needs_no_gradient_runs_its_inference_op(two_threads):
     assert names.count("lstm_fused::lstm_layer_inference") == 1, names
     assert names.count("lstm_fused::lstm_layer_forward") == 1
     assert names.count("lstm_fused::lstm_layer_backward") == 1
+
+
+def test_with_another_team_size_the_directions_take_turns():
+    """Side by side is only taken with exactly two threads (the one size measured): with three,
+    each direction runs on the whole team in turn, through its own op and autograd."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        x, state, weights, lengths = _lstm_args64()
+        outs = lstm_op(x, state, weights[0], weights[1], lengths)
+        assert "PairFunction" not in outs[0].grad_fn.name()
+        expected = torch.ops.lstm_fused.lstm_layer_forward(x, state[0], state[1], *weights[0], lengths, False)
+        torch.testing.assert_close(outs[0], expected[0], rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(before)
