@@ -411,7 +411,17 @@ run_gru_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::
   // after the loop d_input_gates becomes them in place, instead of a second [T, B, 3H] buffer
   // (at B=128, H=512: 27 MB less at the peak).
   at::Tensor d_hidden_step = at::empty({B, 3 * H}, x.options());
-  const at::Tensor h_prev = gather_previous_hidden(y, h0, s, reverse);
+  // h_{t-1} of every row at step t is y's previous step, or h0 at the first step, except for a
+  // reverse row shorter than T, which starts from h0 at its own last step (and y is zero there):
+  // only then is h_{t-1} gathered into a [T, B, H] buffer; otherwise it is read where it is.
+  const bool gathered = reverse && padded;
+  const at::Tensor h_prev = gathered ? gather_previous_hidden(y, h0, s, reverse) : at::Tensor();
+  const at::Tensor y_c = y.contiguous(), h0_c = h0.contiguous();
+  const auto h_prev_at = [&](int64_t t) -> const scalar_t* {
+    if (gathered) return h_prev.data_ptr<scalar_t>() + t * B * H;
+    const int64_t prev = reverse ? t + 1 : t - 1;
+    return prev < 0 || prev >= T ? h0_c.data_ptr<scalar_t>() : y_c.data_ptr<scalar_t>() + prev * B * H;
+  };
   at::Tensor dh = grad_h_n.clone(at::MemoryFormat::Contiguous);
   const at::Tensor grad_y_c = grad_y.contiguous();
 
@@ -422,7 +432,7 @@ run_gru_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::
     bs.rows = rows;
     bs.gates = r.gates.data_ptr<scalar_t>() + t * B * 3 * H;
     bs.hidden_n_proj = r.hidden_n_proj.data_ptr<scalar_t>() + t * B * H;
-    bs.h_prev = h_prev.data_ptr<scalar_t>() + t * B * H;
+    bs.h_prev = h_prev_at(t);
     bs.grad_y = grad_y_c.data_ptr<scalar_t>() + t * B * H;
     bs.d_input_gates = d_input_gates.data_ptr<scalar_t>() + t * B * 3 * H;
     bs.d_hidden_gates = d_hidden_step.data_ptr<scalar_t>();
@@ -436,7 +446,19 @@ run_gru_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::
   // d_input_gates is no longer needed as such: its n column times r turns it into the gradients
   // of h W_hh^T + b_hh, in place.
   d_input_2d.narrow(1, 2 * H, H).mul_(r.gates.view({T * B, 3 * H}).narrow(1, 0, H));
-  at::Tensor grad_w_hh = at::mm(d_input_2d.t(), h_prev.view({T * B, H}));
+  at::Tensor grad_w_hh;
+  if (gathered) {
+    grad_w_hh = at::mm(d_input_2d.t(), h_prev.view({T * B, H}));
+  } else if (T > 0) {
+    // The step that starts from h0, then the T - 1 steps whose h_{t-1} is a step of y.
+    const int64_t first = reverse ? T - 1 : 0;
+    grad_w_hh = at::mm(d_input_gates[first].t(), h0_c);
+    const at::Tensor d_rest = d_input_gates.narrow(0, reverse ? 0 : 1, T - 1).reshape({(T - 1) * B, 3 * H});
+    const at::Tensor y_rest = y_c.narrow(0, reverse ? 1 : 0, T - 1).reshape({(T - 1) * B, H});
+    grad_w_hh.addmm_(d_rest.t(), y_rest);
+  } else {
+    grad_w_hh = at::zeros({3 * H, H}, x.options());
+  }
   return {grad_x, dh, grad_w_ih, grad_w_hh, grad_b_ih, d_input_2d.sum(0)};
 }
 
