@@ -171,12 +171,16 @@ constexpr int64_t kLargestSideBySide = 128;
 
 // One direction's arguments of lstm_layer_forward, after x.
 struct LstmDirection {
+  static constexpr int64_t kGates = 4;
   Tensor h0, c0, w_ih, w_hh;
   optional<Tensor> b_ih, b_hh, w_hr;
+  // Both directions' arguments from the op's.
+  static std::array<LstmDirection, 2> read(at::TensorList state, const OptionalTensors& weights,
+                                           const OptionalTensors& weights_reverse);
 };
 
-std::array<LstmDirection, 2> lstm_directions(at::TensorList state, const OptionalTensors& weights,
-                                             const OptionalTensors& weights_reverse) {
+std::array<LstmDirection, 2> LstmDirection::read(at::TensorList state, const OptionalTensors& weights,
+                                                 const OptionalTensors& weights_reverse) {
   TORCH_CHECK(state.size() == 4, "lstm_layer_bidirectional: state is [h0, c0, h0_reverse, c0_reverse]");
   TORCH_CHECK(weights.size() == 5 && weights_reverse.size() == 5,
               "lstm_layer_bidirectional: weights are [w_ih, w_hh, b_ih, b_hh, w_hr] per direction");
@@ -191,8 +195,8 @@ std::array<LstmDirection, 2> lstm_directions(at::TensorList state, const Optiona
 }
 
 // x, lengths and the tensors of the given directions.
-std::vector<optional<Tensor>> lstm_tensors(const Tensor& x, const std::vector<const LstmDirection*>& directions,
-                                           const optional<Tensor>& lengths) {
+std::vector<optional<Tensor>> direction_tensors(const Tensor& x, const std::vector<const LstmDirection*>& directions,
+                                                const optional<Tensor>& lengths) {
   std::vector<optional<Tensor>> all = {x, lengths};
   for (const LstmDirection* a : directions) {
     for (const optional<Tensor>& t : {optional<Tensor>(a->h0), optional<Tensor>(a->c0), optional<Tensor>(a->w_ih),
@@ -203,20 +207,10 @@ std::vector<optional<Tensor>> lstm_tensors(const Tensor& x, const std::vector<co
   return all;
 }
 
-// Per direction, whether its forward op must run (a gradient or a tangent is wanted through it).
-std::array<bool, 2> lstm_wants_forward_op(const Tensor& x, const std::array<LstmDirection, 2>& d,
-                                          const optional<Tensor>& lengths) {
-  return {forward_op_wanted(lstm_tensors(x, {&d[0]}, lengths)), forward_op_wanted(lstm_tensors(x, {&d[1]}, lengths))};
-}
-
-bool lstm_side_by_side(const std::array<LstmDirection, 2>& d, const std::vector<optional<Tensor>>& all) {
-  return d[0].w_ih.size(0) / 4 <= kLargestSideBySide && side_by_side_possible(all);
-}
-
 // Each direction a call of its own op, through the dispatcher (so with its own autograd).
-std::vector<Tensor> lstm_by_direction(const Tensor& x, const std::array<LstmDirection, 2>& d,
-                                      const optional<Tensor>& lengths, const std::array<bool, 2>& with_grad,
-                                      bool parallel) {
+std::vector<Tensor> by_direction(const Tensor& x, const std::array<LstmDirection, 2>& d,
+                                 const optional<Tensor>& lengths, const std::array<bool, 2>& with_grad,
+                                 bool parallel) {
   static const auto forward_op = op<LstmForwardSig>("lstm_fused::lstm_layer_forward");
   static const auto inference_op = op<LstmInferenceSig>("lstm_fused::lstm_layer_inference");
   const auto results = both_directions<std::tuple<Tensor, Tensor, Tensor>>(parallel, [&](bool reverse) {
@@ -325,40 +319,18 @@ class LstmPairFunction : public torch::autograd::Function<LstmPairFunction> {
   }
 };
 
-// Below autograd (inference mode), and wherever no gradient is wanted.
-std::vector<Tensor> lstm_layer_bidirectional(const Tensor& x, at::TensorList state, const OptionalTensors& weights,
-                                             const OptionalTensors& weights_reverse, const optional<Tensor>& lengths) {
-  const auto d = lstm_directions(state, weights, weights_reverse);
-  const auto all = lstm_tensors(x, {&d[0], &d[1]}, lengths);
-  return lstm_by_direction(x, d, lengths, lstm_wants_forward_op(x, d, lengths), lstm_side_by_side(d, all));
-}
-
-std::vector<Tensor> lstm_layer_bidirectional_autograd(const Tensor& x, at::TensorList state,
-                                                      const OptionalTensors& weights,
-                                                      const OptionalTensors& weights_reverse,
-                                                      const optional<Tensor>& lengths) {
-  const auto d = lstm_directions(state, weights, weights_reverse);
-  const auto all = lstm_tensors(x, {&d[0], &d[1]}, lengths);
-  const std::array<bool, 2> with_grad = lstm_wants_forward_op(x, d, lengths);
-  const bool parallel = lstm_side_by_side(d, all);
-  // The pair function when both directions need their forward op (a direction that needs none runs
-  // its inference op, with no reserve and no backward).
-  if (!with_grad[0] || !with_grad[1] || !parallel || cpp_autograd_function_refused()) {
-    return lstm_by_direction(x, d, lengths, with_grad, parallel);
-  }
-  return LstmPairFunction::apply(x, d[0].h0, d[0].c0, d[0].w_ih, d[0].w_hh, d[0].b_ih, d[0].b_hh, d[0].w_hr, d[1].h0,
-                                 d[1].c0, d[1].w_ih, d[1].w_hh, d[1].b_ih, d[1].b_hh, d[1].w_hr, lengths);
-}
-
 // --- GRU -------------------------------------------------------------------------------------
 
 struct GruDirection {
+  static constexpr int64_t kGates = 3;
   Tensor h0, w_ih, w_hh;
   optional<Tensor> b_ih, b_hh;
+  static std::array<GruDirection, 2> read(at::TensorList state, const OptionalTensors& weights,
+                                          const OptionalTensors& weights_reverse);
 };
 
-std::array<GruDirection, 2> gru_directions(at::TensorList state, const OptionalTensors& weights,
-                                           const OptionalTensors& weights_reverse) {
+std::array<GruDirection, 2> GruDirection::read(at::TensorList state, const OptionalTensors& weights,
+                                               const OptionalTensors& weights_reverse) {
   TORCH_CHECK(state.size() == 2, "gru_layer_bidirectional: state is [h0, h0_reverse]");
   TORCH_CHECK(weights.size() == 4 && weights_reverse.size() == 4,
               "gru_layer_bidirectional: weights are [w_ih, w_hh, b_ih, b_hh] per direction");
@@ -372,8 +344,8 @@ std::array<GruDirection, 2> gru_directions(at::TensorList state, const OptionalT
   return d;
 }
 
-std::vector<optional<Tensor>> gru_tensors(const Tensor& x, const std::vector<const GruDirection*>& directions,
-                                          const optional<Tensor>& lengths) {
+std::vector<optional<Tensor>> direction_tensors(const Tensor& x, const std::vector<const GruDirection*>& directions,
+                                                const optional<Tensor>& lengths) {
   std::vector<optional<Tensor>> all = {x, lengths};
   for (const GruDirection* a : directions) {
     for (const optional<Tensor>& t :
@@ -384,18 +356,9 @@ std::vector<optional<Tensor>> gru_tensors(const Tensor& x, const std::vector<con
   return all;
 }
 
-std::array<bool, 2> gru_wants_forward_op(const Tensor& x, const std::array<GruDirection, 2>& d,
-                                         const optional<Tensor>& lengths) {
-  return {forward_op_wanted(gru_tensors(x, {&d[0]}, lengths)), forward_op_wanted(gru_tensors(x, {&d[1]}, lengths))};
-}
-
-bool gru_side_by_side(const std::array<GruDirection, 2>& d, const std::vector<optional<Tensor>>& all) {
-  return d[0].w_ih.size(0) / 3 <= kLargestSideBySide && side_by_side_possible(all);
-}
-
-std::vector<Tensor> gru_by_direction(const Tensor& x, const std::array<GruDirection, 2>& d,
-                                     const optional<Tensor>& lengths, const std::array<bool, 2>& with_grad,
-                                     bool parallel) {
+std::vector<Tensor> by_direction(const Tensor& x, const std::array<GruDirection, 2>& d,
+                                 const optional<Tensor>& lengths, const std::array<bool, 2>& with_grad,
+                                 bool parallel) {
   static const auto forward_op = op<GruForwardSig>("lstm_fused::gru_layer_forward");
   static const auto inference_op = op<GruInferenceSig>("lstm_fused::gru_layer_inference");
   const auto results = both_directions<std::tuple<Tensor, Tensor>>(parallel, [&](bool reverse) {
@@ -500,26 +463,44 @@ class GruPairFunction : public torch::autograd::Function<GruPairFunction> {
   }
 };
 
-std::vector<Tensor> gru_layer_bidirectional(const Tensor& x, at::TensorList state, const OptionalTensors& weights,
-                                            const OptionalTensors& weights_reverse, const optional<Tensor>& lengths) {
-  const auto d = gru_directions(state, weights, weights_reverse);
-  const auto all = gru_tensors(x, {&d[0], &d[1]}, lengths);
-  return gru_by_direction(x, d, lengths, gru_wants_forward_op(x, d, lengths), gru_side_by_side(d, all));
+// --- Both cells -------------------------------------------------------------------------------
+
+std::vector<Tensor> pair_function(const Tensor& x, const std::array<LstmDirection, 2>& d,
+                                  const optional<Tensor>& lengths) {
+  return LstmPairFunction::apply(x, d[0].h0, d[0].c0, d[0].w_ih, d[0].w_hh, d[0].b_ih, d[0].b_hh, d[0].w_hr, d[1].h0,
+                                 d[1].c0, d[1].w_ih, d[1].w_hh, d[1].b_ih, d[1].b_hh, d[1].w_hr, lengths);
 }
 
-std::vector<Tensor> gru_layer_bidirectional_autograd(const Tensor& x, at::TensorList state,
-                                                     const OptionalTensors& weights,
-                                                     const OptionalTensors& weights_reverse,
-                                                     const optional<Tensor>& lengths) {
-  const auto d = gru_directions(state, weights, weights_reverse);
-  const auto all = gru_tensors(x, {&d[0], &d[1]}, lengths);
-  const std::array<bool, 2> with_grad = gru_wants_forward_op(x, d, lengths);
-  const bool parallel = gru_side_by_side(d, all);
-  if (!with_grad[0] || !with_grad[1] || !parallel || cpp_autograd_function_refused()) {
-    return gru_by_direction(x, d, lengths, with_grad, parallel);
-  }
+std::vector<Tensor> pair_function(const Tensor& x, const std::array<GruDirection, 2>& d,
+                                  const optional<Tensor>& lengths) {
   return GruPairFunction::apply(x, d[0].h0, d[0].w_ih, d[0].w_hh, d[0].b_ih, d[0].b_hh, d[1].h0, d[1].w_ih,
                                 d[1].w_hh, d[1].b_ih, d[1].b_hh, lengths);
+}
+
+// Both directions of a layer. With `may_pair` (the Autograd kernel) the pair function runs when
+// both directions need their forward op and may go side by side; otherwise each direction is its
+// own op: the inference op for a direction that needs no gradient (no reserve, no backward).
+template <typename Direction>
+std::vector<Tensor> bidirectional(const Tensor& x, at::TensorList state, const OptionalTensors& weights,
+                                  const OptionalTensors& weights_reverse, const optional<Tensor>& lengths,
+                                  bool may_pair) {
+  const std::array<Direction, 2> d = Direction::read(state, weights, weights_reverse);
+  using Directions = std::vector<const Direction*>;
+  const std::array<bool, 2> with_grad = {forward_op_wanted(direction_tensors(x, Directions{&d[0]}, lengths)),
+                                         forward_op_wanted(direction_tensors(x, Directions{&d[1]}, lengths))};
+  const bool parallel = d[0].w_ih.size(0) / Direction::kGates <= kLargestSideBySide &&
+                        side_by_side_possible(direction_tensors(x, Directions{&d[0], &d[1]}, lengths));
+  if (may_pair && with_grad[0] && with_grad[1] && parallel && !cpp_autograd_function_refused()) {
+    return pair_function(x, d, lengths);
+  }
+  return by_direction(x, d, lengths, with_grad, parallel);
+}
+
+// The kernels: CompositeExplicitAutograd (below autograd: inference mode) and Autograd.
+template <typename Direction, bool kMayPair>
+std::vector<Tensor> bidirectional_kernel(const Tensor& x, at::TensorList state, const OptionalTensors& weights,
+                                         const OptionalTensors& weights_reverse, const optional<Tensor>& lengths) {
+  return bidirectional<Direction>(x, state, weights, weights_reverse, lengths, kMayPair);
 }
 
 }  // namespace
@@ -541,11 +522,11 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
 }
 
 TORCH_LIBRARY_IMPL(lstm_fused, CompositeExplicitAutograd, m) {
-  m.impl("lstm_layer_bidirectional", &lstm_fused::lstm_layer_bidirectional);
-  m.impl("gru_layer_bidirectional", &lstm_fused::gru_layer_bidirectional);
+  m.impl("lstm_layer_bidirectional", &lstm_fused::bidirectional_kernel<lstm_fused::LstmDirection, false>);
+  m.impl("gru_layer_bidirectional", &lstm_fused::bidirectional_kernel<lstm_fused::GruDirection, false>);
 }
 
 TORCH_LIBRARY_IMPL(lstm_fused, Autograd, m) {
-  m.impl("lstm_layer_bidirectional", &lstm_fused::lstm_layer_bidirectional_autograd);
-  m.impl("gru_layer_bidirectional", &lstm_fused::gru_layer_bidirectional_autograd);
+  m.impl("lstm_layer_bidirectional", &lstm_fused::bidirectional_kernel<lstm_fused::LstmDirection, true>);
+  m.impl("gru_layer_bidirectional", &lstm_fused::bidirectional_kernel<lstm_fused::GruDirection, true>);
 }
