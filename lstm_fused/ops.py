@@ -16,13 +16,22 @@ _forward = torch.ops.lstm_fused.lstm_layer_forward
 _inference = torch.ops.lstm_fused.lstm_layer_inference
 
 
+_DIFFERENTIATING_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+
+
 def _needs_grad(*tensors) -> bool:
     """Whether the forward op (with its autograd) must run rather than the inference op: some
     argument requires grad, forward-mode AD is active (a dual level is open; grad mode does not
-    switch it off, and csrc/autograd.cpp gives tangents their own path), or a torch.func transform
-    is (inside vmap the batched tensors say they need no grad even under an outer grad)."""
-    if forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
+    switch it off, and csrc/autograd.cpp gives tangents their own path), or a torch.func grad or
+    jvp transform is (inside an inner vmap the batched tensors say they need no grad)."""
+    if forward_ad._current_level >= 0:
         return True
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        if torch.compiler.is_compiling():  # dynamo cannot trace get_interpreter_stack
+            return True
+        if any(interpreter.key() in _DIFFERENTIATING_TRANSFORMS
+               for interpreter in torch._C._functorch.get_interpreter_stack()):
+            return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

@@ -580,3 +580,17 @@ def test_grad_of_vmap_matches_a_loop(bidirectional):
     expected = torch.autograd.grad(sum(ref(v)[0].pow(2).sum() for v in batch), list(ref.parameters()))
     for (name, g), e in zip(got.items(), expected):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def test_plain_vmap_without_grad_takes_the_inference_op():
+    """Under vmap alone with no gradient wanted, the layers keep no reserve (the inference op);
+    under an outer grad transform they take the forward op (checked in test_grad_of_vmap...)."""
+    from torch.func import vmap
+
+    ours, _ = _module_pair(nn.LSTM, input_size=3, hidden_size=4)
+    batch = torch.randn(3, 5, 1, 3, dtype=torch.float64)
+    with torch.no_grad(), warnings.catch_warnings(), torch.autograd.profiler.profile() as profile:
+        warnings.simplefilter("ignore")  # functorch's note that the ops have no batching rule
+        vmap(lambda v: ours(v)[0])(batch)
+    names = {event.name for event in profile.function_events}
+    assert "lstm_fused::lstm_layer_inference" in names and "lstm_fused::lstm_layer_forward" not in names, names
