@@ -51,7 +51,6 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     ctx->save_for_backward({x, h0, c0, w_ih, w_hh, or_undefined(w_hr), or_undefined(lengths), y, reserve,
                             or_undefined(b_ih), or_undefined(b_hh)});
     ctx->saved_data["reverse"] = reverse;
-    ctx->saved_data["has_bias"] = b_ih.has_value() && b_ih->defined();
     ctx->set_materialize_grads(false);
     *reserve_out = reserve;
     return {y, h_n, c_n};
@@ -62,20 +61,21 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &h0 = saved[1], &c0 = saved[2], &w_ih = saved[3], &w_hh = saved[4];
     const Tensor &w_hr = saved[5], &lengths = saved[6], &y = saved[7], &reserve = saved[8];
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool reverse = ctx->saved_data["reverse"].toBool();
+    const variable_list inputs = {x, h0, c0, w_ih, w_hh, saved[9], saved[10], w_hr};  // the order of forward
+    const bool has_bias = inputs[5].defined();
     if (at::GradMode::is_enabled()) {  // create_graph=True: the engine runs backward with grad mode on
       const variable_list g = differentiable_gradients(
-          ctx, grads, {x, h0, c0, w_ih, w_hh, saved[9], saved[10], w_hr}, [&](const variable_list& a) {
+          ctx, grads, inputs, [&](const variable_list& a) {
             auto [y_again, h_n, c_n] = lstm_layer_composite(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], lengths,
                                                             reverse);
             return variable_list{y_again, h_n, c_n};
           });
       return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], Tensor(), Tensor(), Tensor()};
     }
-    // Inputs 0-2 are x, h0, c0; then w_ih, w_hh, the biases and w_hr where given.
-    const bool want_x = ctx->needs_input_grad(0);
-    const bool want_weights = any_wanted(ctx, 3, 2 + (has_bias ? 2 : 0) + (w_hr.defined() ? 1 : 0));
+    const std::vector<bool> wanted = wanted_inputs(ctx, inputs);
+    const bool want_x = wanted[0];
+    const bool want_weights = any_of(wanted, 3, 5);  // w_ih, w_hh, the biases, w_hr
     auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
         backward_op.call(or_zeros(grads[0], y), or_zeros(grads[1], h0), or_zeros(grads[2], c0), x, h0, c0, w_ih,
                          w_hh, as_optional(w_hr), y, reserve, as_optional(lengths), reverse, want_x,
@@ -103,7 +103,6 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
     ctx->saved_data["b_ih"] = or_undefined(b_ih);
     ctx->saved_data["b_hh"] = or_undefined(b_hh);
     ctx->saved_data["reverse"] = reverse;
-    ctx->saved_data["has_bias"] = b_ih.has_value() && b_ih->defined();
     ctx->set_materialize_grads(false);
     *reserve_out = reserve;
     return {y, h_n};
@@ -116,19 +115,21 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
     const Tensor &lengths = saved[4], &y = saved[5], &reserve = saved[6];
     // b_ih and b_hh are both given or both absent (the op checks it); an absent argument gets
     // an undefined gradient. Inputs 0-1 are x, h0; then w_ih, w_hh and the biases where given.
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool reverse = ctx->saved_data["reverse"].toBool();
+    const variable_list inputs = {x, h0, w_ih, w_hh, ctx->saved_data["b_ih"].toTensor(),
+                                  ctx->saved_data["b_hh"].toTensor()};
+    const bool has_bias = inputs[4].defined();
     if (at::GradMode::is_enabled()) {  // create_graph=True, as for the LSTM
-      const Tensor b_ih = ctx->saved_data["b_ih"].toTensor(), b_hh = ctx->saved_data["b_hh"].toTensor();
       const variable_list g =
-          differentiable_gradients(ctx, grads, {x, h0, w_ih, w_hh, b_ih, b_hh}, [&](const variable_list& a) {
+          differentiable_gradients(ctx, grads, inputs, [&](const variable_list& a) {
             auto [y_again, h_n] = gru_layer_composite(a[0], a[1], a[2], a[3], a[4], a[5], lengths, reverse);
             return variable_list{y_again, h_n};
           });
       return {g[0], g[1], g[2], g[3], g[4], g[5], Tensor(), Tensor(), Tensor()};
     }
-    const bool want_x = ctx->needs_input_grad(0);
-    const bool want_weights = any_wanted(ctx, 2, 2 + (has_bias ? 2 : 0));
+    const std::vector<bool> wanted = wanted_inputs(ctx, inputs);
+    const bool want_x = wanted[0];
+    const bool want_weights = any_of(wanted, 2, 4);  // w_ih, w_hh, the biases
     auto [grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
         backward_op.call(or_zeros(grads[0], y), or_zeros(grads[1], h0), x, h0, w_ih, w_hh, y, reserve,
                          as_optional(lengths), reverse, want_x, want_weights);

@@ -48,11 +48,21 @@ inline Tensor or_zeros(const Tensor& grad, const Tensor& like) {
   return grad.defined() ? grad : at::zeros_like(like, at::MemoryFormat::Contiguous);
 }
 
-// Whether autograd wants the gradient of any of the inputs [first, first + count), counted as
-// the autograd function counts them: tensor arguments only, absent optional ones skipped.
-inline bool any_wanted(AutogradContext* ctx, size_t first, size_t count) {
-  for (size_t index = first; index < first + count; ++index) {
-    if (ctx->needs_input_grad(index)) return true;
+// Which of `inputs` (the function's tensor arguments in order, undefined for absent optional
+// ones) autograd wants gradients for: needs_input_grad counts the present ones only.
+inline std::vector<bool> wanted_inputs(AutogradContext* ctx, const variable_list& inputs) {
+  std::vector<bool> wanted(inputs.size(), false);
+  size_t edge = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (inputs[i].defined()) wanted[i] = ctx->needs_input_grad(edge++);
+  }
+  return wanted;
+}
+
+// Whether any of flags [first, first + count) is set.
+inline bool any_of(const std::vector<bool>& flags, size_t first, size_t count) {
+  for (size_t i = first; i < first + count; ++i) {
+    if (flags[i]) return true;
   }
   return false;
 }
@@ -99,12 +109,12 @@ inline bool any_tangent(std::initializer_list<const Tensor*> tensors) {
 template <typename Recompute>
 variable_list differentiable_gradients(AutogradContext* ctx, const variable_list& grads, const variable_list& inputs,
                                        const Recompute& recompute) {
+  const std::vector<bool> needed = wanted_inputs(ctx, inputs);
   variable_list aliases(inputs.size()), wanted;
   std::vector<size_t> slots;
-  size_t edge = 0;  // needs_input_grad counts tensor arguments, absent optional ones skipped
   for (size_t i = 0; i < inputs.size(); ++i) {
     if (!inputs[i].defined()) continue;
-    const bool want = ctx->needs_input_grad(edge++) && inputs[i].requires_grad();
+    const bool want = needed[i] && inputs[i].requires_grad();
     aliases[i] = want ? inputs[i].view_as(inputs[i]) : inputs[i];
     if (want) {
       wanted.push_back(aliases[i]);

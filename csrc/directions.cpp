@@ -140,24 +140,6 @@ std::array<Result, 2> both_directions(bool parallel, const Run& run) {
   return results;
 }
 
-// Which of `inputs` (tensor arguments in order, undefined for absent optional ones) autograd
-// wants gradients for: needs_input_grad counts the present ones only.
-std::vector<bool> wanted_inputs(AutogradContext* ctx, const variable_list& inputs) {
-  std::vector<bool> wanted(inputs.size(), false);
-  size_t edge = 0;
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    if (inputs[i].defined()) wanted[i] = ctx->needs_input_grad(edge++);
-  }
-  return wanted;
-}
-
-bool any_of(const std::vector<bool>& flags, size_t first, size_t count) {
-  for (size_t i = first; i < first + count; ++i) {
-    if (flags[i]) return true;
-  }
-  return false;
-}
-
 // The directions run side by side only up to this hidden size. Paired against one after the
 // other (bidirectional configs of benchmarks/NOTES.md, 2 threads): the LSTM at H = 64 and 128
 // gained 1.12-1.31x in inference (before the stationary loop's rows split; 1.04-1.24x after it),
@@ -303,7 +285,7 @@ class LstmPairFunction : public torch::autograd::Function<LstmPairFunction> {
                                   want_x, any_of(wanted, k + 2, 5));
         });
     result.assign(inputs.size() + 1, Tensor());
-    if (want_x) result[0] = std::get<0>(grads_of[0]) + std::get<0>(grads_of[1]);
+    if (want_x) result[0] = std::get<0>(grads_of[0]).add_(std::get<0>(grads_of[1]));  // fresh: summed in place
     for (int r = 0; r < 2; ++r) {
       const size_t k = 1 + kPerDirection * r;
       const auto& [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = grads_of[r];
@@ -446,7 +428,7 @@ class GruPairFunction : public torch::autograd::Function<GruPairFunction> {
                                   as_optional(lengths), reverse, want_x, any_of(wanted, k + 1, 4));
         });
     result.assign(inputs.size() + 1, Tensor());
-    if (want_x) result[0] = std::get<0>(grads_of[0]) + std::get<0>(grads_of[1]);
+    if (want_x) result[0] = std::get<0>(grads_of[0]).add_(std::get<0>(grads_of[1]));  // fresh: summed in place
     for (int r = 0; r < 2; ++r) {
       const size_t k = 1 + kPerDirection * r;
       const auto& [grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] = grads_of[r];

@@ -90,22 +90,19 @@ class _FusedRNNBase(nn.RNNBase):
         final: List[States] = []
         layer_input = x
         for layer in range(self.num_layers):
-            outputs = []
+            weights = [[w.to(x.dtype) for w in self._layer_weights(layer, direction)]
+                       for direction in range(num_directions)]
+            states = [tuple(s[layer * num_directions + direction] for s in hx) for direction in range(num_directions)]
             if num_directions == 2 and side_by_side_possible(layer_input):
-                states = [s[2 * layer + direction] for direction in (0, 1) for s in hx]
-                weights = [self._op_weights([w.to(x.dtype) for w in self._layer_weights(layer, direction)])
-                           for direction in (0, 1)]
-                results = self._bidirectional_op(layer_input, states, weights[0], weights[1], lengths)
+                results = self._bidirectional_op(layer_input, [*states[0], *states[1]], self._op_weights(weights[0]),
+                                                 self._op_weights(weights[1]), lengths)
                 half = len(results) // 2
-                for part in (results[:half], results[half:]):
-                    outputs.append(part[0])
-                    final.append(tuple(part[1:]))
-            for direction in range(num_directions if not outputs else 0):
-                k = layer * num_directions + direction
-                weights = [w.to(x.dtype) for w in self._layer_weights(layer, direction)]
-                y, state = self._run_layer(layer_input, tuple(s[k] for s in hx), weights, lengths, direction == 1)
-                outputs.append(y)
-                final.append(state)
+                runs = [(part[0], tuple(part[1:])) for part in (results[:half], results[half:])]
+            else:
+                runs = [self._run_layer(layer_input, states[direction], weights[direction], lengths, direction == 1)
+                        for direction in range(num_directions)]
+            outputs = [y for y, _ in runs]
+            final.extend(state for _, state in runs)
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)

@@ -1,7 +1,7 @@
 """The *_layer_bidirectional ops (csrc/directions.cpp): both directions of a layer in one call, side
 by side on the CPU when torch has two threads (an OpenMP worker runs the reverse direction
-under the caller's thread-local state), one after the other otherwise. Whether the two really ran
-concurrently is not observable from here; the speed is measured in benchmarks/ instead."""
+under the caller's thread-local state), one after the other otherwise. That the two directions ran
+on two threads is seen in the profiler's thread ids; the speed is measured in benchmarks/."""
 import pytest
 import torch
 from torch import nn
@@ -277,3 +277,26 @@ def test_with_another_team_size_the_directions_take_turns():
         torch.testing.assert_close(outs[0], expected[0], rtol=0, atol=0)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_the_directions_run_on_two_threads(two_threads, mode):
+    """With two threads, the two directions' ops (forward and, in training, backward) are seen by
+    the profiler on two different threads; with one, on one."""
+    x, state, weights, lengths = _lstm_args64()
+    op_name = "lstm_fused::lstm_layer_forward" if mode == "training" else "lstm_fused::lstm_layer_inference"
+
+    def threads_of(names):
+        with torch.autograd.profiler.profile() as profile:
+            with torch.set_grad_enabled(mode == "training"):
+                outs = lstm_op(x, state, weights[0], weights[1], lengths)
+            if mode == "training":
+                sum(o.sum() for o in outs).backward()
+        return {name: {e.thread for e in profile.function_events if e.name == name} for name in names}
+
+    names = [op_name] + (["lstm_fused::lstm_layer_backward"] if mode == "training" else [])
+    for name, threads in threads_of(names).items():
+        assert len(threads) == 2, (name, threads)
+    torch.set_num_threads(1)
+    for name, threads in threads_of(names).items():
+        assert len(threads) == 1, (name, threads)

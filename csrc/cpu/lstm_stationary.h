@@ -196,14 +196,18 @@ inline double step_flops(const LayerSizes& s) {
 // per chunk, and one when called from inside a parallel region (a nested team would get one
 // thread anyway). LSTM_FUSED_CPU_THREADS=n asks for n (up to one per chunk) whatever the step
 // size: for measurements, and for tests of the partitioning on small shapes.
-inline int team_threads(const LayerSizes& s, int64_t chunks) {
-  if (at::in_parallel_region()) return 1;
-  int64_t threads = step_flops(s) < kSingleThreadStep ? 1 : at::get_num_threads();
+// `threads`, or LSTM_FUSED_CPU_THREADS where set, between 1 and `most`.
+inline int threads_within(int64_t threads, int64_t most) {
   if (const char* setting = std::getenv("LSTM_FUSED_CPU_THREADS")) {
     const long value = std::strtol(setting, nullptr, 10);
     if (value > 0) threads = value;
   }
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, chunks)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, most)));
+}
+
+inline int team_threads(const LayerSizes& s, int64_t chunks) {
+  if (at::in_parallel_region()) return 1;
+  return threads_within(step_flops(s) < kSingleThreadStep ? 1 : at::get_num_threads(), chunks);
 }
 
 // How a team shares each step. By units: each thread owns a range of hidden units (chunks) for
@@ -235,12 +239,7 @@ inline TeamPlan plan_team(const LayerSizes& s, int64_t chunks, int64_t panel_byt
     plan.threads = team_threads(s, chunks);
     return plan;
   }
-  int64_t threads = at::get_num_threads();
-  if (const char* setting = std::getenv("LSTM_FUSED_CPU_THREADS")) {
-    const long value = std::strtol(setting, nullptr, 10);
-    if (value > 0) threads = value;
-  }
-  plan.threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, s.batch)));
+  plan.threads = threads_within(at::get_num_threads(), s.batch);
   plan.by_rows = plan.threads > 1;
   return plan;
 }
