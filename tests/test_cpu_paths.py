@@ -12,7 +12,8 @@ from lstm_fused.reference import gru_layer_reference, lstm_layer_reference
 from test_ops import make_gru_args, make_layer_args, outputs_and_grads, random_lengths
 
 # Sizes chosen for the stationary loop's edges: H below, at and across one SIMD vector (16 float
-# lanes, 8 double), fewer chunks than threads, row counts that do not fill a 6-row tile.
+# lanes, 8 double), fewer chunks than threads, row counts that do not fill a 6-row tile, and H a
+# whole number of vectors in both dtypes (no zero lanes in the packed weights).
 SHAPES = [
     # T, B, I, H
     (5, 1, 3, 1),
@@ -20,6 +21,7 @@ SHAPES = [
     (6, 13, 5, 17),
     (3, 32, 8, 40),
     (2, 9, 4, 100),
+    (3, 6, 19, 32),
 ]
 
 

@@ -331,18 +331,21 @@ template <typename scalar_t>
 at::Tensor pack_forward(const at::Tensor& weight_in, int64_t H) {
   constexpr int64_t w = lanes<scalar_t>();
   const int64_t chunks = chunk_count<scalar_t>(H), K = weight_in.size(1);
-  at::Tensor packed = at::zeros({chunks, K, 4, w}, weight_in.options());
+  // Only the lanes past H need zeros.
+  at::Tensor packed = H % w == 0 ? at::empty({chunks, K, 4, w}, weight_in.options())
+                                 : at::zeros({chunks, K, 4, w}, weight_in.options());
   const at::Tensor weight = weight_in.contiguous();
   const scalar_t* src = weight.data_ptr<scalar_t>();
   scalar_t* dst = packed.data_ptr<scalar_t>();
+  // Each (chunk, gate) block is a transpose of n rows of K (16 x 16 register tiles with AVX-512):
+  // the element-by-element copy, with its stores 4w apart, was ~4% of an inference at H = 256.
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c)
+    for (int64_t c = begin; c < end; ++c) {
+      const int n = static_cast<int>(std::min<int64_t>(w, H - c * w));
       for (int64_t gate = 0; gate < 4; ++gate)
-        for (int64_t l = 0; l < w && c * w + l < H; ++l) {
-          const scalar_t* row = src + (gate * H + c * w + l) * K;
-          scalar_t* out = dst + (c * K * 4 + gate) * w + l;
-          for (int64_t k = 0; k < K; ++k) out[k * 4 * w] = row[k];
-        }
+        at::vec::transpose_mxn<scalar_t>(src + (gate * H + c * w) * K, K, dst + (c * K * 4 + gate) * w, 4 * w, n,
+                                         static_cast<int>(K));
+    }
   });
   return packed;
 }
@@ -352,7 +355,8 @@ template <typename scalar_t>
 at::Tensor pack_backward(const at::Tensor& w_hh, int64_t H) {
   constexpr int64_t w = lanes<scalar_t>();
   const int64_t chunks = chunk_count<scalar_t>(H);
-  at::Tensor packed = at::zeros({chunks, 4 * H, w}, w_hh.options());
+  at::Tensor packed = H % w == 0 ? at::empty({chunks, 4 * H, w}, w_hh.options())
+                                 : at::zeros({chunks, 4 * H, w}, w_hh.options());
   const at::Tensor weight = w_hh.contiguous();
   const scalar_t* src = weight.data_ptr<scalar_t>();
   scalar_t* dst = packed.data_ptr<scalar_t>();
