@@ -2,6 +2,11 @@
 implementation's median time and its ratio against torch.nn from the same run, the achieved
 GFLOP/s next to this machine's measured GEMM rate, and a PNG chart.
 
+The last column bounds what any implementation can gain over the naive cell loop on this machine:
+the naive loop's time over the time of the same matrix FLOPs at the measured GEMM rate. Where the
+naive loop is itself GEMM-bound (large batch and hidden sizes) that ceiling is low, whatever the
+kernels do.
+
     python -m pytest benchmarks --benchmark-only --benchmark-json=bench.json
     python benchmarks/report.py bench.json --png bench.png
 """
@@ -46,8 +51,9 @@ def load_rows(path):
 
 def table(rows, peak):
     lines = [
-        f"| cell | device | mode | config (B-T-I-H) | lstm_fused ms | torch.nn ms | naive ms | torch.nn / ours | naive / ours | ours GFLOP/s (GEMM peak {peak:.0f}) |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| cell | device | mode | config (B-T-I-H) | lstm_fused ms | torch.nn ms | naive ms | torch.nn / ours | "
+        f"naive / ours | ours GFLOP/s (GEMM peak {peak:.0f}) | naive / GEMM-peak time |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (cell, device, mode, config), impls in sorted(rows.items()):
         ours = impls.get("lstm_fused")
@@ -56,8 +62,11 @@ def table(rows, peak):
         ours_s, info = ours
         cell_ms = lambda impl: f"{impls[impl][0] * 1e3:.2f}" if impl in impls else "-"  # noqa: E731
         ratio = lambda impl: f"{impls[impl][0] / ours_s:.2f}x" if impl in impls else "-"  # noqa: E731
+        at_peak_s = gemm_flops(info) / (peak * 1e9)  # the run's matrix FLOPs at the machine's GEMM rate
+        ceiling = f"{impls['naive'][0] / at_peak_s:.2f}x" if "naive" in impls else "-"
         lines.append(f"| {cell} | {device} | {mode} | {config} | {cell_ms('lstm_fused')} | {cell_ms('torch')} | "
-                     f"{cell_ms('naive')} | {ratio('torch')} | {ratio('naive')} | {gemm_flops(info) / ours_s / 1e9:.1f} |")
+                     f"{cell_ms('naive')} | {ratio('torch')} | {ratio('naive')} | {gemm_flops(info) / ours_s / 1e9:.1f} | "
+                     f"{ceiling} |")
     return "\n".join(lines)
 
 

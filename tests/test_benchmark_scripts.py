@@ -28,3 +28,35 @@ def test_gpu_check_script_parses():
     done = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True,
                           text=True, timeout=30)
     assert done.returncode == 0, done.stderr
+
+
+def test_report_table_ratios_and_ceiling():
+    """report.py's table: ratios against torch.nn and the naive loop from the same run, the achieved
+    GFLOP/s, and the naive loop's time over the run's FLOPs at the given GEMM rate."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    info = {"cell": "lstm", "device": "cpu", "mode": "inference", "B": 4, "T": 5, "I": 3, "H": 2}
+    medians = {"lstm_fused": 0.002, "torch": 0.003, "naive": 0.010}
+    data = {"benchmarks": [{"extra_info": dict(info, impl=impl), "stats": {"median": median}}
+                           for impl, median in medians.items()]}
+    flops = 2 * 4 * 5 * 4 * 2 * (3 + 2)
+    assert report.gemm_flops(info) == flops
+    assert report.gemm_flops(dict(info, mode="training", cell="gru")) == 3 * flops * 3 // 4
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"report-test-{os.getpid()}.json")
+    with open(path, "w") as f:
+        json.dump(data, f)
+    try:
+        _, rows = report.load_rows(path)
+    finally:
+        os.remove(path)
+    peak = flops / 1e-3 / 1e9  # GFLOP/s at which the run's FLOPs take 1 ms
+    row = report.table(rows, peak).splitlines()[2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["lstm", "cpu", "inference", "B4-T5-I3-H2"]
+    assert cells[4:7] == ["2.00", "3.00", "10.00"]
+    assert cells[7:9] == ["1.50x", "5.00x"]
+    assert float(cells[9]) == round(flops / 0.002 / 1e9, 1)
+    assert cells[10] == "10.00x"
