@@ -279,21 +279,24 @@ struct LstmBackwardBuffers {
     if (!wanted.weights) {
       return {grad_x, dh, dc.to(x.scalar_type()), unwanted(x), unwanted(x), unwanted(x), unwanted(x)};
     }
-    at::Tensor grad_bias = d_gates_2d.sum(0);
-    at::Tensor grad_w_ih, grad_w_hh;
+    at::Tensor grad_w_ih, grad_w_hh, grad_bias;
     if (I <= P) {
-      // Both weight gradients in one GEMM, d_gates^T [x | h_{t-1}]: d_gates (the large operand)
-      // is read and packed once instead of twice, for a copy of x (at most as large as h_{t-1},
-      // which is copied anyway).
-      at::Tensor inputs = at::empty({T, B, I + P}, x.options());
+      // Both weight gradients and the bias gradient in one GEMM, d_gates^T [x | h_{t-1} | 1]:
+      // d_gates (the large operand) is read and packed once instead of three times (twice by the
+      // GEMMs, once by a column sum), for a copy of x (at most as large as h_{t-1}, which is
+      // copied anyway) and a column of ones.
+      at::Tensor inputs = at::empty({T, B, I + P + 1}, x.options());
       inputs.narrow(2, 0, I).copy_(x);
       write_previous_hidden(inputs.narrow(2, I, P), y, h0, s, reverse);
-      const at::Tensor grad_w = at::mm(d_gates_2d.t(), inputs.view({T * B, I + P}));
+      inputs.narrow(2, I + P, 1).fill_(1);
+      const at::Tensor grad_w = at::mm(d_gates_2d.t(), inputs.view({T * B, I + P + 1}));
       grad_w_ih = grad_w.narrow(1, 0, I).contiguous();
       grad_w_hh = grad_w.narrow(1, I, P).contiguous();
+      grad_bias = grad_w.select(1, I + P).contiguous();
     } else {
       grad_w_ih = at::mm(d_gates_2d.t(), x.reshape({T * B, I}));
       grad_w_hh = at::mm(d_gates_2d.t(), gather_previous_hidden(y, h0, s, reverse).view({T * B, P}));
+      grad_bias = d_gates_2d.sum(0);
     }
     at::Tensor grad_w_hr = s.has_proj ? at::mm(d_h_steps.view({T * B, P}).t(), r.proj_in.view({T * B, H}))
                                       : at::empty({0}, x.options());
