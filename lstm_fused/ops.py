@@ -108,8 +108,18 @@ def lstm_reserve_numel(seq_len: int, batch: int, hidden_size: int, has_proj: boo
     return seq_len * batch * hidden_size * (6 if has_proj else 5)
 
 
+def _check_devices(x, **tensors):
+    """The device check of the C++ kernels (layer_args.cpp), in the fake kernels. They also run
+    when an argument on the meta device sends a call with real CPU tensors to them: without the
+    check such a call returned uninitialised CPU memory instead of raising as torch.nn does."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != x.device:
+            raise RuntimeError(f"lstm_fused: {name} is on {tensor.device} but the input is on {x.device}")
+
+
 @torch.library.register_fake("lstm_fused::lstm_layer_forward")
 def _lstm_layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+    _check_devices(x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
     seq_len, batch, _ = x.shape
     hidden = w_ih.shape[0] // 4
     out = w_hr.shape[0] if w_hr is not None else hidden
@@ -130,6 +140,9 @@ def _lstm_layer_inference_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
 @torch.library.register_fake("lstm_fused::lstm_layer_backward")
 def _lstm_layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, y, reserve,
                               lengths, reverse, need_grad_x=True, need_grad_weights=True):
+    _check_devices(x, grad_y=grad_y, grad_h_n=grad_h_n, grad_c_n=grad_c_n, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh,
+                   w_hr=w_hr, y=y, reserve=reserve)
+
     def weight_grad(w, shape):
         return w.new_empty(shape) if need_grad_weights else x.new_empty(0)
 
@@ -175,6 +188,7 @@ def gru_layer(
 
 @torch.library.register_fake("lstm_fused::gru_layer_forward")
 def _gru_layer_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    _check_devices(x, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
     seq_len, batch, _ = x.shape
     hidden = w_ih.shape[0] // 3
     return (
@@ -193,6 +207,8 @@ def _gru_layer_inference_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
 @torch.library.register_fake("lstm_fused::gru_layer_backward")
 def _gru_layer_backward_fake(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths, reverse,
                              need_grad_x=True, need_grad_weights=True):
+    _check_devices(x, grad_y=grad_y, grad_h_n=grad_h_n, h0=h0, w_ih=w_ih, w_hh=w_hh, y=y, reserve=reserve)
+
     def weight_grad(w, shape):
         return w.new_empty(shape) if need_grad_weights else x.new_empty(0)
 

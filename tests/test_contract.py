@@ -594,3 +594,26 @@ def test_plain_vmap_without_grad_takes_the_inference_op():
         vmap(lambda v: ours(v)[0])(batch)
     names = {event.name for event in profile.function_events}
     assert "lstm_fused::lstm_layer_inference" in names and "lstm_fused::lstm_layer_forward" not in names, names
+
+
+@pytest.mark.parametrize("torch_class", [nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell])
+@pytest.mark.parametrize("on_meta", ["a parameter", "the state"])
+def test_an_argument_on_the_meta_device_raises_like_torch_nn(torch_class, on_meta):
+    """A parameter left on the meta device (deferred init, then a checkpoint without it) or a
+    state on meta, with a real CPU input: the call went to the fake kernels, which returned
+    uninitialised memory. torch.nn raises RuntimeError; so must we, for every module."""
+    torch.manual_seed(0)
+    is_cell, is_lstm = torch_class in (nn.LSTMCell, nn.GRUCell), torch_class in (nn.LSTM, nn.LSTMCell)
+    x = torch.randn(3, 4) if is_cell else torch.randn(5, 3, 4)
+    state = torch.randn(3, 6) if is_cell else torch.randn(1, 3, 6)
+    for module_class in (torch_class, PAIRS[torch_class]):
+        module = module_class(4, 6)
+        if on_meta == "a parameter":
+            name = "bias_hh" if is_cell else "bias_hh_l0"
+            setattr(module, name, nn.Parameter(torch.empty_like(getattr(module, name), device="meta")))
+            hx = None
+        else:
+            meta = state.to("meta")
+            hx = (meta, state.clone()) if is_lstm else meta
+        with pytest.raises(RuntimeError):
+            module(x, hx)
