@@ -285,7 +285,8 @@ class _FusedCellBase(nn.RNNCellBase):
 
     def _prepare(self, input: Tensor, hx: Optional[Tuple[Tensor, ...]], name: str):
         """Checks and shapes one step's input and state as the torch.nn cells do; returns
-        (input as [1, B, I], the states as [B, H], whether the input was batched)."""
+        (input as [1, B, I], the states as [B, H], whether the input was batched, and the dtype
+        of the results under CPU autocast, else None)."""
         dim = input.dim()
         if dim != 2 and dim != 1:
             raise ValueError(f"{name}: input must be 1-D (unbatched) or 2-D (batched), got {dim}-D")
@@ -296,11 +297,22 @@ class _FusedCellBase(nn.RNNCellBase):
         is_batched = dim == 2
         if not is_batched:
             input = input.unsqueeze(0)
-        # Under CUDA autocast torch.nn's cells run in the autocast dtype (on the CPU they ignore it).
+        result = None
+        # Under CUDA autocast torch.nn's cells run in the autocast dtype.
         if input.is_cuda and torch.is_autocast_enabled("cuda"):
             low = torch.get_autocast_dtype("cuda")
             input = input.to(low)
             hx = None if hx is None else tuple(s.to(low) for s in hx)
+        # On the CPU torch.nn's cells are composite: autocast runs their two products in the
+        # autocast dtype, and the pointwise update promotes that with the (cell) state's dtype, or
+        # the input's when no state is given. The step runs in the weights' dtype; its results take
+        # that dtype.
+        elif input.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            compute = self.weight_ih.dtype
+            state_dtype = input.dtype if hx is None else hx[-1].dtype
+            result = torch.promote_types(torch.get_autocast_dtype("cpu"), state_dtype)
+            input = input.to(compute)
+            hx = None if hx is None else tuple(s.to(compute) for s in hx)
         batch, features = input.shape
         if hx is None:
             hx = tuple(input.new_zeros(batch, self.hidden_size) for _ in range(self._state_count))
@@ -317,7 +329,7 @@ class _FusedCellBase(nn.RNNCellBase):
             if state_features != self.hidden_size:
                 raise RuntimeError(
                     f"{name}: state {index} has {state_features} features, expected hidden_size {self.hidden_size}")
-        return input.unsqueeze(0), hx, is_batched
+        return input.unsqueeze(0), hx, is_batched, result
 
 
 class LSTMCell(_FusedCellBase):
@@ -335,8 +347,10 @@ class LSTMCell(_FusedCellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
-        x, (h0, c0), is_batched = self._prepare(input, hx, "LSTMCell")
+        x, (h0, c0), is_batched, result = self._prepare(input, hx, "LSTMCell")
         _, h, c = lstm_layer(x, h0, c0, *self._weights(x))
+        if result is not None:
+            h, c = h.to(result), c.to(result)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -353,6 +367,8 @@ class GRUCell(_FusedCellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        x, (h0,), is_batched = self._prepare(input, None if hx is None else (hx,), "GRUCell")
+        x, (h0,), is_batched, result = self._prepare(input, None if hx is None else (hx,), "GRUCell")
         _, h = gru_layer(x, h0, *self._weights(x))
+        if result is not None:
+            h = h.to(result)
         return h if is_batched else h.squeeze(0)

@@ -12,12 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_sequence
+from torch.utils._pytree import tree_map
 
 import lstm_fused
 from helpers import assert_error_bounded, run_with_grads
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-PAIRS = {"LSTM": (lstm_fused.LSTM, nn.LSTM), "GRU": (lstm_fused.GRU, nn.GRU)}
+PAIRS = {"LSTM": (lstm_fused.LSTM, nn.LSTM), "GRU": (lstm_fused.GRU, nn.GRU),
+         "LSTMCell": (lstm_fused.LSTMCell, nn.LSTMCell), "GRUCell": (lstm_fused.GRUCell, nn.GRUCell)}
 
 
 def make_pair(cell, seed=0, device="cpu", **kwargs):
@@ -51,6 +53,33 @@ def test_autocast_gives_torch_dtypes_and_float32_values(cell, device, dtype):
         assert a.dtype == b.dtype, "same dtype as torch.nn under autocast"
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.float(), exact.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("input_dtype,state_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                     (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                     (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell"])
+def test_cells_under_cpu_autocast_give_torch_dtypes(cell, input_dtype, state_dtype, low):
+    """torch.nn's cells are composite on the CPU: autocast casts their products, and the results
+    take the autocast dtype promoted with the state's (or the input's). The fused cells refused a
+    half input or state there ("w_ih has dtype Float")."""
+    ours, ref = make_pair(cell, input_size=5, hidden_size=16)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, generator=gen).to(input_dtype)
+    hx = None
+    if state_dtype is not None:
+        states = [torch.randn(4, 16, generator=gen).to(state_dtype) for _ in range(2 if cell == "LSTMCell" else 1)]
+        hx = tuple(states) if cell == "LSTMCell" else states[0]
+    with torch.autocast("cpu", dtype=low):
+        out_ref, out = ref(x, hx), ours(x, hx)
+    with torch.no_grad():
+        exact = ours(x.float(), None if hx is None else tree_map(lambda s: s.float(), hx))
+    flat = lambda v: list(v) if isinstance(v, tuple) else [v]  # noqa: E731
+    for a, b, e in zip(flat(out), flat(out_ref), flat(exact)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), e.float(), rtol=0.02, atol=0.02)
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
 
 
 # --- determinism -------------------------------------------------------------------------------
