@@ -28,6 +28,21 @@ def _any_autocast_enabled() -> bool:
 States = Tuple[Tensor, ...]  # (h, c) for an LSTM, (h,) for a GRU; each [layers * directions, B, *]
 
 
+def _two_states(hx, op: str, batched: bool, too_few=RuntimeError) -> States:
+    """An LSTM's (h, c), refused as torch.nn refuses it: TypeError for anything but a tuple or
+    list (a single tensor would otherwise be split along its first dimension), RuntimeError for
+    more than two states, and `too_few` for fewer (torch.nn's modules index hx[1] themselves in
+    some paths, hence IndexError there). For an unbatched input torch.nn's modules take hx[0] and
+    hx[1] of whatever they are given, and so does this."""
+    if not batched:
+        return hx[0], hx[1]
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(f"{op}: hx must be a tuple (h, c) of tensors, got {type(hx).__name__}")
+    if len(hx) != 2:
+        raise (RuntimeError if len(hx) > 2 else too_few)(f"{op} expects two hidden states, got {len(hx)}")
+    return tuple(hx)
+
+
 class _FusedRNNBase(nn.RNNBase):
     """What the LSTM and GRU modules share: input forms, layers, directions and dropout.
     A subclass says how to run one layer and how its state looks."""
@@ -67,7 +82,7 @@ class _FusedRNNBase(nn.RNNBase):
     # directions, op weights of each, lengths) -> the outputs and final states of each.
     _bidirectional_op = None
 
-    def _as_states(self, hx) -> States:
+    def _as_states(self, hx, batched: bool = True) -> States:
         raise NotImplementedError
 
     def _from_states(self, states: States):
@@ -156,7 +171,7 @@ class _FusedRNNBase(nn.RNNBase):
         if hx is None:
             states = self._zero_state(input.size(batch_dim), input)
         else:
-            states = self._as_states(hx)
+            states = self._as_states(hx, is_batched)
             state_dim = 3 if is_batched else 2
             if any(s.dim() != state_dim for s in states):
                 raise RuntimeError(
@@ -218,8 +233,8 @@ class LSTM(_FusedRNNBase):
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         return self._state_zeros(batch, real_hidden_size, like), self._state_zeros(batch, self.hidden_size, like)
 
-    def _as_states(self, hx) -> States:
-        return tuple(hx)
+    def _as_states(self, hx, batched: bool = True) -> States:
+        return _two_states(hx, "lstm", batched, too_few=IndexError)
 
     def _from_states(self, states: States):
         return states[0], states[1]
@@ -253,7 +268,7 @@ class GRU(_FusedRNNBase):
     def _zero_state(self, batch: int, like: Tensor) -> States:
         return (self._state_zeros(batch, self.hidden_size, like),)
 
-    def _as_states(self, hx) -> States:
+    def _as_states(self, hx, batched: bool = True) -> States:
         return (hx,)
 
     def _from_states(self, states: States):
@@ -347,6 +362,8 @@ class LSTMCell(_FusedCellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        if hx is not None:
+            hx = _two_states(hx, "lstm_cell", input.dim() != 1)
         x, (h0, c0), is_batched, result = self._prepare(input, hx, "LSTMCell")
         _, h, c = lstm_layer(x, h0, c0, *self._weights(x))
         if result is not None:

@@ -617,3 +617,35 @@ def test_an_argument_on_the_meta_device_raises_like_torch_nn(torch_class, on_met
             hx = (meta, state.clone()) if is_lstm else meta
         with pytest.raises(RuntimeError):
             module(x, hx)
+
+
+LSTM_BAD_STATES = {
+    "three states": lambda h, c: (h, c, c),
+    "one state": lambda h, c: (h,),
+    "h and c stacked in one tensor": lambda h, c: torch.stack([h, c]),
+}
+
+
+@pytest.mark.parametrize("torch_class", [nn.LSTM, nn.LSTMCell])
+@pytest.mark.parametrize("case", list(LSTM_BAD_STATES))
+@pytest.mark.parametrize("batched", [True, False])
+def test_lstm_state_that_is_not_two_tensors_is_taken_like_torch_nn(torch_class, case, batched):
+    """A single tensor was split along its first dimension into (h, c), and a third state was
+    ignored; with a batched input torch.nn raises TypeError / RuntimeError / IndexError. With an
+    unbatched one it takes hx[0] and hx[1] of whatever it is given: the same results then."""
+    torch.manual_seed(0)
+    shape = (3, 6) if torch_class is nn.LSTMCell else (1, 3, 6)
+    x = torch.randn(3, 4) if torch_class is nn.LSTMCell else torch.randn(5, 3, 4)
+    if not batched:
+        shape, x = shape[:-2] + shape[-1:], x[..., 0, :] if torch_class is nn.LSTM else x[0]
+    hx = LSTM_BAD_STATES[case](torch.randn(shape), torch.randn(shape))
+    ref = torch_class(4, 6)
+    ours = PAIRS[torch_class](4, 6)
+    ours.load_state_dict(ref.state_dict())
+    try:
+        expected = ref(x, hx)
+    except Exception as error:
+        with pytest.raises(type(error)):
+            ours(x, hx)
+        return
+    torch.testing.assert_close(ours(x, hx), expected)
