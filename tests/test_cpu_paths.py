@@ -99,6 +99,37 @@ def test_float32_activations_over_a_wide_range():
         assert error.max().item() < 4e-7
 
 
+def test_float32_activations_keep_their_relative_accuracy_for_small_values():
+    """As above, with c0 = 0, so that c1 = sigmoid(i) tanh(g) and y = sigmoid(o) tanh(c1): tanh of
+    values from 1e-12 to 10 and sigmoid down to -80 must keep their relative accuracy (a few
+    float ulps). tanh as 2 sigmoid(2x) - 1 had an absolute error of ~6e-8 whatever the value,
+    which left tanh(1e-6) ~5% off and an LSTM fed inputs of ~1e-5 with outputs ~3% off."""
+    H = 1000
+    gen = torch.Generator().manual_seed(4)
+
+    def uniform(n, low, high):
+        return low + (high - low) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+    half = H // 2
+    signs = torch.where(torch.rand(H, generator=gen) < 0.5, -1.0, 1.0).double()
+    # Units [0, half): tiny to moderate tanh arguments; units [half, H): sigmoid far in its tail.
+    i = torch.cat([uniform(half, -20, 20), uniform(H - half, -80, -20)])
+    g = signs * torch.cat([10 ** uniform(half, -12, 1), uniform(H - half, 1, 10)])
+    o = torch.cat([uniform(half, -20, 20), uniform(H - half, -5, 5)])
+    f = uniform(H, -10, 10)
+    pre = torch.cat([i, f, g, o]).float().double()
+    i, f, g, o = pre.view(4, H)
+    c1 = torch.sigmoid(i) * torch.tanh(g)
+    y = torch.sigmoid(o) * torch.tanh(c1)
+    c0 = torch.zeros(1, H)
+    out, _, c_n = lstm_layer(torch.zeros(1, 1, 1), torch.zeros(1, H), c0, torch.zeros(4 * H, 1),
+                             torch.zeros(4 * H, H), pre.float(), torch.zeros(4 * H), None)
+    for ours, exact in ((c_n[0], c1), (out[0, 0], y)):
+        assert exact.abs().min().item() > 1e-37  # normal floats throughout
+        relative = ((ours.double() - exact) / exact).abs()
+        assert relative.max().item() < 2e-6, relative.max().item()
+
+
 @pytest.mark.parametrize("T,B,I,H", [(20, 64, 5, 256), (7, 3, 4, 9)])
 @pytest.mark.parametrize("use_lengths,reverse", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("loop,input_projection", [("stationary", "fused"), ("stationary", "separate"),

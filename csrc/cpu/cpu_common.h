@@ -27,14 +27,19 @@ struct VecActivations {
 
 // Faster float32 sigmoid and tanh for the AVX-512 and AVX2 builds: SLEEF's 1-ulp tanh was a fifth
 // of the LSTM forward's time at B=32 H=128 (AVX-512) and 8% of an inference at B=64 H=256 (AVX2).
-// Both go through one exp and one reciprocal:
-//   sigmoid(x) = 1 / (1 + exp(-x)),   tanh(x) = 2 sigmoid(2x) - 1.
-// exp: the argument is clamped to [-30, 30] (sigmoid(-30) = 9e-14, so the clamp changes nothing
-// a float can see), split as n ln2 + r with |r| <= ln2/2 (ln2 in two parts), exp(r) by its Taylor
-// series to r^7 (truncation error < 1e-8 relative), times 2^n. The reciprocal is refined from
-// the hardware estimate by Newton steps to about float precision. The absolute error of both
-// functions is a few 1e-8; tanh near 0 loses relative accuracy (2 sigmoid - 1 cancels), which
-// an LSTM cannot see, since its gates and cell states are summed with O(1) values.
+// Both go through one exponential and one reciprocal:
+//   sigmoid(x) = 1 / (1 + exp(-x)),   tanh(|x|) = -expm1(-2|x|) / (2 + expm1(-2|x|)),
+// with tanh's sign restored afterwards. Both keep their *relative* error at a few float ulps over
+// the whole range: sigmoid has no cancellation, and tanh through expm1 none either, where the
+// earlier 2 sigmoid(2x) - 1 lost every digit of a small tanh (an absolute error of ~6e-8 that
+// does not shrink with the value: an LSTM whose activations are ~1e-6 came out ~3% off).
+// exp: the argument is clamped to [-87, 87] (2^n stays a normal float, and sigmoid(-87) = 1.6e-38:
+// a clamp at 30 had made a saturated gate pass a derivative of 9e-14, which a huge input can
+// scale back into a visible weight gradient), split as n ln2 + r with |r| <= ln2/2 (ln2 in two
+// parts), exp(r) - 1 by its Taylor series to r^7 (truncation error < 1e-8 relative), then
+// exp = 2^n (1 + q) and expm1 = 2^n q + (2^n - 1), exact at n = 0 and free of cancellation
+// elsewhere. The reciprocal is refined from the hardware estimate by Newton steps to about float
+// precision.
 // NaN propagates: max/min take the NaN when it is their second operand, and the polynomial of a
 // NaN is NaN whatever 2^n comes out as.
 // The math is written once over `Ops`, the few instructions that differ per SIMD level.
@@ -42,29 +47,43 @@ template <typename Ops>
 struct PolynomialActivations {
   using V = typename Ops::V;
   using Vec = at::vec::Vectorized<float>;
-  static V exp_clamped(V x) {
-    x = Ops::min(Ops::set1(30.0f), Ops::max(Ops::set1(-30.0f), x));
-    const V n = Ops::round_nearest(Ops::mul(x, Ops::set1(1.44269504088896341f)));
+  // exp(x) - 1 = 2^n q + (2^n - 1), with q = exp(r) - 1; returns q and n.
+  static V expm1_parts(V x, V& n) {
+    x = Ops::min(Ops::set1(87.0f), Ops::max(Ops::set1(-87.0f), x));
+    n = Ops::round_nearest(Ops::mul(x, Ops::set1(1.44269504088896341f)));
     V r = Ops::fnmadd(n, Ops::set1(0.693145751953125f), x);  // ln2, high bits
     r = Ops::fnmadd(n, Ops::set1(1.4286068203094172e-06f), r);  // ln2 - high bits
     V p = Ops::set1(1.0f / 5040.0f);
-    for (const float coefficient : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) {
+    for (const float coefficient : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f}) {
       p = Ops::fmadd(p, r, Ops::set1(coefficient));
     }
-    return Ops::times_power_of_two(p, n);
+    return Ops::mul(p, r);
   }
-  // 1 / (1 + e) for e >= 0.
-  static V one_over_one_plus(V e) {
+  static V exp_clamped(V x) {
+    V n;
+    const V q = expm1_parts(x, n);
+    return Ops::times_power_of_two(Ops::add(q, Ops::set1(1.0f)), n);
+  }
+  static V expm1_clamped(V x) {
+    V n;
+    const V q = expm1_parts(x, n);
+    const V two_to_n = Ops::times_power_of_two(Ops::set1(1.0f), n);
+    return Ops::add(Ops::times_power_of_two(q, n), Ops::sub(two_to_n, Ops::set1(1.0f)));
+  }
+  // 1 / d for d >= 1.
+  static V reciprocal(V d) {
     const V one = Ops::set1(1.0f);
-    const V d = Ops::add(e, one);
     V y = Ops::reciprocal_estimate(d);
     for (int step = 0; step < Ops::kNewtonSteps; ++step) y = Ops::fmadd(Ops::fnmadd(d, y, one), y, y);
     return y;
   }
-  static Vec sigmoid(const Vec& x) { return Vec(one_over_one_plus(exp_clamped(Ops::sub(Ops::set1(0.0f), x)))); }
+  static Vec sigmoid(const Vec& x) {
+    return Vec(reciprocal(Ops::add(exp_clamped(Ops::sub(Ops::set1(0.0f), x)), Ops::set1(1.0f))));
+  }
   static Vec tanh(const Vec& x) {
-    const V s = one_over_one_plus(exp_clamped(Ops::mul(x, Ops::set1(-2.0f))));
-    return Vec(Ops::fmsub(s, Ops::set1(2.0f), Ops::set1(1.0f)));
+    const V m = expm1_clamped(Ops::mul(Ops::abs(x), Ops::set1(-2.0f)));  // in (-1, 0]
+    const V magnitude = Ops::mul(Ops::sub(Ops::set1(0.0f), m), reciprocal(Ops::add(m, Ops::set1(2.0f))));
+    return Vec(Ops::copy_sign(magnitude, x));
   }
 };
 
@@ -84,6 +103,12 @@ struct Avx512Ops {
   static V round_nearest(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static V times_power_of_two(V p, V n) { return _mm512_scalef_ps(p, n); }
   static V reciprocal_estimate(V d) { return _mm512_rcp14_ps(d); }
+  static V abs(V a) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7fffffff))); }
+  // |magnitude| with the sign of `sign` (magnitude >= 0 or NaN).
+  static V copy_sign(V magnitude, V sign) {
+    const __m512i sign_bit = _mm512_and_si512(_mm512_castps_si512(sign), _mm512_set1_epi32(int(0x80000000u)));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(magnitude), sign_bit));
+  }
 };
 using FastFloatActivations = PolynomialActivations<Avx512Ops>;
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -100,12 +125,14 @@ struct Avx2Ops {
   static V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
   static V fmsub(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
   static V round_nearest(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  // No vscalefps: 2^n from its exponent bits (n is an integer in [-44, 44], so 2^n is normal).
+  // No vscalefps: 2^n from its exponent bits (n is an integer in [-126, 126], so 2^n is normal).
   static V times_power_of_two(V p, V n) {
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
   }
   static V reciprocal_estimate(V d) { return _mm256_rcp_ps(d); }
+  static V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static V copy_sign(V magnitude, V sign) { return _mm256_or_ps(magnitude, _mm256_and_ps(sign, _mm256_set1_ps(-0.0f))); }
 };
 using FastFloatActivations = PolynomialActivations<Avx2Ops>;
 #endif
