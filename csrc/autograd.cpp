@@ -48,8 +48,10 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     static const auto forward_op = op<LstmForwardSig>("lstm_fused::lstm_layer_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, h_n, c_n, reserve] = forward_op.call(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse);
-    ctx->save_for_backward({x, h0, c0, w_ih, w_hh, or_undefined(w_hr), or_undefined(lengths), y, reserve,
-                            or_undefined(b_ih), or_undefined(b_hh)});
+    ctx->save_for_backward({x, h0, c0, w_ih, w_hh, or_undefined(w_hr), or_undefined(lengths), y, reserve});
+    // The biases only for a differentiable backward: the LSTM's gradients do not depend on them.
+    keep_for_recompute(ctx, "b_ih", or_undefined(b_ih));
+    keep_for_recompute(ctx, "b_hh", or_undefined(b_hh));
     ctx->saved_data["reverse"] = reverse;
     ctx->set_materialize_grads(false);
     *reserve_out = reserve;
@@ -62,9 +64,12 @@ class LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     const Tensor &x = saved[0], &h0 = saved[1], &c0 = saved[2], &w_ih = saved[3], &w_hh = saved[4];
     const Tensor &w_hr = saved[5], &lengths = saved[6], &y = saved[7], &reserve = saved[8];
     const bool reverse = ctx->saved_data["reverse"].toBool();
-    const variable_list inputs = {x, h0, c0, w_ih, w_hh, saved[9], saved[10], w_hr};  // the order of forward
+    const variable_list inputs = {x,    h0, c0, w_ih, w_hh, kept_for_recompute(ctx, "b_ih"), kept_for_recompute(ctx, "b_hh"),
+                                  w_hr};  // the order of forward
     const bool has_bias = inputs[5].defined();
     if (at::GradMode::is_enabled()) {  // create_graph=True: the engine runs backward with grad mode on
+      check_kept_unchanged(ctx, "b_ih");
+      check_kept_unchanged(ctx, "b_hh");
       const variable_list g = differentiable_gradients(
           ctx, grads, inputs, [&](const variable_list& a) {
             auto [y_again, h_n, c_n] = lstm_layer_composite(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], lengths,
@@ -97,11 +102,9 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, h_n, reserve] = forward_op.call(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse);
     ctx->save_for_backward({x, h0, w_ih, w_hh, or_undefined(lengths), y, reserve});
-    // The biases only for a differentiable backward, which recomputes the layer. Not saved as
-    // variables: the GRU's gradients do not depend on them, and nn.GRU does not refuse a bias
-    // changed in place before backward.
-    ctx->saved_data["b_ih"] = or_undefined(b_ih);
-    ctx->saved_data["b_hh"] = or_undefined(b_hh);
+    // The biases only for a differentiable backward: the GRU's gradients do not depend on them.
+    keep_for_recompute(ctx, "b_ih", or_undefined(b_ih));
+    keep_for_recompute(ctx, "b_hh", or_undefined(b_hh));
     ctx->saved_data["reverse"] = reverse;
     ctx->set_materialize_grads(false);
     *reserve_out = reserve;
@@ -116,10 +119,11 @@ class GruLayerFunction : public torch::autograd::Function<GruLayerFunction> {
     // b_ih and b_hh are both given or both absent (the op checks it); an absent argument gets
     // an undefined gradient. Inputs 0-1 are x, h0; then w_ih, w_hh and the biases where given.
     const bool reverse = ctx->saved_data["reverse"].toBool();
-    const variable_list inputs = {x, h0, w_ih, w_hh, ctx->saved_data["b_ih"].toTensor(),
-                                  ctx->saved_data["b_hh"].toTensor()};
+    const variable_list inputs = {x, h0, w_ih, w_hh, kept_for_recompute(ctx, "b_ih"), kept_for_recompute(ctx, "b_hh")};
     const bool has_bias = inputs[4].defined();
     if (at::GradMode::is_enabled()) {  // create_graph=True, as for the LSTM
+      check_kept_unchanged(ctx, "b_ih");
+      check_kept_unchanged(ctx, "b_hh");
       const variable_list g =
           differentiable_gradients(ctx, grads, inputs, [&](const variable_list& a) {
             auto [y_again, h_n] = gru_layer_composite(a[0], a[1], a[2], a[3], a[4], a[5], lengths, reverse);

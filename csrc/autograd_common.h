@@ -11,6 +11,7 @@
 
 #include <initializer_list>
 #include <tuple>
+#include <string>
 #include <vector>
 
 namespace lstm_fused {
@@ -94,6 +95,28 @@ inline bool any_tangent(std::initializer_list<const Tensor*> tensors) {
     if (t->defined() && t->_fw_grad(/*level=*/0).defined()) return true;
   }
   return false;
+}
+
+// A tensor argument that only a differentiable backward reads (it recomputes the layer), the
+// kernels' gradients not depending on it: the biases. Kept beside the saved variables, so that,
+// as in torch.nn, changing it in place between the forward and a first-order backward is not
+// refused. Its version is kept with it, and a recomputation over a changed one is refused
+// (check_kept_unchanged) instead of silently differentiating other values.
+inline void keep_for_recompute(AutogradContext* ctx, const std::string& key, const Tensor& t) {
+  ctx->saved_data[key] = t;
+  ctx->saved_data[key + ".version"] = static_cast<int64_t>(t.defined() && !t.is_inference() ? t._version() : 0);
+}
+inline Tensor kept_for_recompute(AutogradContext* ctx, const std::string& key) {
+  return ctx->saved_data[key].toTensor();
+}
+inline void check_kept_unchanged(AutogradContext* ctx, const std::string& key) {
+  const Tensor t = kept_for_recompute(ctx, key);
+  if (!t.defined() || t.is_inference()) return;
+  const int64_t expected = ctx->saved_data[key + ".version"].toInt();
+  TORCH_CHECK(t._version() == expected,
+              "one of the variables needed for gradient computation has been modified by an inplace operation: ",
+              "the layer's ", key, " is at version ", t._version(), "; expected version ", expected,
+              " instead (lstm_fused: a backward with create_graph=True recomputes the layer from its arguments)");
 }
 
 // A backward that must itself be differentiable (create_graph=True): recomputes the layer from

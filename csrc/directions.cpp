@@ -149,6 +149,16 @@ std::array<Result, 2> both_directions(bool parallel, const Run& run) {
 // to 278 MB (B = 128, H = 512), above nn.GRU's 91 and 222 MB. Hence the same limit for both.
 constexpr int64_t kLargestSideBySide = 128;
 
+// The keys of each direction's biases, kept for a differentiable backward only (autograd_common.h).
+inline std::string bias_key(const char* name, int reverse) { return reverse ? std::string(name) + "_reverse" : name; }
+
+inline void check_biases_unchanged(AutogradContext* ctx) {
+  for (int r = 0; r < 2; ++r) {
+    check_kept_unchanged(ctx, bias_key("b_ih", r));
+    check_kept_unchanged(ctx, bias_key("b_hh", r));
+  }
+}
+
 // --- LSTM ------------------------------------------------------------------------------------
 
 // One direction's arguments of lstm_layer_forward, after x.
@@ -234,8 +244,9 @@ class LstmPairFunction : public torch::autograd::Function<LstmPairFunction> {
     for (int r = 0; r < 2; ++r) {
       const auto& [y, h_n, c_n, reserve] = results[r];
       const LstmDirection& a = d[r];
-      saved.insert(saved.end(), {a.h0, a.c0, a.w_ih, a.w_hh, or_undefined(a.b_ih), or_undefined(a.b_hh),
-                                 or_undefined(a.w_hr), y, reserve});
+      saved.insert(saved.end(), {a.h0, a.c0, a.w_ih, a.w_hh, or_undefined(a.w_hr), y, reserve});
+      keep_for_recompute(ctx, bias_key("b_ih", r), or_undefined(a.b_ih));  // as in csrc/autograd.cpp
+      keep_for_recompute(ctx, bias_key("b_hh", r), or_undefined(a.b_hh));
       outputs.insert(outputs.end(), {y, h_n, c_n});
     }
     ctx->save_for_backward(saved);
@@ -251,13 +262,16 @@ class LstmPairFunction : public torch::autograd::Function<LstmPairFunction> {
     variable_list inputs = {x};
     std::array<Tensor, 2> y, reserve;
     for (int r = 0; r < 2; ++r) {
-      const size_t base = 2 + 9 * r;
-      inputs.insert(inputs.end(), saved.begin() + base, saved.begin() + base + kPerDirection);
-      y[r] = saved[base + 7];
-      reserve[r] = saved[base + 8];
+      const size_t base = 2 + 7 * r;
+      inputs.insert(inputs.end(), {saved[base], saved[base + 1], saved[base + 2], saved[base + 3],
+                                   kept_for_recompute(ctx, bias_key("b_ih", r)),
+                                   kept_for_recompute(ctx, bias_key("b_hh", r)), saved[base + 4]});
+      y[r] = saved[base + 5];
+      reserve[r] = saved[base + 6];
     }
     variable_list result;
     if (at::GradMode::is_enabled()) {  // create_graph=True: see csrc/autograd.cpp
+      check_biases_unchanged(ctx);
       result = differentiable_gradients(ctx, grads, inputs, [&](const variable_list& a) {
         variable_list outputs;
         for (int r = 0; r < 2; ++r) {
@@ -377,8 +391,8 @@ class GruPairFunction : public torch::autograd::Function<GruPairFunction> {
     for (int r = 0; r < 2; ++r) {
       const auto& [y, h_n, reserve] = results[r];
       saved.insert(saved.end(), {d[r].h0, d[r].w_ih, d[r].w_hh, y, reserve});
-      ctx->saved_data[r ? "b_ih_reverse" : "b_ih"] = or_undefined(d[r].b_ih);
-      ctx->saved_data[r ? "b_hh_reverse" : "b_hh"] = or_undefined(d[r].b_hh);
+      keep_for_recompute(ctx, bias_key("b_ih", r), or_undefined(d[r].b_ih));
+      keep_for_recompute(ctx, bias_key("b_hh", r), or_undefined(d[r].b_hh));
       outputs.insert(outputs.end(), {y, h_n});
     }
     ctx->save_for_backward(saved);
@@ -395,13 +409,14 @@ class GruPairFunction : public torch::autograd::Function<GruPairFunction> {
     for (int r = 0; r < 2; ++r) {
       const size_t base = 2 + 5 * r;
       inputs.insert(inputs.end(), {saved[base], saved[base + 1], saved[base + 2],
-                                   ctx->saved_data[r ? "b_ih_reverse" : "b_ih"].toTensor(),
-                                   ctx->saved_data[r ? "b_hh_reverse" : "b_hh"].toTensor()});
+                                   kept_for_recompute(ctx, bias_key("b_ih", r)),
+                                   kept_for_recompute(ctx, bias_key("b_hh", r))});
       y[r] = saved[base + 3];
       reserve[r] = saved[base + 4];
     }
     variable_list result;
     if (at::GradMode::is_enabled()) {  // create_graph=True
+      check_biases_unchanged(ctx);
       result = differentiable_gradients(ctx, grads, inputs, [&](const variable_list& a) {
         variable_list outputs;
         for (int r = 0; r < 2; ++r) {

@@ -550,14 +550,34 @@ def test_create_graph_under_autocast_computes_in_the_arguments_dtype():
     torch.testing.assert_close(inside, fused, rtol=1e-5, atol=1e-6)
 
 
-def test_gru_bias_changed_in_place_before_backward_is_accepted_like_nn_gru():
-    ours, ref = _module_pair(nn.GRU, input_size=3, hidden_size=4)
-    x = torch.randn(5, 2, 3, dtype=torch.float64)
+@pytest.mark.parametrize("torch_class,kwargs", [(nn.GRU, {}), (nn.GRU, {"bidirectional": True}), (nn.LSTM, {}),
+                                                 (nn.LSTM, {"bidirectional": True}), (nn.LSTMCell, {}),
+                                                 (nn.GRUCell, {})])
+def test_bias_changed_in_place_before_backward_is_accepted_like_torch_nn(torch_class, kwargs):
+    """torch.nn's backward does not read the biases, so a bias changed in place (under no_grad)
+    between forward and backward is not refused; nor is it here, and the gradients are the same.
+    A backward with create_graph=True recomputes the layer from its arguments: there it must be
+    refused, not computed over the new bias."""
+    ours, ref = _module_pair(torch_class, input_size=3, hidden_size=4, **kwargs)
+    is_cell = torch_class in (nn.LSTMCell, nn.GRUCell)
+    x = torch.randn(2, 3, dtype=torch.float64) if is_cell else torch.randn(5, 2, 3, dtype=torch.float64)
+    name = "bias_hh" if is_cell else "bias_hh_l0"
+    grads = []
     for module in (ours, ref):
-        loss = module(x)[0].sum()
+        out = module(x)
+        loss = (out[0] if isinstance(out, tuple) else out).sum()
         with torch.no_grad():
-            module.bias_hh_l0.add_(1.0)
-        loss.backward()  # nn.GRU's backward does not read the biases: no version-counter error
+            getattr(module, name).add_(1.0)
+        loss.backward()
+        grads.append([p.grad for p in module.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    out = ours(x)
+    loss = (out[0] if isinstance(out, tuple) else out).sum()
+    with torch.no_grad():
+        getattr(ours, name).add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, ours.weight_hh if is_cell else ours.weight_hh_l0, create_graph=True)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
