@@ -669,3 +669,24 @@ def test_lstm_state_that_is_not_two_tensors_is_taken_like_torch_nn(torch_class, 
             ours(x, hx)
         return
     torch.testing.assert_close(ours(x, hx), expected)
+
+
+@pytest.mark.parametrize("torch_class", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("batched", [True, False])
+def test_input_made_under_inference_mode_is_taken_like_torch_nn(torch_class, batch_first, batched):
+    """An input created under torch.inference_mode, then used for training: torch.nn refuses to
+    save it ("Inference tensors cannot be saved for backward") unless it copies it first, which it
+    does for a batch-first input; ours refused that case too."""
+    ours, ref = _module_pair(torch_class, input_size=3, hidden_size=4, batch_first=batch_first)
+    with torch.inference_mode():
+        x = torch.randn(2, 5, 3, dtype=torch.float64) if batched else torch.randn(5, 3, dtype=torch.float64)
+    try:
+        ref(x)[0].sum().backward()
+    except RuntimeError:
+        with pytest.raises(RuntimeError, match="Inference tensors"):
+            ours(x)[0].sum().backward()
+        return
+    ours(x)[0].sum().backward()
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
