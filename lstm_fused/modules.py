@@ -148,11 +148,18 @@ class _FusedRNNBase(nn.RNNBase):
                                    input.unsorted_indices)
         else:
             input = input.to(compute)
+        # With a projection torch.nn.LSTM runs its composite cell on the CPU: its cell state is
+        # the pointwise update's, which promotes the autocast dtype with c_0's (or the input's).
+        state_results = (result, result)
+        if self.mode == "LSTM" and self.proj_size > 0 and data.device.type == "cpu":
+            c0_dtype = hx[1].dtype if isinstance(hx, (tuple, list)) and len(hx) == 2 else data.dtype
+            state_results = (result, torch.promote_types(result, c0_dtype))
         if hx is not None:
             hx = tuple(h.to(compute) for h in hx) if isinstance(hx, tuple) else hx.to(compute)
         with torch.autocast(data.device.type, enabled=False):
             output, state = self._forward(input, hx)
-        state = tuple(s.to(result) for s in state) if isinstance(state, tuple) else state.to(result)
+        state = (tuple(s.to(dtype) for s, dtype in zip(state, state_results)) if isinstance(state, tuple)
+                 else state.to(result))
         if isinstance(output, PackedSequence):
             return PackedSequence(output.data.to(result), output.batch_sizes, output.sorted_indices,
                                   output.unsorted_indices), state

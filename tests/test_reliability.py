@@ -351,3 +351,23 @@ def test_cuda_inputs_to_a_cpu_only_build_raise_a_clear_error():
     cuda_keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     with pytest.raises(RuntimeError, match="no CUDA kernels"):
         torch.ops.lstm_fused.lstm_layer_forward.default.redispatch(cuda_keys, *args)
+
+
+@pytest.mark.parametrize("proj_size", [0, 2])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("state_dtypes", [None, (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_lstm_under_cpu_autocast_gives_torch_dtypes_for_every_state_dtype(proj_size, input_dtype, state_dtypes):
+    """nn.LSTM under CPU autocast returns the autocast dtype, except c_n with a projection (its
+    composite cell promotes with c_0's dtype, or the input's)."""
+    ours, ref = make_pair("LSTM", input_size=4, hidden_size=6, proj_size=proj_size, num_layers=2)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 3, 4, generator=gen).to(input_dtype)
+    hx = None if state_dtypes is None else (torch.randn(2, 3, proj_size or 6, generator=gen).to(state_dtypes[0]),
+                                            torch.randn(2, 3, 6, generator=gen).to(state_dtypes[1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, (h_ref, c_ref) = ref(x, hx)
+        y, (h, c) = ours(x, hx)
+    assert (y.dtype, h.dtype, c.dtype) == (y_ref.dtype, h_ref.dtype, c_ref.dtype)
+    for a, b in ((y, y_ref), (h, h_ref), (c, c_ref)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
