@@ -191,10 +191,12 @@ class _FusedRNNBase(nn.RNNBase):
             raise RuntimeError(f"{self.mode}: the input sequence is empty (length 0); torch.nn refuses it too")
 
         x = input.transpose(0, 1) if self.batch_first else input
-        if self.batch_first and x.is_inference() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        if self.batch_first and not torch.compiler.is_compiling() and x.is_inference() and torch.is_grad_enabled() \
+                and not torch.is_inference_mode_enabled():
             # torch.nn copies a batch-first input to time-major memory; the copy is a normal
             # tensor, which autograd may save, where the transposed view of an inference tensor
-            # is refused. Only then: otherwise the kernels read the view as it is.
+            # is refused. Only then: otherwise the kernels read the view as it is. (dynamo cannot
+            # trace is_inference: under torch.compile such an input is still refused.)
             x = x.contiguous()
         output, states = self._run_layers(x, states, None)
         if self.batch_first:
