@@ -94,3 +94,17 @@ def test_rnn(benchmark, cell, impl, mode, config, device):
 
     run()  # warm-up (allocator, oneDNN primitive cache)
     benchmark(run)
+
+
+GEMM_SIZE = 1024
+
+
+def test_gemm_rate(benchmark):
+    """The machine's float32 GEMM rate (torch.mm, GEMM_SIZE^3, all threads), measured within the
+    run it bounds: report.py reads GFLOP/s against it. (Measured at report time instead, it read
+    151 GFLOP/s after a run whose kernels had reached 250.)"""
+    a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
+    benchmark.group = "gemm"
+    benchmark.extra_info.update(dict(impl="gemm", n=GEMM_SIZE, threads=torch.get_num_threads()))
+    a @ b
+    benchmark(torch.mm, a, b)

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,7 +43,8 @@ def test_report_table_ratios_and_ceiling():
     info = {"cell": "lstm", "device": "cpu", "mode": "inference", "B": 4, "T": 5, "I": 3, "H": 2}
     medians = {"lstm_fused": 0.002, "torch": 0.003, "naive": 0.010}
     data = {"benchmarks": [{"extra_info": dict(info, impl=impl), "stats": {"median": median}}
-                           for impl, median in medians.items()]}
+                           for impl, median in medians.items()]
+            + [{"extra_info": {"impl": "gemm", "n": 10}, "stats": {"median": 1e-6}}]}
     flops = 2 * 4 * 5 * 4 * 2 * (3 + 2)
     assert report.gemm_flops(info) == flops
     assert report.gemm_flops(dict(info, mode="training", cell="gru")) == 3 * flops * 3 // 4
@@ -49,9 +52,11 @@ def test_report_table_ratios_and_ceiling():
     with open(path, "w") as f:
         json.dump(data, f)
     try:
-        _, rows = report.load_rows(path)
+        _, rows, gemm = report.load_rows(path)
     finally:
         os.remove(path)
+    assert gemm == pytest.approx(2 * 10**3 / 1e-6 / 1e9)
+    assert len(rows) == 1
     peak = flops / 1e-3 / 1e9  # GFLOP/s at which the run's FLOPs take 1 ms
     row = report.table(rows, peak).splitlines()[2]
     cells = [c.strip() for c in row.strip("|").split("|")]
