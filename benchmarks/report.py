@@ -46,8 +46,8 @@ def load_rows(path):
     gemm = None
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        if info.get("impl") == "gemm":
-            gemm = 2 * info["n"] ** 3 / bench["stats"]["median"] / 1e9
+        if info.get("impl") == "gemm":  # its best round: the ceiling is what the machine can do
+            gemm = 2 * info["n"] ** 3 / bench["stats"]["min"] / 1e9
             continue
         config = f"B{info['B']}-T{info['T']}-I{info['I']}-H{info['H']}"
         rows[info["cell"], info["device"], info["mode"], config][info["impl"]] = (bench["stats"]["median"], info)
@@ -108,7 +108,7 @@ def main():
     if peak is None:  # a JSON from before the suite measured it
         peak, where = matmul_gflops(), "now, not in the run"
     print(f"machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; float32 GEMM (1024^3 torch.mm, measured {where}) {peak:.0f} GFLOP/s")
+          f"torch {torch.__version__}; float32 GEMM (1024^3 torch.mm, best round, measured {where}) {peak:.0f} GFLOP/s")
     print(table(rows, peak))
     if args.png:
         chart(rows, args.png)

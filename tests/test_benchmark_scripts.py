@@ -44,7 +44,7 @@ def test_report_table_ratios_and_ceiling():
     medians = {"lstm_fused": 0.002, "torch": 0.003, "naive": 0.010}
     data = {"benchmarks": [{"extra_info": dict(info, impl=impl), "stats": {"median": median}}
                            for impl, median in medians.items()]
-            + [{"extra_info": {"impl": "gemm", "n": 10}, "stats": {"median": 1e-6}}]}
+            + [{"extra_info": {"impl": "gemm", "n": 10}, "stats": {"median": 2e-6, "min": 1e-6}}]}
     flops = 2 * 4 * 5 * 4 * 2 * (3 + 2)
     assert report.gemm_flops(info) == flops
     assert report.gemm_flops(dict(info, mode="training", cell="gru")) == 3 * flops * 3 // 4
