@@ -28,11 +28,11 @@ struct VecActivations {
 // Faster float32 sigmoid and tanh for the AVX-512 and AVX2 builds: SLEEF's 1-ulp tanh was a fifth
 // of the LSTM forward's time at B=32 H=128 (AVX-512) and 8% of an inference at B=64 H=256 (AVX2).
 // Both go through one exponential and one reciprocal:
-//   sigmoid(x) = 1 / (1 + exp(-x)),   tanh(|x|) = -expm1(-2|x|) / (2 + expm1(-2|x|)),
-// with tanh's sign restored afterwards. Both keep their *relative* error at a few float ulps over
-// the whole range: sigmoid has no cancellation, and tanh through expm1 none either, where the
-// earlier 2 sigmoid(2x) - 1 lost every digit of a small tanh (an absolute error of ~6e-8 that
-// does not shrink with the value: an LSTM whose activations are ~1e-6 came out ~3% off).
+//   sigmoid(x) = 1 / (1 + exp(-x)),   tanh(x) = -expm1(-2x) / (2 + expm1(-2x)).
+// Both keep their *relative* error at a few float ulps over the whole range: sigmoid has no
+// cancellation, and tanh through expm1 none either, where the earlier 2 sigmoid(2x) - 1 lost
+// every digit of a small tanh (an absolute error of ~6e-8 that does not shrink with the value:
+// an LSTM whose activations were ~1e-6 came out ~3% off).
 // exp: the argument is clamped to [-87, 87] (2^n stays a normal float, and sigmoid(-87) = 1.6e-38:
 // a clamp at 30 had made a saturated gate pass a derivative of 9e-14, which a huge input can
 // scale back into a visible weight gradient), split as n ln2 + r with |r| <= ln2/2 (ln2 in two
@@ -80,10 +80,11 @@ struct PolynomialActivations {
   static Vec sigmoid(const Vec& x) {
     return Vec(reciprocal(Ops::add(exp_clamped(Ops::sub(Ops::set1(0.0f), x)), Ops::set1(1.0f))));
   }
+  // tanh(x) = -m / (2 + m) with m = expm1(-2x), for either sign: for x < 0, m is positive (up to
+  // e^87 after the clamp) and nothing cancels either. (tanh(-0) comes out +0.)
   static Vec tanh(const Vec& x) {
-    const V m = expm1_clamped(Ops::mul(Ops::abs(x), Ops::set1(-2.0f)));  // in (-1, 0]
-    const V magnitude = Ops::mul(Ops::sub(Ops::set1(0.0f), m), reciprocal(Ops::add(m, Ops::set1(2.0f))));
-    return Vec(Ops::copy_sign(magnitude, x));
+    const V m = expm1_clamped(Ops::mul(x, Ops::set1(-2.0f)));
+    return Vec(Ops::fnmadd(m, reciprocal(Ops::add(m, Ops::set1(2.0f))), Ops::set1(0.0f)));
   }
 };
 
@@ -103,12 +104,6 @@ struct Avx512Ops {
   static V round_nearest(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static V times_power_of_two(V p, V n) { return _mm512_scalef_ps(p, n); }
   static V reciprocal_estimate(V d) { return _mm512_rcp14_ps(d); }
-  static V abs(V a) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7fffffff))); }
-  // |magnitude| with the sign of `sign` (magnitude >= 0 or NaN).
-  static V copy_sign(V magnitude, V sign) {
-    const __m512i sign_bit = _mm512_and_si512(_mm512_castps_si512(sign), _mm512_set1_epi32(int(0x80000000u)));
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(magnitude), sign_bit));
-  }
 };
 using FastFloatActivations = PolynomialActivations<Avx512Ops>;
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -131,8 +126,6 @@ struct Avx2Ops {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
   }
   static V reciprocal_estimate(V d) { return _mm256_rcp_ps(d); }
-  static V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
-  static V copy_sign(V magnitude, V sign) { return _mm256_or_ps(magnitude, _mm256_and_ps(sign, _mm256_set1_ps(-0.0f))); }
 };
 using FastFloatActivations = PolynomialActivations<Avx2Ops>;
 #endif
