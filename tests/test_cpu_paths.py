@@ -210,6 +210,45 @@ def test_gru_inference_op_matches_forward_op(T, B, I, H, use_lengths, reverse):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("T,B,I,H", SHAPES)
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+@pytest.mark.parametrize("use_lengths,reverse", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gru_stationary_inference_matches_reference(monkeypatch, T, B, I, H, threads, use_lengths, reverse, bias,
+                                                    dtype):
+    """The GRU's stationary inference loop (csrc/cpu/gru_stationary.h), its threads sharing each
+    step by batch rows (with lengths, balanced by row-steps), against the float64 reference; in
+    float32 within float32 rounding of it."""
+    monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", "stationary")
+    monkeypatch.setenv("LSTM_FUSED_CPU_THREADS", threads)
+    monkeypatch.setenv("LSTM_FUSED_CPU_SPLIT", "rows")
+    seed = hash((T, B, I, H, threads, use_lengths, reverse, bias)) % 10_000
+    args = make_gru_args(T, B, I, H, bias, "cpu", requires_grad=False, seed=seed)
+    lengths = random_lengths(T, B, seed) if use_lengths else None
+    exact = gru_layer_reference(*args, lengths=lengths, reverse=reverse)
+    got = torch.ops.lstm_fused.gru_layer_inference(*[a if a is None else a.to(dtype) for a in args], lengths, reverse)
+    for a, b in zip(got, exact):
+        assert a.dtype == dtype
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        else:
+            assert (a.double() - b).abs().max().item() < 2e-5 * (b.abs().max().item() + 1)
+
+
+@pytest.mark.parametrize("T,B,I,H", [(30, 8, 3, 64), (12, 32, 16, 128), (9, 5, 7, 100)])
+def test_gru_inference_by_default_matches_the_step_loop(monkeypatch, T, B, I, H):
+    """The GRU inference op as the modules call it (at these sizes it takes the stationary loop,
+    on one thread or by rows) against the per-step loop, in float32."""
+    args = make_gru_args(T, B, I, H, True, "cpu", dtype=torch.float32, requires_grad=False, seed=T + B)
+    lengths = random_lengths(T, B, seed=B)
+    default = torch.ops.lstm_fused.gru_layer_inference(*args, lengths, True)
+    monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", "step")
+    per_step = torch.ops.lstm_fused.gru_layer_inference(*args, lengths, True)
+    for a, b in zip(default, per_step):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("loop", ["stationary", "step"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_lengths_all_shorter_than_the_sequence(monkeypatch, loop, reverse):

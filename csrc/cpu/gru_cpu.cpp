@@ -10,6 +10,7 @@
 #include "../cell_math.h"
 #include "../layer_loops.h"
 #include "cpu_common.h"
+#include "gru_stationary.h"
 #include "recurrent_gemm.h"
 
 namespace lstm_fused {
@@ -149,6 +150,14 @@ std::tuple<Tensor, Tensor> gru_layer_inference_cpu(const Tensor& x, const Tensor
     return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_inference_cpu", [&] {
       auto [y, h_n, none] = gru_single_step<scalar_t>(s, x, h0, w_ih, w_hh, b_ih, b_hh, /*keep_reserve=*/false);
       return std::make_tuple(y, h_n);
+    });
+  }
+  const stationary::TeamPlan plan = AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_inference_cpu", [&] {
+    return stationary::gru_plan<scalar_t>(s);
+  });
+  if (stationary::gru_enabled(s, plan)) {
+    return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_inference_cpu", [&] {
+      return stationary::gru_inference<scalar_t>(s, plan, reverse, x, h0, w_ih, w_hh, b_ih, b_hh, lengths.has_value());
     });
   }
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;

@@ -325,15 +325,16 @@ int64_t chunk_count(int64_t H) {
   return (H + lanes<scalar_t>() - 1) / lanes<scalar_t>();
 }
 
-// Forward panels of a [4H, K] weight (W_hh: K = H; W_ih: K = I): [chunks][K][4][w],
-// panel[c][k][gate][l] = weight[gate * H + c * w + l][k], zero in the lanes past H.
+// Forward panels of a [G H, K] weight (G = 4 gates for the LSTM, 3 for the GRU; W_hh: K = H;
+// W_ih: K = I): [chunks][K][G][w], panel[c][k][gate][l] = weight[gate * H + c * w + l][k], zero
+// in the lanes past H.
 template <typename scalar_t>
-at::Tensor pack_forward(const at::Tensor& weight_in, int64_t H) {
+at::Tensor pack_forward(const at::Tensor& weight_in, int64_t H, int64_t G = 4) {
   constexpr int64_t w = lanes<scalar_t>();
   const int64_t chunks = chunk_count<scalar_t>(H), K = weight_in.size(1);
   // Only the lanes past H need zeros.
-  at::Tensor packed = H % w == 0 ? at::empty({chunks, K, 4, w}, weight_in.options())
-                                 : at::zeros({chunks, K, 4, w}, weight_in.options());
+  at::Tensor packed = H % w == 0 ? at::empty({chunks, K, G, w}, weight_in.options())
+                                 : at::zeros({chunks, K, G, w}, weight_in.options());
   const at::Tensor weight = weight_in.contiguous();
   const scalar_t* src = weight.data_ptr<scalar_t>();
   scalar_t* dst = packed.data_ptr<scalar_t>();
@@ -342,8 +343,8 @@ at::Tensor pack_forward(const at::Tensor& weight_in, int64_t H) {
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int n = static_cast<int>(std::min<int64_t>(w, H - c * w));
-      for (int64_t gate = 0; gate < 4; ++gate)
-        at::vec::transpose_mxn<scalar_t>(src + (gate * H + c * w) * K, K, dst + (c * K * 4 + gate) * w, 4 * w, n,
+      for (int64_t gate = 0; gate < G; ++gate)
+        at::vec::transpose_mxn<scalar_t>(src + (gate * H + c * w) * K, K, dst + (c * K * G + gate) * w, G * w, n,
                                          static_cast<int>(K));
     }
   });
