@@ -1,7 +1,8 @@
 // CPU kernels of the GRU layer ops (float32, float64): per step the recurrent GEMM into a scratch
 // row block (W_hh packed once per call), then one vectorised pass (cell_math.h) for the biases,
 // the gates and the new state; backward in reverse time with the weight and input gradients as
-// GEMMs after the loop (layer_loops.h).
+// GEMMs after the loop (layer_loops.h). Inference takes the weight-stationary loop of
+// gru_stationary.h where its team needs no barrier (small and mid-sized steps).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
