@@ -33,14 +33,7 @@ void gru_pointwise_forward(const GruForwardStep<scalar_t>& step, const scalar_t*
         const int64_t k = b * H + j;
         Vec r = Vec::loadu(g + j, n), z = Vec::loadu(g + H + j, n), nn = Vec::loadu(g + 2 * H + j, n);
         Vec hr = Vec::loadu(hp + j, n), hz = Vec::loadu(hp + H + j, n), hn = Vec::loadu(hp + 2 * H + j, n);
-        if (b_ih != nullptr) {
-          r = r + Vec::loadu(b_ih + j, n);
-          z = z + Vec::loadu(b_ih + H + j, n);
-          nn = nn + Vec::loadu(b_ih + 2 * H + j, n);
-          hr = hr + Vec::loadu(b_hh + j, n);
-          hz = hz + Vec::loadu(b_hh + H + j, n);
-          hn = hn + Vec::loadu(b_hh + 2 * H + j, n);
-        }
+        add_gru_biases(b_ih, b_hh, j, H, n, r, z, nn, hr, hz, hn);
         Vec h;
         gru_cell_forward<Vec, CellActivations<scalar_t>>(r, z, nn, hr, hz, hn, Vec::loadu(step.h_prev + k, n), h);
         r.store(g + j, n);

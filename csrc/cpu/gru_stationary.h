@@ -18,6 +18,21 @@
 #include "lstm_stationary.h"
 
 namespace lstm_fused {
+
+// The biases (null: none) of units [u, u + n) added to a GRU step's input-side (r, z, n) and
+// hidden-side (hr, hz, hn) pre-activations.
+template <typename scalar_t, typename Vec>
+inline void add_gru_biases(const scalar_t* b_ih, const scalar_t* b_hh, int64_t u, int64_t H, int n, Vec& r, Vec& z,
+                           Vec& nn, Vec& hr, Vec& hz, Vec& hn) {
+  if (b_ih == nullptr) return;
+  r = r + Vec::loadu(b_ih + u, n);
+  z = z + Vec::loadu(b_ih + H + u, n);
+  nn = nn + Vec::loadu(b_ih + 2 * H + u, n);
+  hr = hr + Vec::loadu(b_hh + u, n);
+  hz = hz + Vec::loadu(b_hh + H + u, n);
+  hn = hn + Vec::loadu(b_hh + 2 * H + u, n);
+}
+
 namespace stationary {
 
 constexpr int64_t kGruGates = 3;
@@ -53,15 +68,7 @@ void gru_inference_steps(const LayerSizes& s, bool reverse, int64_t first_index,
   const int64_t B = s.batch, H = s.hidden_size, chunks = chunk_count<scalar_t>(H);
   const scalar_t* panels = packed.data_ptr<scalar_t>();
   // Each thread's product of one chunk for its rows: [B][3 * w], h W_hr^T, h W_hz^T, h W_hn^T.
-  const at::Tensor products = at::empty({plan.threads, B * kGruGates * w}, packed.options());
-  scalar_t* const product_base = products.data_ptr<scalar_t>();
-
-#ifdef _OPENMP
-#pragma omp parallel num_threads(plan.threads)
-#endif
-  {
-    const Share share(plan, s, chunks, team_id(), team_size());
-    scalar_t* product = product_base + team_id() * B * kGruGates * w;
+  run_team<scalar_t>(plan, s, chunks, B * kGruGates * w, packed.options(), [&](const Share& share, scalar_t* product) {
     for_each_active_step(s, reverse, [&](int64_t index, int64_t t, int64_t rows) {
       const auto [row_begin, row_end] = share.rows_of(rows);
       const int64_t own_rows = row_end - row_begin;
@@ -79,14 +86,7 @@ void gru_inference_steps(const LayerSizes& s, bool reverse, int64_t first_index,
           const scalar_t* acc = product + b * kGruGates * w;
           Vec r = Vec::loadu(g, n), z = Vec::loadu(g + H, n), nn = Vec::loadu(g + 2 * H, n);
           Vec hr = Vec::loadu(acc), hz = Vec::loadu(acc + w), hn = Vec::loadu(acc + 2 * w);
-          if (b_ih != nullptr) {
-            r = r + Vec::loadu(b_ih + u, n);
-            z = z + Vec::loadu(b_ih + H + u, n);
-            nn = nn + Vec::loadu(b_ih + 2 * H + u, n);
-            hr = hr + Vec::loadu(b_hh + u, n);
-            hz = hz + Vec::loadu(b_hh + H + u, n);
-            hn = hn + Vec::loadu(b_hh + 2 * H + u, n);
-          }
+          add_gru_biases(b_ih, b_hh, u, H, n, r, z, nn, hr, hz, hn);
           const int64_t k = b * H + u;
           Vec h_t;
           gru_cell_forward<Vec, CellActivations<scalar_t>>(r, z, nn, hr, hz, hn, Vec::loadu(h_prev + k, n), h_t);
@@ -96,7 +96,7 @@ void gru_inference_steps(const LayerSizes& s, bool reverse, int64_t first_index,
       }
       share.step_done();
     }, first_index, end_index);
-  }
+  });
 }
 
 // The GRU inference op's loop: returns (y, h_n). `plan` from gru_plan, with gru_enabled true.

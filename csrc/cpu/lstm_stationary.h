@@ -286,6 +286,22 @@ struct Share {
   }
 };
 
+// Runs body(share, product) on each thread of the team `plan` describes, where `product` is the
+// thread's own scratch of product_elements values (its tiles' products of one chunk).
+template <typename scalar_t, typename Body>
+void run_team(const TeamPlan& plan, const LayerSizes& s, int64_t chunks, int64_t product_elements,
+              const at::TensorOptions& options, const Body& body) {
+  const at::Tensor products = at::empty({plan.threads, product_elements}, options);
+  scalar_t* const product_base = products.data_ptr<scalar_t>();
+#ifdef _OPENMP
+#pragma omp parallel num_threads(plan.threads)
+#endif
+  {
+    const Share share(plan, s, chunks, team_id(), team_size());
+    body(share, product_base + team_id() * product_elements);
+  }
+}
+
 // Whether the CPU LSTM ops take this path: float32/float64 without projection, and a step's
 // recurrent product below kLargestStationaryStep FLOPs. Above that MKL's per-step packed GEMM
 // (two threads per step) was measured 4-6% faster at B=128 H=512 (268 MFLOP per step), and the
@@ -400,15 +416,7 @@ void forward_steps(const LayerSizes& s, bool reverse, int64_t first_index, int64
   const TeamPlan plan = plan_team(s, chunks, panel_bytes);
   const scalar_t* panels = packed.data_ptr<scalar_t>();
   // Each thread's product of one chunk for every row: [B][4 * w], the gates of its w units.
-  const at::Tensor products = at::empty({plan.threads, B * 4 * w}, packed.options());
-  scalar_t* const product_base = products.data_ptr<scalar_t>();
-
-#ifdef _OPENMP
-#pragma omp parallel num_threads(plan.threads)
-#endif
-  {
-    const Share share(plan, s, chunks, team_id(), team_size());
-    scalar_t* product = product_base + team_id() * B * 4 * w;
+  run_team<scalar_t>(plan, s, chunks, B * 4 * w, packed.options(), [&](const Share& share, scalar_t* product) {
     for_each_active_step(s, reverse, [&](int64_t index, int64_t t, int64_t rows) {
       const auto [row_begin, row_end] = share.rows_of(rows);
       const int64_t own_rows = row_end - row_begin;
@@ -479,7 +487,7 @@ void forward_steps(const LayerSizes& s, bool reverse, int64_t first_index, int64
       }
       share.step_done();
     }, first_index, end_index);
-  }
+  });
 }
 
 // Whether the stationary loop also does the input projection, in the same register tiles as the
@@ -584,16 +592,9 @@ void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar
   const int64_t* lengths = s.lengths.data();
   const TeamPlan plan = plan_team(s, chunks, packed.numel() * static_cast<int64_t>(sizeof(scalar_t)));
   // Each thread's product of up to kMaxVectors chunks for every row.
-  const at::Tensor products = at::empty({plan.threads, B * kMaxVectors * w}, packed.options());
-  scalar_t* const product_base = products.data_ptr<scalar_t>();
-
-#ifdef _OPENMP
-#pragma omp parallel num_threads(plan.threads)
-#endif
-  {
-    const Share share(plan, s, chunks, team_id(), team_size());
+  run_team<scalar_t>(plan, s, chunks, B * kMaxVectors * w, packed.options(), [&](const Share& share,
+                                                                                 scalar_t* product) {
     const int64_t first_chunk = share.first_chunk, last_chunk = share.last_chunk;
-    scalar_t* product = product_base + team_id() * B * kMaxVectors * w;
     for_each_active_step(s, !reverse, [&](int64_t, int64_t t, int64_t rows) {
       const auto [row_begin, row_end] = share.rows_of(rows);
       const scalar_t* gates_t = gates + t * B * 4 * H;
@@ -653,7 +654,7 @@ void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar
           std::memcpy(dh + b * H + u, product + (b - row_begin) * kMaxVectors * w, units * sizeof(scalar_t));
       }
     });
-  }
+  });
 }
 
 }  // namespace stationary
