@@ -155,7 +155,7 @@ class _FusedRNNBase(nn.RNNBase):
             c0_dtype = hx[1].dtype if isinstance(hx, (tuple, list)) and len(hx) == 2 else data.dtype
             state_results = (result, torch.promote_types(result, c0_dtype))
         if hx is not None:
-            hx = tuple(h.to(compute) for h in hx) if isinstance(hx, tuple) else hx.to(compute)
+            hx = tuple(h.to(compute) for h in hx) if isinstance(hx, (tuple, list)) else hx.to(compute)
         with torch.autocast(data.device.type, enabled=False):
             output, state = self._forward(input, hx)
         state = (tuple(s.to(dtype) for s, dtype in zip(state, state_results)) if isinstance(state, tuple)
@@ -376,7 +376,7 @@ class LSTMCell(_FusedCellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
-        if hx is not None:
+        if hx is not None and input.dim() in (1, 2):  # else _prepare raises torch.nn's ValueError first
             hx = _two_states(hx, "lstm_cell", input.dim() != 1)
         x, (h0, c0), is_batched, result = self._prepare(input, hx, "LSTMCell")
         _, h, c = lstm_layer(x, h0, c0, *self._weights(x))

@@ -690,3 +690,11 @@ def test_input_made_under_inference_mode_is_taken_like_torch_nn(torch_class, bat
     ours(x)[0].sum().backward()
     for a, b in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_lstm_cell_3d_input_with_a_tensor_state_raises_the_input_error_like_torch_nn():
+    x, hx = torch.randn(2, 3, 4), torch.randn(2, 3, 6)
+    with pytest.raises(Exception) as ref_error:
+        nn.LSTMCell(4, 6)(x, hx)
+    with pytest.raises(type(ref_error.value)):
+        lstm_fused.LSTMCell(4, 6)(x, hx)

@@ -371,3 +371,15 @@ def test_lstm_under_cpu_autocast_gives_torch_dtypes_for_every_state_dtype(proj_s
     assert (y.dtype, h.dtype, c.dtype) == (y_ref.dtype, h_ref.dtype, c_ref.dtype)
     for a, b in ((y, y_ref), (h, h_ref), (c, c_ref)):
         torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+
+
+def test_lstm_state_as_a_list_under_cpu_autocast():
+    """A list (h0, c0) is accepted as a tuple is, under autocast too (it had hit hx.to)."""
+    ours, ref = make_pair("LSTM", input_size=4, hidden_size=6)
+    x = torch.randn(5, 3, 4)
+    hx = [torch.randn(1, 3, 6), torch.randn(1, 3, 6)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, (h_ref, c_ref) = ref(x, hx)
+        y, (h, c) = ours(x, hx)
+    assert (y.dtype, h.dtype, c.dtype) == (y_ref.dtype, h_ref.dtype, c_ref.dtype)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.05, atol=0.05)
