@@ -123,43 +123,51 @@ class _FusedRNNBase(nn.RNNBase):
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)
         return layer_input, tuple(torch.stack(parts) for parts in zip(*final))
 
-    def _autocast_dtypes(self, x: Tensor) -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
-        """(dtype to compute in, dtype to return) under autocast, following torch.nn: on CUDA the
-        RNNs run in the autocast dtype; on the CPU nn.LSTM returns it (oneDNN's RNN is on the CPU
-        autocast list) while nn.GRU ignores autocast. Our CPU kernels then compute in the weights'
-        dtype. (None, None) when autocast does not apply."""
+    def _autocast_dtypes(self, x: Tensor, hx, packed: bool):
+        """Under autocast, following torch.nn: (dtype to compute in, dtype of the output, dtypes
+        of the final states), or None when autocast does not apply. On CUDA the RNNs run in the
+        autocast dtype. On the CPU nn.LSTM without projection on a padded input runs oneDNN's RNN
+        (on the autocast list) and returns the autocast dtype; everything else (nn.GRU, a
+        projection, a packed input) runs a composite cell, whose products autocast casts and
+        whose pointwise update promotes that dtype with the last state's (c_0, or h_0 for the GRU;
+        the input's when no state is given): the cell state, and the output too unless a
+        projection (another product) makes it. Our CPU kernels compute in the weights' dtype."""
         device_type = x.device.type
         if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
-            return None, None
+            return None
         low = torch.get_autocast_dtype(device_type)
         if device_type == "cuda":
-            return low, low
+            return low, low, (low, low)
+        compute = getattr(self, self._flat_weights_names[0]).dtype
+        if self.mode == "LSTM" and self.proj_size == 0 and not packed:
+            return compute, low, (low, low)
         if self.mode == "LSTM":
-            return getattr(self, self._flat_weights_names[0]).dtype, low
-        return None, None
+            state = hx[1] if isinstance(hx, (tuple, list)) and len(hx) == 2 else None
+        else:
+            state = hx if isinstance(hx, Tensor) else None
+        promoted = torch.promote_types(low, x.dtype if state is None else state.dtype)
+        if self.mode == "LSTM" and self.proj_size > 0:
+            return compute, low, (low, promoted)
+        return compute, promoted, (promoted, promoted)
 
     def forward(self, input, hx=None):
-        data = input.data if isinstance(input, PackedSequence) else input
-        compute, result = self._autocast_dtypes(data)
-        if compute is None:
+        packed = isinstance(input, PackedSequence)
+        data = input.data if packed else input
+        dtypes = self._autocast_dtypes(data, hx, packed)
+        if dtypes is None:
             return self._forward(input, hx)
-        if isinstance(input, PackedSequence):
+        compute, result, state_results = dtypes
+        if packed:
             input = PackedSequence(input.data.to(compute), input.batch_sizes, input.sorted_indices,
                                    input.unsorted_indices)
         else:
             input = input.to(compute)
-        # With a projection torch.nn.LSTM runs its composite cell on the CPU: its cell state is
-        # the pointwise update's, which promotes the autocast dtype with c_0's (or the input's).
-        state_results = (result, result)
-        if self.mode == "LSTM" and self.proj_size > 0 and data.device.type == "cpu":
-            c0_dtype = hx[1].dtype if isinstance(hx, (tuple, list)) and len(hx) == 2 else data.dtype
-            state_results = (result, torch.promote_types(result, c0_dtype))
         if hx is not None:
             hx = tuple(h.to(compute) for h in hx) if isinstance(hx, (tuple, list)) else hx.to(compute)
         with torch.autocast(data.device.type, enabled=False):
             output, state = self._forward(input, hx)
         state = (tuple(s.to(dtype) for s, dtype in zip(state, state_results)) if isinstance(state, tuple)
-                 else state.to(result))
+                 else state.to(state_results[0]))
         if isinstance(output, PackedSequence):
             return PackedSequence(output.data.to(result), output.batch_sizes, output.sorted_indices,
                                   output.unsorted_indices), state

@@ -383,3 +383,32 @@ def test_lstm_state_as_a_list_under_cpu_autocast():
         y, (h, c) = ours(x, hx)
     assert (y.dtype, h.dtype, c.dtype) == (y_ref.dtype, h_ref.dtype, c_ref.dtype)
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("cell,proj_size", [("LSTM", 0), ("LSTM", 2), ("GRU", 0)])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("state_dtype", [None, torch.float32, torch.bfloat16])
+def test_cpu_autocast_dtypes_of_composite_paths_match_torch_nn(cell, proj_size, packed, input_dtype, state_dtype):
+    """On the CPU nn.GRU, and nn.LSTM with a projection or a packed input, run a composite cell
+    under autocast: the results take the autocast dtype promoted with the last state's dtype.
+    Ours had returned bf16 for a packed LSTM (nn: float32) and refused a GRU whose h_0 dtype
+    differs from the input's."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    kwargs = {"proj_size": proj_size} if proj_size else {}
+    ours, ref = make_pair(cell, input_size=4, hidden_size=6, **kwargs)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 3, 4, generator=gen).to(input_dtype)
+    if packed:
+        x = pack_padded_sequence(x, torch.tensor([5, 4, 2]))
+    hx = None
+    if state_dtype is not None:
+        h0 = torch.randn(1, 3, proj_size or 6, generator=gen).to(state_dtype)
+        hx = (h0, torch.randn(1, 3, 6, generator=gen).to(state_dtype)) if cell == "LSTM" else h0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ref, state_ref = ref(x, hx)
+        out, state = ours(x, hx)
+    flat = lambda o, s: [o.data if packed else o] + (list(s) if isinstance(s, tuple) else [s])  # noqa: E731
+    for a, b in zip(flat(out, state), flat(out_ref, state_ref)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
