@@ -28,6 +28,14 @@ def _any_autocast_enabled() -> bool:
 States = Tuple[Tensor, ...]  # (h, c) for an LSTM, (h,) for a GRU; each [layers * directions, B, *]
 
 
+def _composite_cpu_autocast_dtype(state: Optional[Tensor], x: Tensor) -> torch.dtype:
+    """The dtype of a torch.nn composite CPU cell's pointwise results under autocast (the cells,
+    nn.GRU, and nn.LSTM with a projection or a packed input): autocast runs the products in its
+    dtype, and the update promotes that with the state's dtype (c for an LSTM, h for a GRU), or
+    the input's when no state is given."""
+    return torch.promote_types(torch.get_autocast_dtype("cpu"), x.dtype if state is None else state.dtype)
+
+
 def _two_states(hx, op: str, batched: bool, too_few=RuntimeError) -> States:
     """An LSTM's (h, c), refused as torch.nn refuses it: TypeError for anything but a tuple or
     list (a single tensor would otherwise be split along its first dimension), RuntimeError for
@@ -128,10 +136,9 @@ class _FusedRNNBase(nn.RNNBase):
         of the final states), or None when autocast does not apply. On CUDA the RNNs run in the
         autocast dtype. On the CPU nn.LSTM without projection on a padded input runs oneDNN's RNN
         (on the autocast list) and returns the autocast dtype; everything else (nn.GRU, a
-        projection, a packed input) runs a composite cell, whose products autocast casts and
-        whose pointwise update promotes that dtype with the last state's (c_0, or h_0 for the GRU;
-        the input's when no state is given): the cell state, and the output too unless a
-        projection (another product) makes it. Our CPU kernels compute in the weights' dtype."""
+        projection, a packed input) runs a composite cell (_composite_cpu_autocast_dtype): that
+        dtype for the cell state, and for the output too unless a projection (another product)
+        makes it. Our CPU kernels compute in the weights' dtype."""
         device_type = x.device.type
         if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
             return None
@@ -145,7 +152,7 @@ class _FusedRNNBase(nn.RNNBase):
             state = hx[1] if isinstance(hx, (tuple, list)) and len(hx) == 2 else None
         else:
             state = hx if isinstance(hx, Tensor) else None
-        promoted = torch.promote_types(low, x.dtype if state is None else state.dtype)
+        promoted = _composite_cpu_autocast_dtype(state, x)
         if self.mode == "LSTM" and self.proj_size > 0:
             return compute, low, (low, promoted)
         return compute, promoted, (promoted, promoted)
@@ -340,14 +347,11 @@ class _FusedCellBase(nn.RNNCellBase):
             low = torch.get_autocast_dtype("cuda")
             input = input.to(low)
             hx = None if hx is None else tuple(s.to(low) for s in hx)
-        # On the CPU torch.nn's cells are composite: autocast runs their two products in the
-        # autocast dtype, and the pointwise update promotes that with the (cell) state's dtype, or
-        # the input's when no state is given. The step runs in the weights' dtype; its results take
-        # that dtype.
+        # On the CPU torch.nn's cells are composite: the step runs in the weights' dtype and its
+        # results take that of the composite cell.
         elif input.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             compute = self.weight_ih.dtype
-            state_dtype = input.dtype if hx is None else hx[-1].dtype
-            result = torch.promote_types(torch.get_autocast_dtype("cpu"), state_dtype)
+            result = _composite_cpu_autocast_dtype(None if hx is None else hx[-1], input)
             input = input.to(compute)
             hx = None if hx is None else tuple(s.to(compute) for s in hx)
         batch, features = input.shape

@@ -47,28 +47,28 @@ template <typename Ops>
 struct PolynomialActivations {
   using V = typename Ops::V;
   using Vec = at::vec::Vectorized<float>;
-  // exp(x) - 1 = 2^n q + (2^n - 1), with q = exp(r) - 1; returns q and n.
-  static V expm1_parts(V x, V& n) {
+  // x = n ln2 + r after the clamp, and p with exp(r) - 1 = r p (the Taylor series to r^7).
+  static V reduce(V x, V& n, V& r) {
     x = Ops::min(Ops::set1(87.0f), Ops::max(Ops::set1(-87.0f), x));
     n = Ops::round_nearest(Ops::mul(x, Ops::set1(1.44269504088896341f)));
-    V r = Ops::fnmadd(n, Ops::set1(0.693145751953125f), x);  // ln2, high bits
+    r = Ops::fnmadd(n, Ops::set1(0.693145751953125f), x);       // ln2, high bits
     r = Ops::fnmadd(n, Ops::set1(1.4286068203094172e-06f), r);  // ln2 - high bits
     V p = Ops::set1(1.0f / 5040.0f);
     for (const float coefficient : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f}) {
       p = Ops::fmadd(p, r, Ops::set1(coefficient));
     }
-    return Ops::mul(p, r);
+    return p;
   }
-  static V exp_clamped(V x) {
-    V n;
-    const V q = expm1_parts(x, n);
-    return Ops::times_power_of_two(Ops::add(q, Ops::set1(1.0f)), n);
+  static V exp_clamped(V x) {  // 2^n (1 + r p)
+    V n, r;
+    const V p = reduce(x, n, r);
+    return Ops::times_power_of_two(Ops::fmadd(p, r, Ops::set1(1.0f)), n);
   }
-  static V expm1_clamped(V x) {
-    V n;
-    const V q = expm1_parts(x, n);
+  static V expm1_clamped(V x) {  // 2^n (r p) + (2^n - 1)
+    V n, r;
+    const V p = reduce(x, n, r);
     const V two_to_n = Ops::times_power_of_two(Ops::set1(1.0f), n);
-    return Ops::add(Ops::times_power_of_two(q, n), Ops::sub(two_to_n, Ops::set1(1.0f)));
+    return Ops::add(Ops::times_power_of_two(Ops::mul(p, r), n), Ops::sub(two_to_n, Ops::set1(1.0f)));
   }
   // 1 / d for d >= 1.
   static V reciprocal(V d) {

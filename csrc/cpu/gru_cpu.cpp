@@ -146,14 +146,15 @@ std::tuple<Tensor, Tensor> gru_layer_inference_cpu(const Tensor& x, const Tensor
       return std::make_tuple(y, h_n);
     });
   }
-  const stationary::TeamPlan plan = AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_inference_cpu", [&] {
-    return stationary::gru_plan<scalar_t>(s);
+  c10::optional<std::tuple<Tensor, Tensor>> by_stationary_loop;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_inference_cpu", [&] {
+    const stationary::TeamPlan plan = stationary::gru_plan<scalar_t>(s);
+    if (stationary::gru_enabled(s, plan)) {
+      by_stationary_loop =
+          stationary::gru_inference<scalar_t>(s, plan, reverse, x, h0, w_ih, w_hh, b_ih, b_hh, lengths.has_value());
+    }
   });
-  if (stationary::gru_enabled(s, plan)) {
-    return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_inference_cpu", [&] {
-      return stationary::gru_inference<scalar_t>(s, plan, reverse, x, h0, w_ih, w_hh, b_ih, b_hh, lengths.has_value());
-    });
-  }
+  if (by_stationary_loop) return *by_stationary_loop;
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
   const RecurrentGemm recurrent(w_hh, /*transposed=*/true, B, s.seq_len);
   Tensor y = layer_buffer({T, B, H}, x.options(), lengths.has_value());

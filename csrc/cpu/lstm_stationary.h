@@ -341,6 +341,12 @@ int64_t chunk_count(int64_t H) {
   return (H + lanes<scalar_t>() - 1) / lanes<scalar_t>();
 }
 
+// A buffer of packed panels whose last dimension is `lanes` of H's units: only the lanes past H
+// need zeros, so it is left uninitialised when H is a whole number of vectors.
+inline at::Tensor panel_buffer(at::IntArrayRef shape, int64_t H, int64_t lanes, const at::TensorOptions& options) {
+  return H % lanes == 0 ? at::empty(shape, options) : at::zeros(shape, options);
+}
+
 // Forward panels of a [G H, K] weight (G = 4 gates for the LSTM, 3 for the GRU; W_hh: K = H;
 // W_ih: K = I): [chunks][K][G][w], panel[c][k][gate][l] = weight[gate * H + c * w + l][k], zero
 // in the lanes past H.
@@ -348,9 +354,7 @@ template <typename scalar_t>
 at::Tensor pack_forward(const at::Tensor& weight_in, int64_t H, int64_t G = 4) {
   constexpr int64_t w = lanes<scalar_t>();
   const int64_t chunks = chunk_count<scalar_t>(H), K = weight_in.size(1);
-  // Only the lanes past H need zeros.
-  at::Tensor packed = H % w == 0 ? at::empty({chunks, K, G, w}, weight_in.options())
-                                 : at::zeros({chunks, K, G, w}, weight_in.options());
+  at::Tensor packed = panel_buffer({chunks, K, G, w}, H, w, weight_in.options());
   const at::Tensor weight = weight_in.contiguous();
   const scalar_t* src = weight.data_ptr<scalar_t>();
   scalar_t* dst = packed.data_ptr<scalar_t>();
@@ -372,8 +376,7 @@ template <typename scalar_t>
 at::Tensor pack_backward(const at::Tensor& w_hh, int64_t H) {
   constexpr int64_t w = lanes<scalar_t>();
   const int64_t chunks = chunk_count<scalar_t>(H);
-  at::Tensor packed = H % w == 0 ? at::empty({chunks, 4 * H, w}, w_hh.options())
-                                 : at::zeros({chunks, 4 * H, w}, w_hh.options());
+  at::Tensor packed = panel_buffer({chunks, 4 * H, w}, H, w, w_hh.options());
   const at::Tensor weight = w_hh.contiguous();
   const scalar_t* src = weight.data_ptr<scalar_t>();
   scalar_t* dst = packed.data_ptr<scalar_t>();
