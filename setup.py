@@ -8,6 +8,8 @@ Environment switches:
   LSTM_FUSED_CPU_CAPABILITY  avx512 | avx2 | default: SIMD level of the CPU kernels
                           (default: the best the build machine supports)
   LSTM_FUSED_PTXAS_VERBOSE=1  print each CUDA kernel's registers, shared memory and spills
+  LSTM_FUSED_SIMT=0       skip lstm_fused._simt, the test-only build of the CUDA sources that runs
+                          them on the CPU in the SIMT emulator (csrc/simt; tests marked simt)
 """
 import glob
 import os
@@ -170,11 +172,32 @@ def make_extension():
     return ext, cpp_extension.BuildExtension
 
 
+def make_simt_extension():
+    """lstm_fused._simt: csrc/cuda/*.cu (host code and kernels) compiled as plain C++ against the
+    SIMT emulator, so that the tests run the CUDA sources on any machine. Test-only: nothing that
+    `import lstm_fused` loads. Needs no CUDA toolkit."""
+    if os.environ.get("LSTM_FUSED_SIMT", "1").strip() == "0":
+        print("lstm_fused: LSTM_FUSED_SIMT=0, not building the SIMT emulator's test module.")
+        return None
+    from torch.utils import cpp_extension
+
+    sources = [f"csrc/simt/{name}.cpp" for name in ("simt_ops", "lstm_cuda_simt", "gru_cuda_simt", "lstm_persistent_simt")]
+    sources.append("csrc/layer_args.cpp")
+    return cpp_extension.CppExtension(
+        "lstm_fused._simt",
+        sources,
+        extra_compile_args={"cxx": ["-O2", "-pthread", "-fdiagnostics-color=always"]},
+        extra_link_args=["-pthread"],
+        py_limited_api=True,
+    )
+
+
 if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import it
     extension, build_ext = make_extension()
+    simt_extension = make_simt_extension()
     setup(
         packages=find_packages(include=["lstm_fused", "lstm_fused.*"]),
-        ext_modules=[extension],
+        ext_modules=[extension] + ([simt_extension] if simt_extension is not None else []),
         cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
         options={"bdist_wheel": {"py_limited_api": "cp310"}},
     )

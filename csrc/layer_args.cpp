@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 namespace lstm_fused {
 namespace {
 
@@ -183,10 +185,18 @@ void write_previous_hidden(const at::Tensor& out, const at::Tensor& y, const at:
     }
   }
   if (!rows.empty()) {
-    const auto index_options = at::TensorOptions().dtype(at::kLong);
-    const at::Tensor row_index = at::tensor(rows, index_options).to(y.device());
-    out.index_put_({at::tensor(steps, index_options).to(y.device()), row_index}, h0.index_select(0, row_index));
+    const at::Tensor row_index = host_to_device(rows, y.device());
+    out.index_put_({host_to_device(steps, y.device()), row_index}, h0.index_select(0, row_index));
   }
+}
+
+at::Tensor host_to_device(c10::ArrayRef<int64_t> values, const at::Device& device) {
+  const auto options = at::TensorOptions().dtype(at::kLong);
+  if (device.is_cpu()) return at::tensor(values, options);
+  at::Tensor staged = at::empty({static_cast<int64_t>(values.size())}, options.pinned_memory(true));
+  std::copy(values.begin(), values.end(), staged.data_ptr<int64_t>());
+  // The caching host allocator keeps `staged` alive until the queued copy has read it.
+  return staged.to(device, /*non_blocking=*/true);
 }
 
 at::Tensor gather_previous_hidden(const at::Tensor& y, const at::Tensor& h0, const LayerSizes& s, bool reverse) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
 
 #include <vector>
@@ -68,6 +69,11 @@ LayerSizes check_gru_layer_backward_args(const at::Tensor& grad_y, const at::Ten
                                          const at::Tensor& w_hh, const at::Tensor& y,
                                          const at::Tensor& reserve,
                                          const c10::optional<at::Tensor>& lengths);
+
+// Host values as an int64 tensor on `device`. On CUDA the copy is queued on the current stream
+// from pinned memory, so the op never waits for the device (a copy from pageable memory blocks
+// the host until the stream drains, stalls a cell loop every step, and breaks graph capture).
+at::Tensor host_to_device(c10::ArrayRef<int64_t> values, const at::Device& device);
 
 // h_{t-1} for every step, [T, B, P], gathered from the layer's output y and h0: the right-hand
 // side of the single dW_hh GEMM after the backward loop. Rows that do not advance at a step hold

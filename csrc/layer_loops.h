@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -42,7 +43,7 @@ struct LstmBackwardStep {
   const scalar_t* cells = nullptr;       // [T, B, H]  every step's cell state (c_{t-1} of row b is at
                                          //            its previous step, previous_step())
   const scalar_t* c0 = nullptr;          // [B, H]     the initial cell state
-  const int64_t* lengths = nullptr;      // [B]        on the device of the tensors
+  const int64_t* lengths = nullptr;      // [B]        on the device of the tensors; null: every row has T steps
   const scalar_t* d_cell_out = nullptr;  // [rows, H]  gradient reaching o * tanh(c_t) from later steps
   const scalar_t* grad_y = nullptr;      // [rows, H]  gradient of y[t], to add to d_cell_out; null
                                          //            when the host has added it (projection)
@@ -123,16 +124,16 @@ inline void init_hidden_buffers(at::Tensor (&h_buffers)[2], const at::Tensor& h0
 // in both.
 inline at::Tensor final_hidden(const at::Tensor (&h_buffers)[2], const LayerSizes& s, bool reverse) {
   if (reverse) return h_buffers[s.seq_len % 2];
-  at::Tensor odd = at::empty({s.batch, 1}, at::kBool);
-  bool* is_odd = odd.data_ptr<bool>();
+  std::vector<int64_t> is_odd(s.batch);
   int64_t odd_rows = 0;
   for (int64_t b = 0; b < s.batch; ++b) {
-    is_odd[b] = s.lengths[b] % 2 == 1;
+    is_odd[b] = s.lengths[b] % 2;
     odd_rows += is_odd[b];
   }
   if (odd_rows == 0) return h_buffers[0];
   if (odd_rows == s.batch) return h_buffers[1];
-  return at::where(odd.to(h_buffers[0].device()), h_buffers[1], h_buffers[0]);
+  const at::Tensor odd = host_to_device(is_odd, h_buffers[0].device()).view({s.batch, 1}).to(at::kBool);
+  return at::where(odd, h_buffers[1], h_buffers[0]);
 }
 
 // Calls fn(index, t, rows) for every step with rows to advance, in processing order: t runs
@@ -175,10 +176,6 @@ inline std::pair<at::Tensor, at::Tensor> input_gradients(const at::Tensor& d_gat
           wanted.weights ? at::mm(d_gates_2d.t(), x.reshape({T * B, I})) : unwanted(x)};
 }
 
-// The lengths as an int64 tensor on `device`, for kernels that need each row's own first step.
-inline at::Tensor lengths_on(const LayerSizes& s, const at::Device& device) {
-  return at::tensor(s.lengths, at::TensorOptions().dtype(at::kLong)).to(device);
-}
 
 // The buffers of one LSTM forward pass, set up before its time loop (the per-step loop below, or
 // a device's whole-sequence kernel) and turned into the op's outputs after it.
@@ -268,7 +265,8 @@ struct LstmBackwardBuffers {
   at::Tensor dc;          // [B, H] the same for c, in cell_t
   at::Tensor c0;          // contiguous c0
   at::Tensor grad_y;      // contiguous grad_y
-  at::Tensor lengths;     // [B] int64 on the tensors' device
+  at::Tensor lengths;     // [B] int64 on the tensors' device, for kernels that need each row's own
+                          // first step; undefined without lengths (every row then has T steps)
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradients(
       const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
@@ -325,7 +323,7 @@ LstmBackwardBuffers<cell_t> begin_lstm_backward(const LayerSizes& s, const at::T
              .contiguous();
   g.c0 = c0.contiguous();
   g.grad_y = grad_y.contiguous();
-  g.lengths = lengths_on(s, x.device());
+  if (padded) g.lengths = host_to_device(s.lengths, x.device());
   return g;
 }
 
@@ -342,7 +340,7 @@ run_lstm_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at:
   LstmBackwardStep<scalar_t, cell_t> bs;
   bs.cells = g.r.cells.template data_ptr<scalar_t>();
   bs.c0 = g.c0.template data_ptr<scalar_t>();
-  bs.lengths = g.lengths.template data_ptr<int64_t>();
+  bs.lengths = g.lengths.defined() ? g.lengths.template data_ptr<int64_t>() : nullptr;
   bs.dc_state = g.dc.template data_ptr<cell_t>();
   bs.dh_prev = g.dh.template data_ptr<scalar_t>();
   for_each_active_step(s, !reverse, [&](int64_t, int64_t t, int64_t rows) {

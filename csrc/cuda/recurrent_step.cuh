@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "device_compat.cuh"
+
 namespace lstm_fused {
 
 constexpr int kUnitsPerBlock = 32;  // hidden units per block (x gates = weight rows per block)

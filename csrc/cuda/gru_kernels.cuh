@@ -1,0 +1,79 @@
+// Device code of the GRU layer's per-step path (host side: gru_cuda.cu). Free of ATen, so that
+// nvcc and the SIMT emulator compile the same source.
+#pragma once
+
+#include <cstdint>
+
+#include "../cell_math.h"
+#include "device_compat.cuh"
+#include "recurrent_step.cuh"
+
+namespace lstm_fused {
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kStepThreads)
+    gru_forward_step_kernel(const scalar_t* __restrict__ h_prev,  // [rows, H]
+                            const scalar_t* __restrict__ w_hh,    // [3H, H]
+                            const scalar_t* __restrict__ b_ih,    // [3H] or null
+                            const scalar_t* __restrict__ b_hh,    // [3H] or null (with b_ih)
+                            scalar_t* __restrict__ gates,         // [rows, 3H]
+                            scalar_t* __restrict__ hidden_n_proj, // [rows, H]
+                            scalar_t* __restrict__ h_out,         // [rows, H]
+                            scalar_t* __restrict__ h_next,        // [rows, H]
+                            int rows, int H) {
+  acc_t acc[3];
+  block_recurrent_product<3>(h_prev, w_hh, rows, H, H, acc);
+  const int row = blockIdx.y * kRowsPerBlock + threadIdx.x / kUnitsPerBlock;
+  const int unit = blockIdx.x * kUnitsPerBlock + threadIdx.x % kUnitsPerBlock;
+  if (row >= rows || unit >= H) return;
+  scalar_t* g = gates + (int64_t)row * 3 * H;
+  acc_t r = static_cast<acc_t>(g[unit]);
+  acc_t z = static_cast<acc_t>(g[H + unit]);
+  acc_t n = static_cast<acc_t>(g[2 * H + unit]);
+  if (b_hh != nullptr) {
+#pragma unroll
+    for (int gate = 0; gate < 3; ++gate) acc[gate] += static_cast<acc_t>(b_hh[gate * H + unit]);
+    r += static_cast<acc_t>(b_ih[unit]);
+    z += static_cast<acc_t>(b_ih[H + unit]);
+    n += static_cast<acc_t>(b_ih[2 * H + unit]);
+  }
+  const int64_t k = (int64_t)row * H + unit;
+  acc_t h;
+  gru_cell_forward<acc_t>(r, z, n, acc[0], acc[1], acc[2], static_cast<acc_t>(h_prev[k]), h);
+  g[unit] = static_cast<scalar_t>(r);
+  g[H + unit] = static_cast<scalar_t>(z);
+  g[2 * H + unit] = static_cast<scalar_t>(n);
+  hidden_n_proj[k] = static_cast<scalar_t>(acc[2]);
+  h_out[k] = static_cast<scalar_t>(h);
+  h_next[k] = static_cast<scalar_t>(h);
+}
+
+// One thread per (row, unit): see GruBackwardStep for the tensors.
+template <typename scalar_t, typename acc_t>
+__global__ void gru_backward_pointwise_kernel(const scalar_t* __restrict__ gates,          // [rows, 3H]
+                                              const scalar_t* __restrict__ hidden_n_proj,  // [rows, H]
+                                              const scalar_t* __restrict__ h_prev,         // [rows, H]
+                                              const scalar_t* __restrict__ grad_y,         // [rows, H]
+                                              scalar_t* __restrict__ dh,                   // [rows, H]
+                                              scalar_t* __restrict__ d_input_gates,        // [rows, 3H]
+                                              scalar_t* __restrict__ d_hidden_gates,       // [rows, 3H]
+                                              int rows, int H) {
+  const int64_t index = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (index >= (int64_t)rows * H) return;
+  const int64_t row = index / H, unit = index % H;
+  const scalar_t* g = gates + row * 3 * H;
+  acc_t r = static_cast<acc_t>(g[unit]), z = static_cast<acc_t>(g[H + unit]);
+  acc_t n = static_cast<acc_t>(g[2 * H + unit]);
+  acc_t d_hn, dh_prev;
+  gru_cell_backward<acc_t>(r, z, n, static_cast<acc_t>(hidden_n_proj[index]), static_cast<acc_t>(h_prev[index]),
+                           static_cast<acc_t>(dh[index]) + static_cast<acc_t>(grad_y[index]), d_hn, dh_prev);
+  scalar_t* di = d_input_gates + row * 3 * H;
+  scalar_t* dhid = d_hidden_gates + row * 3 * H;
+  di[unit] = dhid[unit] = static_cast<scalar_t>(r);
+  di[H + unit] = dhid[H + unit] = static_cast<scalar_t>(z);
+  di[2 * H + unit] = static_cast<scalar_t>(n);
+  dhid[2 * H + unit] = static_cast<scalar_t>(d_hn);
+  dh[index] = static_cast<scalar_t>(dh_prev);
+}
+
+}  // namespace lstm_fused

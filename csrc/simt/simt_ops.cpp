@@ -1,0 +1,51 @@
+// lstm_fused._simt: the test-only build that runs the CUDA sources (csrc/cuda/*.cu, host code
+// and kernels alike) on the CPU under the SIMT emulator. Its ops take CPU tensors and have the
+// lstm_fused ops' schemas, under the lstm_fused_simt namespace; the tests compare them with the
+// float64 reference. Users never load it: `import lstm_fused` does not.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "../op_schemas.h"
+#include "simt.h"
+
+extern "C" {
+PyObject* PyInit__simt(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_simt", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace lstm_fused {
+namespace {
+
+// The virtual device the CUDA host code plans for (gpu::device_info reads it on every call).
+void set_virtual_device(int64_t sm_count, int64_t shared_per_block_optin, bool cooperative_launch) {
+  TORCH_CHECK(sm_count > 0 && shared_per_block_optin > 0, "set_virtual_device: sizes must be positive");
+  simt::Device device = simt::device();
+  device.sm_count = static_cast<int>(sm_count);
+  device.shared_per_block_optin = static_cast<size_t>(shared_per_block_optin);
+  device.cooperative_launch = cooperative_launch;
+  simt::set_device(device);
+}
+
+std::vector<int64_t> virtual_device() {
+  const simt::Device& device = simt::device();
+  return {device.sm_count, static_cast<int64_t>(device.shared_per_block_optin), device.cooperative_launch ? 1 : 0};
+}
+
+}  // namespace
+}  // namespace lstm_fused
+
+TORCH_LIBRARY(lstm_fused_simt, m) {
+  m.def(lstm_fused::schemas::kLstmLayerForward);
+  m.def(lstm_fused::schemas::kLstmLayerBackward);
+  m.def(lstm_fused::schemas::kGruLayerForward);
+  m.def(lstm_fused::schemas::kGruLayerBackward);
+  // -> [sm_count, shared_per_block_optin, cooperative_launch]
+  m.def("virtual_device() -> int[]", &lstm_fused::virtual_device);
+  m.def("set_virtual_device(int sm_count, int shared_per_block_optin, bool cooperative_launch) -> ()",
+        &lstm_fused::set_virtual_device);
+}
