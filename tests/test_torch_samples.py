@@ -76,3 +76,26 @@ def test_pytorch_module_error_samples(torch_class, make_errors):
                 module(*sample.forward_input.args, **sample.forward_input.kwargs)
 
 
+
+LAYER_ERROR_SAMPLES = {"LSTM": nn.LSTM, "GRU": nn.GRU}
+
+
+@pytest.mark.parametrize("torch_class", list(LAYER_ERROR_SAMPLES.values()), ids=list(LAYER_ERROR_SAMPLES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pytorch_error_sample_messages_of_the_layers(torch_class, dtype):
+    """PyTorch's own error samples for nn.LSTM and nn.GRU (their input dtype among them): ours
+    raises at the same stage (construction or forward), with the same type, and a message that
+    matches the sample's regular expression, as torch.nn's does."""
+    errors = cm.module_error_inputs_torch_nn_RNN_GRU(None, "cpu", dtype, requires_grad=False, training=True)
+    assert any(error.error_on == cm.ModuleErrorEnum.FORWARD_ERROR for error in errors)
+    for error in errors:
+        sample = error.module_error_input
+        c_args, c_kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+        for cls in (torch_class, PAIRS[torch_class]):
+            if error.error_on == cm.ModuleErrorEnum.CONSTRUCTION_ERROR:
+                with pytest.raises(error.error_type, match=error.error_regex):
+                    cls(*c_args, **c_kwargs)
+                continue
+            module = cls(*c_args, **c_kwargs)
+            with pytest.raises(error.error_type, match=error.error_regex):
+                module(*sample.forward_input.args, **sample.forward_input.kwargs)
