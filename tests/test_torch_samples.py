@@ -99,3 +99,31 @@ def test_pytorch_error_sample_messages_of_the_layers(torch_class, dtype):
             module = cls(*c_args, **c_kwargs)
             with pytest.raises(error.error_type, match=error.error_regex):
                 module(*sample.forward_input.args, **sample.forward_input.kwargs)
+
+
+def _error_of(call):
+    try:
+        call()
+    except Exception as error:  # compared below
+        return type(error), str(error)
+    return None
+
+
+@pytest.mark.parametrize("torch_class", list(LAYER_ERROR_SAMPLES.values()), ids=list(LAYER_ERROR_SAMPLES))
+def test_layer_input_errors_are_torch_nns_word_for_word(torch_class):
+    """The input checks are torch.nn's own: the same type and message for a wrong input dtype
+    (also when functional_call swaps in weights of another dtype) or feature count."""
+    ref = torch_class(3, 5)
+    ours = PAIRS[torch_class](3, 5)
+    ours.load_state_dict(ref.state_dict())
+    double_weights = {name: p.double() for name, p in ref.named_parameters()}
+    calls = [
+        lambda m: m(torch.randn(2, 4, 3, dtype=torch.float64)),
+        lambda m: m(torch.randn(2, 4, 3, dtype=torch.bfloat16)),
+        lambda m: torch.func.functional_call(m, double_weights, (torch.randn(2, 4, 3),)),
+        lambda m: m(torch.randn(2, 4, 7)),
+    ]
+    for call in calls:
+        expected = _error_of(lambda: call(ref))
+        assert expected is not None
+        assert _error_of(lambda: call(ours)) == expected
