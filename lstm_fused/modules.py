@@ -24,8 +24,9 @@ States = Tuple[Tensor, ...]  # (h, c) for an LSTM, (h,) for a GRU; each [layers 
 
 def _ask_onednn_half_types() -> Tuple[torch.dtype, ...]:
     """The half types in which oneDNN runs an RNN on this CPU, asked as ATen's use_mkldnn asks
-    (mkldnn_bf16_device_check / mkldnn_fp16_device_check, which these ops expose): bfloat16 needs
-    AVX-512 BF16 or AMX on x86 (an AVX2 EPYC has neither), float16 AVX-512 FP16 or AMX-FP16."""
+    (mkldnn_bf16_device_check / mkldnn_fp16_device_check, which these ops expose; on x86 ideep
+    answers by oneDNN's CPU ISA): both False on the AVX2-only EPYC of issue 18, both True on the
+    AVX-512 development Xeon."""
     if not _ONEDNN_BUILT:
         return ()
     checks = ((torch.bfloat16, torch.ops.mkldnn._is_mkldnn_bf16_supported),
