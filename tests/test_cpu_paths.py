@@ -23,7 +23,9 @@ def torch_nn_layer(*args, lengths=None, reverse=False):
     does. The tolerance of a float32 path is torch.nn's own float32 error against the float64
     reference."""
     is_lstm = len(args) == 8
-    x, states, (w_ih, w_hh, b_ih, b_hh) = args[0], args[1:3] if is_lstm else args[1:2], args[-4 - is_lstm:len(args) - is_lstm]
+    x = args[0]
+    states = args[1:3] if is_lstm else args[1:2]
+    w_ih, w_hh, b_ih, b_hh = args[3:7] if is_lstm else args[2:6]
     w_hr = args[7] if is_lstm else None
     T, B, I = x.shape
     H = w_hh.shape[1] if w_hr is None else w_hr.shape[1]
