@@ -19,13 +19,46 @@ from .ops import gru_layer, lstm_layer, side_by_side_possible
 __all__ = ["LSTM", "LSTMCell", "GRU", "GRUCell"]
 
 
-def _any_autocast_enabled() -> bool:
-    """Whether autocast is on for any device (torch.nn's RNN input check skips the dtype test
-    then); torch's own helper where this torch has it."""
-    check = getattr(torch._C, "_is_any_autocast_enabled", None)
-    return check() if check is not None else any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
-
 States = Tuple[Tensor, ...]  # (h, c) for an LSTM, (h,) for a GRU; each [layers * directions, B, *]
+
+
+def _ask_onednn_half_types() -> Tuple[torch.dtype, ...]:
+    """The half types in which oneDNN runs an RNN on this CPU, asked as ATen's use_mkldnn asks
+    (mkldnn_bf16_device_check / mkldnn_fp16_device_check, which these ops expose; on x86 ideep
+    answers by oneDNN's CPU ISA): both False on the AVX2-only EPYC of issue 18, both True on the
+    AVX-512 development Xeon."""
+    if not _ONEDNN_BUILT:
+        return ()
+    checks = ((torch.bfloat16, torch.ops.mkldnn._is_mkldnn_bf16_supported),
+              (torch.float16, torch.ops.mkldnn._is_mkldnn_fp16_supported))
+    return tuple(dtype for dtype, supported in checks if supported())
+
+
+# Asked once: neither the build nor the CPU changes while the process runs, and torch.compile
+# cannot trace the questions, so the modules read these constants.
+_ONEDNN_BUILT = torch.backends.mkldnn.is_available()
+_ONEDNN_HALF_TYPES = _ask_onednn_half_types()
+
+
+def _cpu_lstm_runs_onednn(x: Tensor) -> bool:
+    """Whether nn.LSTM without projection, on a padded CPU input x, runs oneDNN's RNN rather than
+    its composite cell, as ATen's use_mkldnn decides (aten/src/ATen/native/RNN.cpp): oneDNN built
+    and enabled, a non-empty input, of float32, of bfloat16 where oneDNN has it on this CPU, or of
+    float16 outside grad mode where oneDNN has that. (A packed input or a projection always takes
+    the composite cell.)"""
+    if not _ONEDNN_BUILT or x.numel() == 0:
+        return False
+    # torch.backends.mkldnn.flags(enabled=False) switches oneDNN off; dynamo cannot read the flag,
+    # and torch.nn's LSTM, which it cannot trace either, runs eagerly and reads it itself.
+    if not torch.compiler.is_compiling() and not torch.backends.mkldnn.enabled:
+        return False
+    if x.dtype == torch.float32:
+        return True
+    if x.dtype == torch.bfloat16:
+        return torch.bfloat16 in _ONEDNN_HALF_TYPES
+    if x.dtype == torch.float16:
+        return not torch.is_grad_enabled() and torch.float16 in _ONEDNN_HALF_TYPES
+    return False
 
 
 def _composite_cpu_autocast_dtype(state: Optional[Tensor], x: Tensor) -> torch.dtype:
@@ -51,24 +84,30 @@ def _two_states(hx, op: str, batched: bool, too_few=RuntimeError) -> States:
     return tuple(hx)
 
 
+class _WithCurrentWeights:
+    """A module as torch.nn's RNN checks see it, with _flat_weights read from its parameters now."""
+
+    def __init__(self, module: nn.RNNBase):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    @property
+    def _flat_weights(self) -> List[Tensor]:
+        return [getattr(self._module, name) for name in self._module._flat_weights_names]
+
+
 class _FusedRNNBase(nn.RNNBase):
     """What the LSTM and GRU modules share: input forms, layers, directions and dropout.
     A subclass says how to run one layer and how its state looks."""
 
     def check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
-        """torch.nn's input checks (same exception types), with the weight dtype read from the
-        module's current first weight: torch.nn reads its _flat_weights cache, which forward no
+        """torch.nn's own input check, so its exceptions and messages word for word, run with the
+        weights the module holds now: torch.nn reads its _flat_weights cache, which forward no
         longer refreshes (_layer_weights), so functional_call with weights of another dtype works
         as it does on nn.LSTM."""
-        weight_dtype = getattr(self, self._flat_weights_names[0]).dtype
-        if input.dtype != weight_dtype and not _any_autocast_enabled():
-            raise ValueError(f"{self.mode}: the input is {input.dtype} but the weights are {weight_dtype}; "
-                             f"convert one of them (input.to({weight_dtype}) or module.to({input.dtype}))")
-        dims = 2 if batch_sizes is not None else 3
-        if input.dim() != dims:
-            raise RuntimeError(f"{self.mode}: input must have {dims} dimensions, got {input.dim()}")
-        if input.size(-1) != self.input_size:
-            raise RuntimeError(f"{self.mode}: input has {input.size(-1)} features, expected input_size {self.input_size}")
+        nn.RNNBase.check_input(_WithCurrentWeights(self), input, batch_sizes)
 
     def flatten_parameters(self) -> None:
         """Does nothing: the fused kernels read the weights where they are (torch.nn flattens
@@ -135,10 +174,15 @@ class _FusedRNNBase(nn.RNNBase):
         """Under autocast, following torch.nn: (dtype to compute in, dtype of the output, dtypes
         of the final states), or None when autocast does not apply. On CUDA the RNNs run in the
         autocast dtype. On the CPU nn.LSTM without projection on a padded input runs oneDNN's RNN
-        (on the autocast list) and returns the autocast dtype; everything else (nn.GRU, a
-        projection, a packed input) runs a composite cell (_composite_cpu_autocast_dtype): that
-        dtype for the cell state, and for the output too unless a projection (another product)
-        makes it. Our CPU kernels compute in the weights' dtype."""
+        where ATen chooses it (_cpu_lstm_runs_onednn: that depends on the CPU for a half-type
+        input), whose mkldnn_rnn_layer is on CPU autocast's list: all three results come in the
+        autocast dtype. Where oneDNN then has no primitive for that dtype on this CPU (bfloat16 on
+        an AVX2 EPYC, float16 with gradients even on an AVX-512 FP16 Xeon), nn.LSTM raises "could not
+        create a primitive descriptor"; ours computes, and returns what that path returns where
+        oneDNN has the primitive. Everything else (nn.GRU, a projection, a packed input, an input
+        oneDNN refuses) runs a composite cell (_composite_cpu_autocast_dtype): that dtype for the
+        cell state, and for the output too unless a projection (another product) makes it. Our
+        CPU kernels compute in the weights' dtype."""
         device_type = x.device.type
         if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
             return None
@@ -146,7 +190,7 @@ class _FusedRNNBase(nn.RNNBase):
         if device_type == "cuda":
             return low, low, (low, low)
         compute = getattr(self, self._flat_weights_names[0]).dtype
-        if self.mode == "LSTM" and self.proj_size == 0 and not packed:
+        if self.mode == "LSTM" and self.proj_size == 0 and not packed and _cpu_lstm_runs_onednn(x):
             return compute, low, (low, low)
         if self.mode == "LSTM":
             state = hx[1] if isinstance(hx, (tuple, list)) and len(hx) == 2 else None

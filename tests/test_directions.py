@@ -9,7 +9,7 @@ from torch.nn.utils.rnn import pack_sequence
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lstm_fused
-from helpers import run_with_grads
+from helpers import assert_error_bounded, run_with_grads
 
 lstm_op = torch.ops.lstm_fused.lstm_layer_bidirectional
 gru_op = torch.ops.lstm_fused.gru_layer_bidirectional
@@ -60,10 +60,14 @@ def test_side_by_side_matches_one_thread_and_torch_nn(two_threads, torch_class, 
     torch.set_num_threads(1)
     one_thread = run(ours)
     torch.set_num_threads(2)
-    expected = run(ref)
-    for a, b, e in zip(side_by_side, one_thread, expected):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+    theirs = run(ref)
+    inputs = type(inputs)(inputs.data.double(), *inputs[1:]) if packed else inputs.double()
+    exact = run(ref.double())
+    # Two float32 summation orders differ by what rounding gives on each CPU: each is bounded by
+    # torch.nn's own float32 error against the float64 result instead.
+    for k, (a, b, t, e) in enumerate(zip(side_by_side, one_thread, theirs, exact)):
+        assert_error_bounded(a, t, e, f"side by side, result {k}")
+        assert_error_bounded(b, t, e, f"one thread, result {k}")
 
 
 def _lstm_args(H=6, B=3, I=4, T=5, requires_grad=False):

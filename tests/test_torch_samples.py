@@ -76,3 +76,54 @@ def test_pytorch_module_error_samples(torch_class, make_errors):
                 module(*sample.forward_input.args, **sample.forward_input.kwargs)
 
 
+
+LAYER_ERROR_SAMPLES = {"LSTM": nn.LSTM, "GRU": nn.GRU}
+
+
+@pytest.mark.parametrize("torch_class", list(LAYER_ERROR_SAMPLES.values()), ids=list(LAYER_ERROR_SAMPLES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pytorch_error_sample_messages_of_the_layers(torch_class, dtype):
+    """PyTorch's own error samples for nn.LSTM and nn.GRU (their input dtype among them): ours
+    raises at the same stage (construction or forward), with the same type, and a message that
+    matches the sample's regular expression, as torch.nn's does."""
+    errors = cm.module_error_inputs_torch_nn_RNN_GRU(None, "cpu", dtype, requires_grad=False, training=True)
+    assert any(error.error_on == cm.ModuleErrorEnum.FORWARD_ERROR for error in errors)
+    for error in errors:
+        sample = error.module_error_input
+        c_args, c_kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+        for cls in (torch_class, PAIRS[torch_class]):
+            if error.error_on == cm.ModuleErrorEnum.CONSTRUCTION_ERROR:
+                with pytest.raises(error.error_type, match=error.error_regex):
+                    cls(*c_args, **c_kwargs)
+                continue
+            module = cls(*c_args, **c_kwargs)
+            with pytest.raises(error.error_type, match=error.error_regex):
+                module(*sample.forward_input.args, **sample.forward_input.kwargs)
+
+
+def _error_of(call):
+    try:
+        call()
+    except Exception as error:  # compared below
+        return type(error), str(error)
+    return None
+
+
+@pytest.mark.parametrize("torch_class", list(LAYER_ERROR_SAMPLES.values()), ids=list(LAYER_ERROR_SAMPLES))
+def test_layer_input_errors_are_torch_nns_word_for_word(torch_class):
+    """The input checks are torch.nn's own: the same type and message for a wrong input dtype
+    (also when functional_call swaps in weights of another dtype) or feature count."""
+    ref = torch_class(3, 5)
+    ours = PAIRS[torch_class](3, 5)
+    ours.load_state_dict(ref.state_dict())
+    double_weights = {name: p.double() for name, p in ref.named_parameters()}
+    calls = [
+        lambda m: m(torch.randn(2, 4, 3, dtype=torch.float64)),
+        lambda m: m(torch.randn(2, 4, 3, dtype=torch.bfloat16)),
+        lambda m: torch.func.functional_call(m, double_weights, (torch.randn(2, 4, 3),)),
+        lambda m: m(torch.randn(2, 4, 7)),
+    ]
+    for call in calls:
+        expected = _error_of(lambda: call(ref))
+        assert expected is not None
+        assert _error_of(lambda: call(ours)) == expected
