@@ -186,7 +186,7 @@ def make_simt_extension():
     return cpp_extension.CppExtension(
         "lstm_fused._simt",
         sources,
-        extra_compile_args={"cxx": ["-O2", "-pthread", "-fdiagnostics-color=always"]},
+        extra_compile_args={"cxx": ["-O2", "-pthread", "-Wno-unknown-pragmas", "-fdiagnostics-color=always"]},
         extra_link_args=["-pthread"],
         py_limited_api=True,
     )

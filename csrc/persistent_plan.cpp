@@ -1,4 +1,4 @@
-// lstm_fused::_persistent_plan: the persistent kernel's partitioning rule (persistent_plan.h),
+// lstm_fused::_persistent_plan and _persistent_tc_plan: the persistent kernels' partitioning rules (persistent_plan.h),
 // exposed so that tests check it on machines without a GPU.
 #include <torch/library.h>
 
@@ -16,9 +16,19 @@ std::vector<int64_t> persistent_plan_op(int64_t hidden, int64_t recurrent_size, 
   return {plan.usable ? 1 : 0, plan.units_per_block, plan.blocks, plan.shared_bytes};
 }
 
+std::vector<int64_t> persistent_tc_plan_op(int64_t hidden, int64_t batch, int64_t element_bytes, int64_t sm_count,
+                                           int64_t max_shared_bytes) {
+  const PersistentTcPlan p = plan_persistent_tc_layer(hidden, batch, element_bytes, sm_count, max_shared_bytes);
+  return {p.usable ? 1 : 0, p.units_per_block, p.blocks, p.m_tiles, p.n_tiles, p.k_tiles, p.k_split, p.row_stride,
+          p.shared_bytes};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
+  // -> [usable, units_per_block, blocks, m_tiles, n_tiles, k_tiles, k_split, row_stride, shared_bytes]
+  m.def("_persistent_tc_plan(int hidden, int batch, int element_bytes, int sm_count, int max_shared_bytes) -> int[]",
+        &persistent_tc_plan_op);
   // -> [usable, units_per_block, blocks, shared_bytes]
   m.def("_persistent_plan(int hidden, int recurrent_size, int batch, int gates, int element_bytes, "
         "int sm_count, int max_shared_bytes) -> int[]",

@@ -67,3 +67,38 @@ def test_persistent_and_per_step_kernels_agree(monkeypatch, dtype, use_lengths, 
     for persistent, per_step, exact in zip(results["1"], results["0"], reference):
         torch.testing.assert_close(persistent.double(), exact.cuda(), rtol=tolerance, atol=tolerance)
         torch.testing.assert_close(persistent, per_step, rtol=tolerance, atol=tolerance)
+
+
+def tc_plan(hidden, batch, element_bytes, sms=H100_SMS, shared=H100_SHARED):
+    fields = ("usable", "units", "blocks", "m_tiles", "n_tiles", "k_tiles", "k_split", "row_stride", "shared_bytes")
+    values = torch.ops.lstm_fused._persistent_tc_plan(hidden, batch, element_bytes, sms, shared)
+    return dict(zip(fields, values))
+
+
+@pytest.mark.parametrize("sms,shared", [(132, 227 * 1024), (16, 99 * 1024)], ids=["h100-h200", "small-16sm-99kb"])
+@pytest.mark.parametrize("hidden", [1, 40, 256, 512, 768, 1000, 1024])
+@pytest.mark.parametrize("batch", [1, 8, 16, 64])
+def test_tensor_core_plan_tiles_cover_the_layer(sms, shared, hidden, batch):
+    p = tc_plan(hidden, batch, 2, sms, shared)
+    assert p["units"] % 2 == 0 and p["n_tiles"] * 8 == 4 * p["units"]  # whole n8 tiles
+    assert p["blocks"] <= sms and p["units"] * p["blocks"] >= hidden > p["units"] * (p["blocks"] - 1)
+    assert p["m_tiles"] * 16 >= batch > (p["m_tiles"] - 1) * 16 and p["k_tiles"] * 16 >= hidden
+    assert 1 <= p["k_split"] <= p["k_tiles"]
+    # K is split only to give idle warps work: never more jobs than warps because of it
+    assert p["k_split"] == 1 or p["n_tiles"] * p["k_split"] <= 8
+    assert p["row_stride"] * 2 % 16 == 0  # ldmatrix rows 16-byte aligned
+    rows, cols = 16 * p["m_tiles"], 4 * p["units"]
+    assert p["shared_bytes"] == (cols + rows) * p["row_stride"] * 2 + p["k_split"] * rows * cols * 4
+    assert p["usable"] == (p["shared_bytes"] <= shared and batch * p["units"] <= 512)
+
+
+def test_tensor_core_plan_at_the_goal_configs():
+    # B=16 H=768 bf16 (issue 17's headline): 128 blocks of 6 units, 3 n tiles x 2 K ranges, 65 KB.
+    p = tc_plan(768, 16, 2)
+    assert (p["usable"], p["units"], p["blocks"], p["n_tiles"], p["k_split"]) == (1, 6, 128, 3, 2)
+    assert p["shared_bytes"] < 70 * 1024
+    assert tc_plan(768, 16, 4)["usable"]  # fp32 as TF32: 124 KB
+    assert tc_plan(512, 64, 4)["usable"]  # B=64 H=512 fp32: 4 m tiles
+    assert tc_plan(256, 8, 4)["usable"]  # B=8 H=256: 128 blocks of 2 units, K split 8 ways
+    assert not tc_plan(1024, 256, 2)["usable"]  # B=256: the per-step path's wider grid
+    assert not tc_plan(1024, 64, 4, sms=16, shared=99 * 1024)["usable"]  # 64 units per block: too big

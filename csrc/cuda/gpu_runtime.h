@@ -33,6 +33,7 @@ struct DeviceInfo {
   int64_t sm_count = 0;
   int64_t max_shared_optin = 0;  // dynamic shared memory a block may opt in to
   bool cooperative_launch = false;
+  int cc_major = 0;  // compute capability: mma.sync with bf16 needs 8.0
 };
 
 #if defined(__CUDACC__)
@@ -55,6 +56,7 @@ inline DeviceInfo device_info(const at::Device& device) {
   info.sm_count = attribute(cudaDevAttrMultiProcessorCount, device.index());
   info.max_shared_optin = attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index());
   info.cooperative_launch = attribute(cudaDevAttrCooperativeLaunch, device.index()) != 0;
+  info.cc_major = attribute(cudaDevAttrComputeCapabilityMajor, device.index());
   known.emplace(device.index(), info);
   return info;
 }
@@ -71,6 +73,7 @@ inline DeviceInfo device_info(const at::Device&) {
   info.sm_count = d.sm_count;
   info.max_shared_optin = static_cast<int64_t>(d.shared_per_block_optin);
   info.cooperative_launch = d.cooperative_launch;
+  info.cc_major = d.cc_major;
   return info;
 }
 

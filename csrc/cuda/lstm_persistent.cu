@@ -1,5 +1,8 @@
-// Host side of the persistent LSTM forward kernel (lstm_persistent_kernel.cuh): whether the plan
-// (persistent_plan.h) and the device allow it, and its one cooperative launch.
+// Host side of the persistent LSTM forward kernels: whether a plan (persistent_plan.h) and the
+// device allow one, and its single cooperative launch. Two kernels: the tensor-core one
+// (lstm_persistent_tc_kernel.cuh) for bfloat16 and float16, and for float32 when TF32 is allowed
+// (torch.backends.cuda.matmul.allow_tf32); the FP32/FP64-FMA one (lstm_persistent_kernel.cuh)
+// otherwise. LSTM_FUSED_PERSISTENT=0 turns both off, =fma keeps the FMA kernel only.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,15 +15,95 @@
 #include "gpu_runtime.h"
 #include "lstm_persistent.h"
 #include "lstm_persistent_kernel.cuh"
+#include "lstm_persistent_tc_kernel.cuh"
 
 namespace lstm_fused {
 namespace {
 
 using at::Tensor;
 
-bool persistent_enabled() {
+enum class PersistentChoice { kOff, kFmaOnly, kAny };
+
+PersistentChoice persistent_choice() {
   const char* setting = std::getenv("LSTM_FUSED_PERSISTENT");
-  return setting == nullptr || std::strcmp(setting, "0") != 0;
+  if (setting == nullptr) return PersistentChoice::kAny;
+  if (std::strcmp(setting, "0") == 0) return PersistentChoice::kOff;
+  if (std::strcmp(setting, "fma") == 0) return PersistentChoice::kFmaOnly;
+  return PersistentChoice::kAny;
+}
+
+// The tensor-core format for x's dtype, or nullopt where the FMA kernel must run.
+c10::optional<TensorCoreFormat> tensor_core_format(at::ScalarType dtype) {
+  if (dtype == at::kBFloat16) return TensorCoreFormat::kBFloat16;
+  if (dtype == at::kHalf) return TensorCoreFormat::kHalf;
+  if (dtype == at::kFloat && at::globalContext().allowTF32CuBLAS()) return TensorCoreFormat::kTF32;
+  return c10::nullopt;
+}
+
+using ForwardResult = c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>>;
+
+template <typename scalar_t, TensorCoreFormat kFormat>
+ForwardResult run_tensor_core_kernel(const LayerSizes& s, const PersistentTcPlan& plan, const gpu::DeviceInfo& device,
+                                     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+                                     const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+                                     const c10::optional<Tensor>& b_hh, bool padded, bool reverse) {
+  const auto kernel = &lstm_persistent_tc_forward_kernel<scalar_t, kFormat>;
+  gpu::allow_dynamic_shared(kernel, x.device(), plan.shared_bytes);
+  if (gpu::max_active_blocks_per_sm(kernel, kPersistentTcThreads, plan.shared_bytes) * device.sm_count < plan.blocks) {
+    return c10::nullopt;
+  }
+  LstmForwardBuffers<float> f = begin_lstm_forward<float>(s, x, h0, c0, w_ih, b_ih, b_hh, padded);
+  const Tensor active_rows = padded ? host_to_device(s.active_rows, x.device()) : Tensor();
+  const Tensor w = w_hh.contiguous();
+  PersistentLstmTcArgs<scalar_t> args;
+  args.w_hh = w.data_ptr<scalar_t>();
+  args.bias = s.has_bias ? f.bias.data_ptr<scalar_t>() : nullptr;
+  args.gates = f.r.gates.data_ptr<scalar_t>();
+  args.c_state = f.c.data_ptr<float>();
+  args.cells = f.r.cells.data_ptr<scalar_t>();
+  args.y = f.y.data_ptr<scalar_t>();
+  args.h_even = f.h_buffers[0].data_ptr<scalar_t>();
+  args.h_odd = f.h_buffers[1].data_ptr<scalar_t>();
+  args.active_rows = padded ? active_rows.data_ptr<int64_t>() : nullptr;
+  args.T = static_cast<int>(s.seq_len);
+  args.B = static_cast<int>(s.batch);
+  args.H = static_cast<int>(s.hidden_size);
+  args.units_per_block = static_cast<int>(plan.units_per_block);
+  args.m_tiles = static_cast<int>(plan.m_tiles);
+  args.n_tiles = static_cast<int>(plan.n_tiles);
+  args.k_tiles = static_cast<int>(plan.k_tiles);
+  args.k_split = static_cast<int>(plan.k_split);
+  args.row_stride = static_cast<int>(plan.row_stride);
+  args.reverse = reverse;
+  if (!gpu::launch_cooperative("lstm_persistent_tc_forward_kernel", kernel, dim3(plan.blocks),
+                               dim3(kPersistentTcThreads), plan.shared_bytes, args)) {
+    return c10::nullopt;
+  }
+  return f.outputs(s, reverse, x.scalar_type());
+}
+
+// The tensor-core kernel when the dtype, the device (sm_80+: mma.sync with bf16) and the plan allow it.
+ForwardResult try_tensor_core_kernel(const LayerSizes& s, const gpu::DeviceInfo& device, const Tensor& x,
+                                     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                                     const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
+                                     bool padded, bool reverse) {
+  const c10::optional<TensorCoreFormat> format = tensor_core_format(x.scalar_type());
+  if (!format || device.cc_major < 8) return c10::nullopt;
+  const PersistentTcPlan plan =
+      plan_persistent_tc_layer(s.hidden_size, s.batch, x.element_size(), device.sm_count, device.max_shared_optin);
+  if (!plan.usable) return c10::nullopt;
+  switch (*format) {
+    case TensorCoreFormat::kBFloat16:
+      return run_tensor_core_kernel<c10::BFloat16, TensorCoreFormat::kBFloat16>(s, plan, device, x, h0, c0, w_ih,
+                                                                                 w_hh, b_ih, b_hh, padded, reverse);
+    case TensorCoreFormat::kHalf:
+      return run_tensor_core_kernel<c10::Half, TensorCoreFormat::kHalf>(s, plan, device, x, h0, c0, w_ih, w_hh, b_ih,
+                                                                         b_hh, padded, reverse);
+    case TensorCoreFormat::kTF32:
+      return run_tensor_core_kernel<float, TensorCoreFormat::kTF32>(s, plan, device, x, h0, c0, w_ih, w_hh, b_ih,
+                                                                     b_hh, padded, reverse);
+  }
+  return c10::nullopt;
 }
 
 }  // namespace
@@ -28,10 +111,16 @@ bool persistent_enabled() {
 c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> lstm_layer_forward_persistent(
     const LayerSizes& s, const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh, bool padded, bool reverse) {
-  using Result = c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>>;
-  if (s.has_proj || s.seq_len == 0 || s.batch == 0 || !persistent_enabled()) return c10::nullopt;
+  using Result = ForwardResult;
+  const PersistentChoice choice = persistent_choice();
+  if (s.has_proj || s.seq_len == 0 || s.batch == 0 || choice == PersistentChoice::kOff) return c10::nullopt;
   const gpu::DeviceInfo device = gpu::device_info(x.device());
   if (!device.cooperative_launch) return c10::nullopt;
+  if (choice == PersistentChoice::kAny) {
+    if (auto whole = try_tensor_core_kernel(s, device, x, h0, c0, w_ih, w_hh, b_ih, b_hh, padded, reverse)) {
+      return whole;
+    }
+  }
   const PersistentPlan plan = plan_persistent_layer(s.hidden_size, s.hidden_size, s.batch, 4, x.element_size(),
                                                     device.sm_count, device.max_shared_optin);
   if (!plan.usable) return c10::nullopt;

@@ -22,18 +22,20 @@ namespace lstm_fused {
 namespace {
 
 // The virtual device the CUDA host code plans for (gpu::device_info reads it on every call).
-void set_virtual_device(int64_t sm_count, int64_t shared_per_block_optin, bool cooperative_launch) {
+void set_virtual_device(int64_t sm_count, int64_t shared_per_block_optin, bool cooperative_launch, int64_t cc_major) {
   TORCH_CHECK(sm_count > 0 && shared_per_block_optin > 0, "set_virtual_device: sizes must be positive");
   simt::Device device = simt::device();
   device.sm_count = static_cast<int>(sm_count);
   device.shared_per_block_optin = static_cast<size_t>(shared_per_block_optin);
   device.cooperative_launch = cooperative_launch;
+  device.cc_major = static_cast<int>(cc_major);
   simt::set_device(device);
 }
 
 std::vector<int64_t> virtual_device() {
   const simt::Device& device = simt::device();
-  return {device.sm_count, static_cast<int64_t>(device.shared_per_block_optin), device.cooperative_launch ? 1 : 0};
+  return {device.sm_count, static_cast<int64_t>(device.shared_per_block_optin), device.cooperative_launch ? 1 : 0,
+          device.cc_major};
 }
 
 }  // namespace
@@ -44,8 +46,8 @@ TORCH_LIBRARY(lstm_fused_simt, m) {
   m.def(lstm_fused::schemas::kLstmLayerBackward);
   m.def(lstm_fused::schemas::kGruLayerForward);
   m.def(lstm_fused::schemas::kGruLayerBackward);
-  // -> [sm_count, shared_per_block_optin, cooperative_launch]
+  // -> [sm_count, shared_per_block_optin, cooperative_launch, cc_major]
   m.def("virtual_device() -> int[]", &lstm_fused::virtual_device);
-  m.def("set_virtual_device(int sm_count, int shared_per_block_optin, bool cooperative_launch) -> ()",
+  m.def("set_virtual_device(int sm_count, int shared_per_block_optin, bool cooperative_launch, int cc_major=9) -> ()",
         &lstm_fused::set_virtual_device);
 }

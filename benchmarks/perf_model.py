@@ -1,0 +1,170 @@
+"""A performance model of the CUDA kernels: predicted microseconds per step on an H100/H200, for
+the goal configs of issue 17, beside cuDNN's published figure. Nothing here is measured: it turns
+each kernel's per-step work (from the same plan functions the kernels use, torch.ops.lstm_fused.
+_persistent_tc_plan / _persistent_plan) into time with published latencies, so that the first GPU
+run (benchmarks/gpu_check.sh prints the measured figures beside these) tells us where it is wrong.
+
+    python benchmarks/perf_model.py            # the table
+    python benchmarks/perf_model.py --json     # the same as JSON (gpu_check.sh keeps it)
+
+Latencies and rates (cycles at the SM clock; "est." where no public figure was found):
+- SM clock under load: 1.755 GHz (H100 SXM boost is 1.98 GHz; sustained under tensor-core load
+  lower; est.).
+- L2 hit latency ~260 cycles, shared memory ~30 cycles: Luo et al., "Benchmarking and Dissecting
+  the Nvidia Hopper GPU Architecture", arXiv 2402.13499 (measured on H800); Chips and Cheese,
+  "Nvidia's H100: Funny L2, and Tons of Bandwidth" (2023) for the L2's two partitions (a far hit
+  costs more: we take 260 as the average, est.).
+- mma.sync m16n8k16 (bf16/fp16 -> fp32) dependent-issue latency ~32 cycles, m16n8k8 tf32 ~32
+  (Luo et al. report mma.sync latencies of this order on Hopper; est. for the exact figure).
+- A grid-wide barrier (cooperative_groups grid.sync over ~128 blocks): ~1.0 us (est.; 0.5-2 us
+  depending on the implementation and the number of blocks).
+- A kernel launch through ATen from the host: ~5 us when the host is the bottleneck (est.; a
+  CUDA launch is ~2-3 us of CPU time plus ATen's dispatch).
+- cuDNN (nn.LSTM, fp16, H100 SXM, B=16 T=1024 I=H=768): 2.01 ms forward, 5.19 ms forward+backward
+  (FlashRNN's published benchmark; ../shared/cuda-facts.md).
+"""
+import argparse
+import json
+import math
+
+import torch
+
+import lstm_fused  # noqa: F401  (registers the plan ops)
+
+CLOCK_GHZ = 1.755
+L2_CYCLES = 260
+SHARED_CYCLES = 30
+MMA_CYCLES = 32
+GRID_SYNC_US = 1.0
+LAUNCH_US = 5.0
+SMS, SHARED_OPTIN = 132, 227 * 1024
+OUTSTANDING_LOADS = 8  # independent loads a thread keeps in flight before the first returns (est.)
+CUDNN_US_PER_STEP = {(16, 768, "fp16"): (2.01e3 / 1024, 5.19e3 / 1024)}
+
+GOAL_CONFIGS = [  # (B, T, I, H, dtype): issue 17's table
+    (16, 1024, 768, 768, "bf16"),
+    (16, 1024, 768, 768, "fp32-tf32"),
+    (64, 100, 512, 512, "fp32"),
+    (8, 512, 128, 256, "fp32"),
+    (256, 50, 1024, 1024, "bf16"),
+    (64, 400, 256, 256, "fp32-packed"),
+]
+
+
+def us(cycles):
+    return cycles / (CLOCK_GHZ * 1e3)
+
+
+def element_bytes(dtype):
+    return 2 if dtype in ("bf16", "fp16") else 4
+
+
+def tensor_cores(dtype, allow_tf32):
+    return dtype in ("bf16", "fp16") or (dtype.startswith("fp32") and allow_tf32)
+
+
+def load_rounds(loads_per_thread):
+    return math.ceil(loads_per_thread / OUTSTANDING_LOADS)
+
+
+def tc_persistent_step(B, H, dtype):
+    """lstm_persistent_tc_forward_kernel: per step, the staging of h_{t-1} (16-byte cp.async.cg
+    from L2), the dependent mma chain of the longest warp job (two accumulators), the cell (its
+    input projection already loaded before the staging), then grid.sync."""
+    es = element_bytes(dtype)
+    plan = torch.ops.lstm_fused._persistent_tc_plan(H, B, es, SMS, SHARED_OPTIN)
+    usable, units, blocks, m_tiles, n_tiles, k_tiles, k_split, _, shared = plan
+    if not usable:
+        return None
+    chunks_per_thread = math.ceil(B * H * es / 16 / 256)
+    stage = load_rounds(chunks_per_thread) * L2_CYCLES + SHARED_CYCLES
+    k_per_job = math.ceil(k_tiles / k_split)
+    mma_per_k16 = 2 if dtype.startswith("fp32") else 1
+    jobs_per_warp = math.ceil(n_tiles * k_split / 8)
+    # two independent chains of k_per_job / 2 each; ldmatrix / lane loads overlap the mma latency
+    chain = jobs_per_warp * m_tiles * (math.ceil(k_per_job / 2) * mma_per_k16 * MMA_CYCLES + 2 * SHARED_CYCLES)
+    cell = k_split * SHARED_CYCLES + 120 + L2_CYCLES  # partial sums, activations, the stores
+    barriers = 2 * 40  # two __syncthreads
+    counts = dict(blocks=blocks, units_per_block=units, m_tiles=m_tiles, n_tiles=n_tiles, k_split=k_split,
+                  shared_bytes=shared, stage_chunks_per_thread=chunks_per_thread,
+                  mma_per_warp_per_step=jobs_per_warp * m_tiles * k_per_job * mma_per_k16, grid_syncs=1,
+                  block_barriers=2)
+    return us(stage + chain + cell + barriers) + GRID_SYNC_US, counts
+
+
+def fma_persistent_step(B, H, dtype):
+    """lstm_persistent_forward_kernel: per step each warp walks its (row, unit) pairs one after
+    the other, re-reading h_{t-1} from L2 for each, with a 5-level shuffle reduction per gate and
+    lane 0 finishing the cell (benchmarks/NOTES.md, correction of session 6)."""
+    es = element_bytes(dtype)
+    usable, units, blocks, shared = torch.ops.lstm_fused._persistent_plan(H, H, B, 4, es, SMS, SHARED_OPTIN)
+    if not usable:
+        return None
+    pairs_per_warp = math.ceil(B * units / 8)
+    per_pair = load_rounds(math.ceil(H / 32)) * L2_CYCLES + 4 * 5 * 30 + 4 * math.ceil(H / 32) * 4 + 300
+    counts = dict(blocks=blocks, units_per_block=units, pairs_per_warp=pairs_per_warp, grid_syncs=1)
+    return us(pairs_per_warp * per_pair) + GRID_SYNC_US, counts
+
+
+def per_step_kernel_step(B, H, dtype):
+    """lstm_forward_step_kernel: ceil(H/32) x ceil(B/8) blocks, K in tiles of 32, each tile's 17
+    loads per thread serialised (a run-time-strided loop), one launch per step."""
+    tiles = math.ceil(H / 32)
+    blocks = tiles * math.ceil(B / 8)
+    waves = math.ceil(blocks / (SMS * 8))
+    per_tile = 17 * L2_CYCLES * 0.7 + 2 * 40 + 32 * 4 * 2  # loads partly overlap across warps (est.)
+    device = us(waves * tiles * per_tile)
+    return max(device, LAUNCH_US), dict(blocks=blocks, k_tiles=tiles, launches=1)
+
+
+def backward_step(B, H, dtype):
+    """The backward today: a pointwise kernel and a cuBLAS GEMM (dG_t W_hh) launched per step:
+    host-bound at small batches."""
+    es = element_bytes(dtype)
+    gemm_flops = 2 * B * 4 * H * H
+    gemm_us = gemm_flops / (400e12 if es == 2 else 50e12) * 1e6 + us(3 * L2_CYCLES)
+    return max(2 * LAUNCH_US, gemm_us + 2.0), dict(launches=2)
+
+
+def predict(B, T, I, H, dtype, allow_tf32=True):
+    base = dtype.split("-")[0]
+    if base == "fp32" and "tf32" not in dtype:
+        allow_tf32 = False
+    row = dict(B=B, T=T, I=I, H=H, dtype=dtype)
+    forward = None
+    if tensor_cores(dtype, allow_tf32):
+        forward = tc_persistent_step(B, H, base)
+        row["kernel"] = "lstm_persistent_tc_forward_kernel"
+    if forward is None:
+        forward = fma_persistent_step(B, H, base)
+        row["kernel"] = "lstm_persistent_forward_kernel"
+    if forward is None:
+        forward = per_step_kernel_step(B, H, base)
+        row["kernel"] = "lstm_forward_step_kernel"
+    row["fwd_us_per_step"], row["counts"] = forward
+    row["bwd_us_per_step"] = backward_step(B, H, base)[0]
+    row["fwd_bwd_us_per_step"] = row["fwd_us_per_step"] + row["bwd_us_per_step"]
+    cudnn = CUDNN_US_PER_STEP.get((B, H, "fp16"))
+    row["cudnn_fwd_us_per_step"], row["cudnn_fwd_bwd_us_per_step"] = cudnn if cudnn else (None, None)
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows = [predict(*config) for config in GOAL_CONFIGS]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print("| B | T | I | H | dtype | forward kernel | fwd us/step | fwd+bwd us/step | cuDNN fwd / fwd+bwd |")
+    print("|---:|---:|---:|---:|---|---|---:|---:|---|")
+    for r in rows:
+        cudnn = (f"{r['cudnn_fwd_us_per_step']:.2f} / {r['cudnn_fwd_bwd_us_per_step']:.2f} (fp16)"
+                 if r["cudnn_fwd_us_per_step"] else "no public figure")
+        print(f"| {r['B']} | {r['T']} | {r['I']} | {r['H']} | {r['dtype']} | {r['kernel']} | "
+              f"{r['fwd_us_per_step']:.2f} | {r['fwd_bwd_us_per_step']:.2f} | {cudnn} |")
+
+
+if __name__ == "__main__":
+    main()

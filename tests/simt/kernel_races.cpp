@@ -1,0 +1,101 @@
+// The race mode over lstm_fused's own kernels: each kernel of csrc/cuda runs once, on shapes
+// that span several blocks with ragged edges, in a program built with -fsanitize=thread, where
+// the emulator makes barriers and warp collectives happens-before edges. ThreadSanitizer then
+// reports any two threads of a block touching the same word between two barriers, one writing.
+// tests/test_simt_kernels.py builds and runs it. Exit status 0: every launch succeeded.
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "../../csrc/cuda/gru_kernels.cuh"
+#include "../../csrc/cuda/lstm_kernels.cuh"
+#include "../../csrc/cuda/lstm_persistent_kernel.cuh"
+
+namespace {
+
+std::vector<float> random_vector(size_t n, std::mt19937& gen) {
+  std::normal_distribution<float> normal(0.0f, 0.5f);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(gen);
+  return v;
+}
+
+int failures = 0;
+
+void expect(simt::Error error, const char* what) {
+  if (error != simt::Error::success) {
+    std::fprintf(stderr, "%s: %s: %s\n", what, simt::error_string(error), simt::last_error_message());
+    ++failures;
+  }
+}
+
+}  // namespace
+
+int main() {
+  using namespace lstm_fused;
+  std::mt19937 gen(11);
+  const int B = 11, H = 40, T = 3;  // 2 x 2 blocks per step, ragged in both dimensions
+  const dim3 grid = step_grid(H, B);
+
+  {  // LSTM forward step and backward pointwise
+    auto h_prev = random_vector(B * H, gen), w_hh = random_vector(4 * H * H, gen);
+    auto gates = random_vector(B * 4 * H, gen), bias = random_vector(4 * H, gen);
+    auto c_state = random_vector(B * H, gen);
+    std::vector<float> cells(B * H), h_out(B * H), h_next(B * H);
+    expect(simt::launch("lstm_forward_step_kernel", &lstm_forward_step_kernel<float, float>, grid, dim3(kStepThreads),
+                        0, h_prev.data(), w_hh.data(), gates.data(), bias.data(), c_state.data(), cells.data(),
+                        h_out.data(), h_next.data(), B, H, H),
+           "lstm_forward_step_kernel");
+    auto all_cells = random_vector(T * B * H, gen), c0 = random_vector(B * H, gen);
+    auto d_cell_out = random_vector(B * H, gen), grad_y = random_vector(B * H, gen);
+    std::vector<float> d_gates(B * 4 * H);
+    std::vector<int64_t> lengths(B, T);
+    expect(simt::launch("lstm_backward_pointwise_kernel", &lstm_backward_pointwise_kernel<float, float>,
+                        dim3(pointwise_blocks(B * H)), dim3(kPointwiseThreads), 0, gates.data(), d_gates.data(),
+                        all_cells.data(), c0.data(), d_cell_out.data(), grad_y.data(), c_state.data(),
+                        lengths.data(), int64_t(1), int64_t(T), B, B, H, false),
+           "lstm_backward_pointwise_kernel");
+  }
+  {  // GRU forward step and backward pointwise
+    auto h_prev = random_vector(B * H, gen), w_hh = random_vector(3 * H * H, gen);
+    auto b_ih = random_vector(3 * H, gen), b_hh = random_vector(3 * H, gen);
+    auto gates = random_vector(B * 3 * H, gen);
+    std::vector<float> hidden_n_proj(B * H), h_out(B * H), h_next(B * H);
+    expect(simt::launch("gru_forward_step_kernel", &gru_forward_step_kernel<float, float>, grid, dim3(kStepThreads), 0,
+                        h_prev.data(), w_hh.data(), b_ih.data(), b_hh.data(), gates.data(), hidden_n_proj.data(),
+                        h_out.data(), h_next.data(), B, H),
+           "gru_forward_step_kernel");
+    auto grad_y = random_vector(B * H, gen), dh = random_vector(B * H, gen);
+    std::vector<float> d_input(B * 3 * H), d_hidden(B * 3 * H);
+    expect(simt::launch("gru_backward_pointwise_kernel", &gru_backward_pointwise_kernel<float, float>,
+                        dim3(pointwise_blocks(B * H)), dim3(kPointwiseThreads), 0, gates.data(), hidden_n_proj.data(),
+                        h_prev.data(), grad_y.data(), dh.data(), d_input.data(), d_hidden.data(), B, H),
+           "gru_backward_pointwise_kernel");
+  }
+  {  // the persistent forward kernel on a 4-SM virtual device: 4 blocks of 10 units, T grid barriers
+    simt::Device device = simt::device();
+    device.sm_count = 4;
+    simt::set_device(device);
+    const PersistentPlan plan = plan_persistent_layer(H, H, B, 4, sizeof(float), 4, 227 * 1024);
+    if (!plan.usable) {
+      std::fprintf(stderr, "the persistent plan refused H=%d B=%d\n", H, B);
+      return 1;
+    }
+    auto w_hh = random_vector(4 * H * H, gen), bias = random_vector(4 * H, gen);
+    auto gates = random_vector(T * B * 4 * H, gen), c_state = random_vector(B * H, gen);
+    auto h_even = random_vector(B * H, gen);
+    std::vector<float> h_odd(h_even), cells(T * B * H), y(T * B * H);
+    std::vector<int64_t> active_rows = {B, 7, 2};
+    PersistentLstmArgs<float, float> args{w_hh.data(), bias.data(), gates.data(), c_state.data(), cells.data(),
+                                          y.data(), h_even.data(), h_odd.data(), active_rows.data(),
+                                          T, B, H, static_cast<int>(plan.units_per_block), true};
+    const auto kernel = &lstm_persistent_forward_kernel<float, float>;
+    expect(simt::set_max_dynamic_shared(kernel, plan.shared_bytes), "set_max_dynamic_shared");
+    expect(simt::launch_cooperative("lstm_persistent_forward_kernel", kernel, dim3(plan.blocks),
+                                    dim3(kPersistentThreads), plan.shared_bytes, args),
+           "lstm_persistent_forward_kernel");
+  }
+  std::printf("%d launch failures\n", failures);
+  return failures == 0 ? 0 : 1;
+}

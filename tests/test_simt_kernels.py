@@ -1,0 +1,345 @@
+"""The CUDA sources (csrc/cuda: host code and kernels) run on the CPU in the SIMT emulator
+(csrc/simt), through lstm_fused._simt's ops, against the float64 reference.
+
+The tolerance is the one the CPU tests use: our error against float64 at most twice that of a
+plain PyTorch computation in the same dtype (the reference run in that dtype), plus a small floor.
+A kernel with a missing barrier, a wrong fragment index or a wrong ping-pong buffer is off by
+O(1), far outside it."""
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lstm_fused.reference import gru_layer_reference, lstm_layer_reference
+
+pytestmark = pytest.mark.simt
+
+try:
+    import lstm_fused._simt  # noqa: F401  (registers torch.ops.lstm_fused_simt)
+
+    SIMT = torch.ops.lstm_fused_simt
+except ImportError:  # pragma: no cover - depends on the build
+    SIMT = None
+
+needs_simt = pytest.mark.skipif(
+    SIMT is None, reason="lstm_fused._simt was not built (LSTM_FUSED_SIMT=0 at build time)"
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+H100 = (132, 227 * 1024, True, 9)
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float64: 1e-10, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def device_of(monkeypatch):
+    """Sets the virtual device for one test and restores the default after it."""
+    def set_device(sm_count, shared_optin, cooperative=True, cc_major=9):
+        SIMT.set_virtual_device(sm_count, shared_optin, cooperative, cc_major)
+
+    yield set_device
+    if SIMT is not None:
+        SIMT.set_virtual_device(*H100)
+
+
+def kernels_launched(report):
+    return set(Path(report).read_text().split()) if Path(report).exists() else set()
+
+
+def rand(gen, *shape, scale=1.0):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+
+def lengths_for(T, B, gen):
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    lengths[0] = T
+    return lengths.sort(descending=True).values
+
+
+def max_error(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def check_bounded(ours, in_dtype, exact, dtype, what):
+    ours_err, theirs_err = max_error(ours, exact), max_error(in_dtype, exact)
+    assert ours_err <= 2 * theirs_err + FLOOR[dtype], (
+        f"{what}: error {ours_err:.3g} against float64; plain PyTorch in {dtype}: {theirs_err:.3g}"
+    )
+
+
+def lstm_case(T, B, I, H, proj, bias, use_lengths, seed):
+    gen = torch.Generator().manual_seed(seed)
+    P = proj or H
+    args = [rand(gen, T, B, I), rand(gen, B, P), rand(gen, B, H), rand(gen, 4 * H, I, scale=0.4),
+            rand(gen, 4 * H, P, scale=0.4)]
+    args += [rand(gen, 4 * H), rand(gen, 4 * H)] if bias else [None, None]
+    args.append(rand(gen, P, H, scale=0.4) if proj else None)
+    lengths = lengths_for(T, B, gen) if use_lengths else None
+    grads = [rand(gen, T, B, P), rand(gen, B, P), rand(gen, B, H)]
+    return args, lengths, grads
+
+
+def lstm_reference_with_grads(args, lengths, reverse, grads, dtype):
+    """The reference's outputs and the gradients of x, h0, c0, w_ih, w_hh, b_ih, w_hr in `dtype`."""
+    leaves = [a.to(dtype).requires_grad_() if a is not None else None for a in args]
+    y, h, c = lstm_layer_reference(*leaves, lengths=lengths, reverse=reverse)
+    loss = sum((o * g.to(dtype)).sum() for o, g in zip((y, h, c), grads))
+    wanted = [leaves[i] for i in (0, 1, 2, 3, 4, 5, 7) if leaves[i] is not None]
+    found = iter(torch.autograd.grad(loss, wanted, allow_unused=True))
+    grads_out = [next(found) if leaves[i] is not None else None for i in (0, 1, 2, 3, 4, 5, 7)]
+    return [y, h, c], grads_out
+
+
+def run_simt_lstm(args, lengths, reverse, grads, dtype):
+    a = [t.to(dtype) if t is not None else None for t in args]
+    y, h_n, c_n, reserve = SIMT.lstm_layer_forward(*a, lengths, reverse)
+    g = [t.to(dtype) for t in grads]
+    backward = SIMT.lstm_layer_backward(g[0], g[1], g[2], a[0], a[1], a[2], a[3], a[4], a[7], y, reserve,
+                                        lengths, reverse)
+    return [y, h_n, c_n], list(backward)
+
+
+def check_lstm(args, lengths, reverse, grads, dtype, forward_bound_dtype=None):
+    """forward_bound_dtype: the dtype whose plain-PyTorch error bounds the forward outputs, when the
+    kernel computes at another precision than `dtype` (TF32 for float32: float16's 10-bit mantissa)."""
+    outs, back = run_simt_lstm(args, lengths, reverse, grads, dtype)
+    bound_dtype = forward_bound_dtype or dtype
+    exact_outs, exact_grads = lstm_reference_with_grads(args, lengths, reverse, grads, torch.float64)
+    dtype_outs, dtype_grads = lstm_reference_with_grads(args, lengths, reverse, grads, dtype)
+    bound_outs = dtype_outs if bound_dtype == dtype else lstm_reference_with_grads(
+        args, lengths, reverse, grads, bound_dtype)[0]
+    for name, ours, theirs, exact in zip(("y", "h_n", "c_n"), outs, bound_outs, exact_outs):
+        assert ours.dtype == dtype and ours.shape == exact.shape, name
+        check_bounded(ours, theirs, exact, bound_dtype, name)
+    if bound_dtype != dtype:
+        return  # the backward reads the forward's reserve, whose precision is the forward's
+    names = ("grad_x", "grad_h0", "grad_c0", "grad_w_ih", "grad_w_hh", "grad_bias", "grad_w_hr")
+    for name, ours, theirs, exact in zip(names, back, dtype_grads, exact_grads):
+        if exact is None:
+            continue
+        check_bounded(ours, theirs, exact, dtype, name)
+
+
+def persistent_kernel_for(dtype):
+    """The persistent kernel lstm_persistent.cu picks: tensor cores for the half types (and for
+    float32 with TF32 allowed), FMAs otherwise."""
+    tensor_cores = dtype in (torch.float16, torch.bfloat16) or (
+        dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+    return "lstm_persistent_tc_forward_kernel" if tensor_cores else "lstm_persistent_forward_kernel"
+
+
+def gru_case(T, B, I, H, bias, use_lengths, seed):
+    gen = torch.Generator().manual_seed(seed)
+    args = [rand(gen, T, B, I), rand(gen, B, H), rand(gen, 3 * H, I, scale=0.4), rand(gen, 3 * H, H, scale=0.4)]
+    args += [rand(gen, 3 * H), rand(gen, 3 * H)] if bias else [None, None]
+    lengths = lengths_for(T, B, gen) if use_lengths else None
+    return args, lengths, [rand(gen, T, B, H), rand(gen, B, H)]
+
+
+def gru_reference_with_grads(args, lengths, reverse, grads, dtype):
+    leaves = [a.to(dtype).requires_grad_() if a is not None else None for a in args]
+    y, h = gru_layer_reference(*leaves, lengths=lengths, reverse=reverse)
+    loss = (y * grads[0].to(dtype)).sum() + (h * grads[1].to(dtype)).sum()
+    wanted = [leaf for leaf in leaves if leaf is not None]
+    found = iter(torch.autograd.grad(loss, wanted))
+    return [y, h], [next(found) if leaf is not None else None for leaf in leaves]
+
+
+def check_gru(args, lengths, reverse, grads, dtype):
+    a = [t.to(dtype) if t is not None else None for t in args]
+    y, h_n, reserve = SIMT.gru_layer_forward(*a, lengths, reverse)
+    g = [t.to(dtype) for t in grads]
+    back = SIMT.gru_layer_backward(g[0], g[1], a[0], a[1], a[2], a[3], y, reserve, lengths, reverse)
+    exact_outs, exact_grads = gru_reference_with_grads(args, lengths, reverse, grads, torch.float64)
+    dtype_outs, dtype_grads = gru_reference_with_grads(args, lengths, reverse, grads, dtype)
+    for name, ours, theirs, exact in zip(("y", "h_n"), (y, h_n), dtype_outs, exact_outs):
+        assert ours.dtype == dtype and ours.shape == exact.shape, name
+        check_bounded(ours, theirs, exact, dtype, name)
+    names = ("grad_x", "grad_h0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh")
+    for name, ours, theirs, exact in zip(names, back, dtype_grads, exact_grads):
+        if exact is not None:
+            check_bounded(ours, theirs, exact, dtype, name)
+
+
+# (T, B, I, H): B=11 is not a multiple of the 8 rows per block, H=40 not of the 32 units per
+# block: two blocks in each grid dimension, both with ragged edges.
+SHAPE = (5, 11, 6, 40)
+PATHS = [  # use_lengths, reverse
+    (False, False),
+    (False, True),
+    (True, False),
+    (True, True),
+]
+
+
+@needs_simt
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("use_lengths,reverse", PATHS)
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per_step"])
+def test_lstm_kernels_match_the_float64_reference(monkeypatch, device_of, tmp_path, dtype, use_lengths, reverse,
+                                                  persistent):
+    report = tmp_path / "kernels.txt"
+    monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
+    monkeypatch.setenv("LSTM_FUSED_PERSISTENT", "1" if persistent else "0")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    device_of(4, 227 * 1024)  # 4 SMs: the persistent plan spreads H=40 over 4 blocks of 10 units
+    args, lengths, grads = lstm_case(*SHAPE, proj=0, bias=True, use_lengths=use_lengths, seed=3)
+    check_lstm(args, lengths, reverse, grads, dtype)
+    launched = kernels_launched(report)
+    assert (persistent_kernel_for(dtype) in launched) == persistent
+    assert ("lstm_forward_step_kernel" in launched) == (not persistent)
+    assert "lstm_backward_pointwise_kernel" in launched
+
+
+@needs_simt
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("use_lengths,reverse", PATHS)
+@pytest.mark.parametrize("sm_count,B", [(4, 20), (132, 11)], ids=["4sm-2mtiles", "h100-ksplit"])
+def test_tensor_core_persistent_kernel(monkeypatch, device_of, tmp_path, dtype, use_lengths, reverse, sm_count, B):
+    """4 SMs: 4 blocks of 10 units (5 n tiles), B=20 in two m tiles. 132 SMs: 20 blocks of 2 units,
+    one n tile whose K range is split over 3 warps. float32 runs as TF32 (allow_tf32)."""
+    report = tmp_path / "kernels.txt"
+    monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", dtype == torch.float32)
+    device_of(sm_count, 227 * 1024)
+    args, lengths, grads = lstm_case(5, B, 6, 40, proj=0, bias=True, use_lengths=use_lengths, seed=12)
+    check_lstm(args, lengths, reverse, grads, dtype,
+               forward_bound_dtype=torch.float16 if dtype == torch.float32 else None)
+    assert "lstm_persistent_tc_forward_kernel" in kernels_launched(report)
+
+
+@needs_simt
+def test_tensor_core_kernel_needs_sm80(monkeypatch, tmp_path):
+    """On a virtual device below compute capability 8.0 the bf16 layer takes the FMA kernel."""
+    report = tmp_path / "kernels.txt"
+    monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
+    try:
+        SIMT.set_virtual_device(4, 96 * 1024, True, 7)
+        args, lengths, grads = lstm_case(3, 5, 4, 40, proj=0, bias=True, use_lengths=False, seed=13)
+        check_lstm(args, lengths, False, grads, torch.bfloat16)
+    finally:
+        SIMT.set_virtual_device(*H100)
+    launched = kernels_launched(report)
+    assert "lstm_persistent_forward_kernel" in launched
+    assert "lstm_persistent_tc_forward_kernel" not in launched
+
+
+@needs_simt
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("use_lengths,reverse", [(False, False), (True, True)])
+def test_lstm_with_projection_and_no_bias(dtype, use_lengths, reverse):
+    args, lengths, grads = lstm_case(4, 9, 5, 37, proj=23, bias=False, use_lengths=use_lengths, seed=5)
+    check_lstm(args, lengths, reverse, grads, dtype)
+
+
+@needs_simt
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("use_lengths,reverse", PATHS)
+def test_gru_kernels_match_the_float64_reference(monkeypatch, tmp_path, dtype, use_lengths, reverse):
+    report = tmp_path / "kernels.txt"
+    monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
+    args, lengths, grads = gru_case(*SHAPE, bias=True, use_lengths=use_lengths, seed=4)
+    check_gru(args, lengths, reverse, grads, dtype)
+    assert {"gru_forward_step_kernel", "gru_backward_pointwise_kernel"} <= kernels_launched(report)
+
+
+@needs_simt
+def test_gru_without_bias():
+    args, lengths, grads = gru_case(3, 9, 4, 35, bias=False, use_lengths=True, seed=6)
+    check_gru(args, lengths, False, grads, torch.float32)
+
+
+@needs_simt
+def test_persistent_kernel_on_the_h100_plan(monkeypatch, tmp_path):
+    """The plan of the real device (132 SMs: one hidden unit per block, 40 blocks at H=40)."""
+    report = tmp_path / "kernels.txt"
+    monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
+    SIMT.set_virtual_device(*H100)
+    args, lengths, grads = lstm_case(3, 5, 4, 40, proj=0, bias=True, use_lengths=True, seed=8)
+    check_lstm(args, lengths, True, grads, torch.float32)
+    assert "lstm_persistent_forward_kernel" in kernels_launched(report)
+
+
+@needs_simt
+@pytest.mark.parametrize("sm_count,shared,cooperative,why", [
+    (4, 8 * 1024, True, "W_hh slice does not fit in shared memory"),
+    (4, 227 * 1024, False, "no cooperative launch"),
+])
+def test_persistent_plan_falls_back_to_the_per_step_kernel(monkeypatch, device_of, tmp_path, sm_count, shared,
+                                                           cooperative, why):
+    report = tmp_path / "kernels.txt"
+    monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
+    device_of(sm_count, shared, cooperative)
+    args, lengths, grads = lstm_case(*SHAPE, proj=0, bias=True, use_lengths=False, seed=9)
+    check_lstm(args, lengths, False, grads, torch.float32)
+    launched = kernels_launched(report)
+    assert "lstm_persistent_forward_kernel" not in launched, why
+    assert "lstm_forward_step_kernel" in launched, why
+
+
+@needs_simt
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("T,B,H", [(3, 4, 0), (3, 0, 5), (0, 3, 5)], ids=["hidden0", "batch0", "steps0"])
+def test_empty_sizes(cell, T, B, H):
+    """hidden_size 0 is legal in torch.nn's cells: nothing is launched (a zero-block grid would
+    be refused by CUDA) and the results have the right shapes."""
+    if cell == "lstm":
+        args, lengths, grads = lstm_case(T, B, 2, H, proj=0, bias=True, use_lengths=False, seed=1)
+        check_lstm(args, lengths, False, grads, torch.float32)
+    else:
+        args, lengths, grads = gru_case(T, B, 2, H, bias=True, use_lengths=False, seed=1)
+        check_gru(args, lengths, False, grads, torch.float32)
+
+
+def global_kernels_in_sources():
+    names = set()
+    for path in (ROOT / "csrc").rglob("*"):
+        if path.suffix in (".cu", ".cuh", ".h") and "simt" not in path.parts:
+            names |= set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)", path.read_text()))
+    return names
+
+
+@needs_simt
+def test_every_cuda_kernel_runs_in_emulation(monkeypatch, device_of, tmp_path):
+    report = tmp_path / "kernels.txt"
+    monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
+    device_of(4, 227 * 1024)
+    for setting in ("1", "0"):
+        monkeypatch.setenv("LSTM_FUSED_PERSISTENT", setting)
+        args, lengths, grads = lstm_case(3, 5, 4, 9, proj=0, bias=True, use_lengths=True, seed=2)
+        run_simt_lstm(args, lengths, False, grads, torch.float32)
+    args, lengths, grads = gru_case(3, 5, 4, 9, bias=True, use_lengths=True, seed=2)
+    check_gru(args, lengths, False, grads, torch.float32)
+    in_sources = global_kernels_in_sources()
+    assert in_sources, "no __global__ kernel found under csrc/: the pattern is out of date"
+    missing = in_sources - kernels_launched(report)
+    assert not missing, f"kernels never launched in emulation: {sorted(missing)}"
+
+
+def compiler():
+    from shutil import which
+
+    return which(os.environ.get("CXX", "g++"))
+
+
+@pytest.mark.skipif(compiler() is None, reason="no C++ compiler (g++) to build the race-mode program")
+def test_kernels_have_no_shared_memory_races(tmp_path):
+    """Race mode: every kernel once, under ThreadSanitizer, which reports two threads of a block
+    touching the same word between barriers (one writing), as compute-sanitizer's racecheck does."""
+    import subprocess
+
+    program = tmp_path / "kernel_races"
+    build = subprocess.run(
+        [compiler(), "-std=c++17", "-O1", "-g", "-fsanitize=thread", "-pthread",
+         str(ROOT / "tests" / "simt" / "kernel_races.cpp"), "-o", str(program)],
+        capture_output=True, text=True,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=0 exitcode=66 report_signal_unsafe=0")
+    env.pop("LSTM_FUSED_SIMT_REPORT", None)
+    run = subprocess.run([str(program)], capture_output=True, text=True, env=env, timeout=600)
+    assert "ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
+    assert run.returncode == 0, run.stdout + run.stderr[-4000:]
+    assert "0 launch failures" in run.stdout
