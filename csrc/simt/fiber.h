@@ -32,6 +32,7 @@ void __tsan_switch_to_fiber(void* fiber, unsigned flags);
 void __tsan_set_fiber_name(void* fiber, const char* name);
 void __tsan_acquire(void* addr);
 void __tsan_release(void* addr);
+void __tsan_func_exit(void);
 }
 #define SIMT_TSAN_ACQUIRE(p) __tsan_acquire((void*)(p))
 #define SIMT_TSAN_RELEASE(p) __tsan_release((void*)(p))
@@ -90,42 +91,56 @@ extern "C" void simt_fiber_trampoline();
 namespace simt {
 namespace detail {
 
-// Stacks are mmap'd with a guard page below, so an overflow faults instead of corrupting the
-// neighbouring fiber. Outside TSan they are pooled: a 1024-thread block would otherwise map and
-// unmap 64 MiB per block. Under TSan every stack is fresh, so no shadow state carries over.
+// Stacks come from a process-wide pool, carved from large anonymous mappings (a cooperative
+// launch of 132 blocks x 512 threads needs 67k stacks; one mapping plus a guard page each would
+// pass Linux's default vm.max_map_count). Overflow is caught by a canary at the bottom of each
+// stack instead, checked when the block ends. Under TSan each pooled stack keeps its TSan fiber:
+// creating one costs ~0.5-1.5 ms. The host thread takes every stack a launch needs before the
+// workers start and returns them after they are joined, so no emulated thread inherits ordering
+// from another through the pool (a reused TSan fiber only continues a history that precedes it).
+struct PooledStack {
+  void* stack;
+  size_t size;
+  void* tsan_fiber;
+};
+constexpr uint64_t kStackCanary = 0x5349'4d54'4341'4e59ull;  // "SIMTCANY"
+constexpr int kCanaryWords = 8;
 struct StackPool {
   std::mutex mu;
-  std::vector<std::pair<void*, size_t>> free_stacks;
-  static size_t page() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
-  void* get(size_t size) {
-#if !defined(SIMT_TSAN)
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      for (size_t i = 0; i < free_stacks.size(); ++i)
-        if (free_stacks[i].second == size) {
-          void* p = free_stacks[i].first;
-          free_stacks[i] = free_stacks.back();
-          free_stacks.pop_back();
-          return p;
-        }
-    }
-#endif
-    const size_t total = size + page();
-    void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
-    if (base == MAP_FAILED) throw std::bad_alloc();
-    mprotect(base, page(), PROT_NONE);
-    return static_cast<char*>(base) + page();
-  }
-  void put(void* stack, size_t size) {
-#if !defined(SIMT_TSAN)
+  std::vector<PooledStack> free_stacks;
+  std::vector<PooledStack> take(size_t count, size_t size) {
+    std::vector<PooledStack> out;
+    out.reserve(count);
     std::lock_guard<std::mutex> lock(mu);
-    if (free_stacks.size() < 4096) {
-      free_stacks.emplace_back(stack, size);
-      return;
-    }
+    for (size_t i = 0; i < free_stacks.size() && out.size() < count;)
+      if (free_stacks[i].size == size) {
+        out.push_back(free_stacks[i]);
+        free_stacks[i] = free_stacks.back();
+        free_stacks.pop_back();
+      } else {
+        ++i;
+      }
+    const size_t missing = count - out.size();
+    if (missing) {
+      void* base = mmap(nullptr, missing * size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                        -1, 0);
+      if (base == MAP_FAILED) {
+        free_stacks.insert(free_stacks.end(), out.begin(), out.end());
+        throw std::bad_alloc();
+      }
+      for (size_t i = 0; i < missing; ++i) {
+        void* tsan_fiber = nullptr;
+#if defined(SIMT_TSAN)
+        tsan_fiber = __tsan_create_fiber(0);
 #endif
-    munmap(static_cast<char*>(stack) - page(), size + page());
+        out.push_back({static_cast<char*>(base) + i * size, size, tsan_fiber});
+      }
+    }
+    return out;
+  }
+  void give_back(const std::vector<PooledStack>& stacks) {
+    std::lock_guard<std::mutex> lock(mu);
+    free_stacks.insert(free_stacks.end(), stacks.begin(), stacks.end());
   }
 };
 inline StackPool& stack_pool() {
@@ -155,10 +170,16 @@ inline void ucontext_entry(unsigned lo, unsigned hi, unsigned flo, unsigned fhi)
 }
 #endif
 
-// Prepares `ctx` to run fn(arg) on a new stack of `size` bytes when first switched to.
-inline void make_context(Context& ctx, size_t size, void (*fn)(void*), void* arg) {
+// Prepares `ctx` to run fn(arg) on `stack` when first switched to.
+inline void make_context(Context& ctx, const PooledStack& stack, void (*fn)(void*), void* arg) {
+  const size_t size = stack.size;
   ctx.stack_size = size;
-  ctx.stack = stack_pool().get(size);
+  ctx.stack = stack.stack;
+#if defined(SIMT_TSAN)
+  ctx.tsan_fiber = stack.tsan_fiber;
+#endif
+  uint64_t* bottom = static_cast<uint64_t*>(ctx.stack);
+  for (int i = 0; i < kCanaryWords; ++i) bottom[i] = kStackCanary;
 #if defined(SIMT_USE_UCONTEXT)
   getcontext(&ctx.uc);
   ctx.uc.uc_stack.ss_sp = ctx.stack;
@@ -185,18 +206,13 @@ inline void make_context(Context& ctx, size_t size, void (*fn)(void*), void* arg
   s[-9] = fcw;                                                   // (%rsp)
   ctx.sp = &s[-9];
 #endif
-#if defined(SIMT_TSAN)
-  ctx.tsan_fiber = __tsan_create_fiber(0);
-#endif
 }
 
-inline void free_context(Context& ctx) {
-#if defined(SIMT_TSAN)
-  if (ctx.tsan_fiber) __tsan_destroy_fiber(ctx.tsan_fiber);
-  ctx.tsan_fiber = nullptr;
-#endif
-  if (ctx.stack) stack_pool().put(ctx.stack, ctx.stack_size);
-  ctx.stack = nullptr;
+inline bool stack_overflowed(const Context& ctx) {
+  const uint64_t* bottom = static_cast<const uint64_t*>(ctx.stack);
+  for (int i = 0; i < kCanaryWords; ++i)
+    if (bottom[i] != kStackCanary) return true;
+  return false;
 }
 
 inline void init_scheduler_context(Context& ctx) {
@@ -215,6 +231,20 @@ inline void switch_context(Context& from, Context& to, bool synchronise) {
   __tsan_switch_to_fiber(to.tsan_fiber, synchronise ? 0u : 1u);
 #else
   (void)synchronise;
+#endif
+#if defined(SIMT_USE_UCONTEXT)
+  swapcontext(&from.uc, &to.uc);
+#else
+  simt_fiber_switch(&from.sp, to.sp);
+#endif
+}
+
+// The last switch out of an exited fiber. Under TSan it first pops the entry frame of the
+// fiber's function, which never returns, so a pooled TSan fiber's shadow stack stays balanced.
+inline void final_switch(Context& from, Context& to) {
+#if defined(SIMT_TSAN)
+  __tsan_func_exit();
+  __tsan_switch_to_fiber(to.tsan_fiber, 0);
 #endif
 #if defined(SIMT_USE_UCONTEXT)
   swapcontext(&from.uc, &to.uc);

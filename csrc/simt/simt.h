@@ -270,6 +270,7 @@ struct WarpLane {
   void* data = nullptr;
   CollectiveComplete complete = nullptr;
   const char* name = "";
+  std::atomic<unsigned> depart{0};  // which tsan_depart slot the completer released
 };
 
 struct Warp {
@@ -277,7 +278,12 @@ struct Warp {
   unsigned waiting = 0;  // lanes blocked in a collective
   unsigned exited = 0;
   WarpLane lane[32];
-  char tsan_sync = 0;  // address for TSan release/acquire of this warp's collectives
+  // TSan: `tsan_sync` orders the bookkeeping above; each completed collective releases its lanes'
+  // history on its own slot of `tsan_depart`, so a lane leaving collective n does not also
+  // acquire what a faster lane did after n (which would hide races).
+  char tsan_sync = 0;
+  unsigned completions = 0;
+  char tsan_depart[256] = {};
 };
 
 struct Launch {
@@ -295,7 +301,7 @@ struct Launch {
   std::mutex grid_mutex;
   std::condition_variable grid_cv;
   unsigned long long grid_blocks = 0, grid_arrived = 0, grid_finished = 0, grid_generation = 0;
-  char grid_tsan_sync = 0;
+  char grid_tsan_generation[2] = {0, 0};  // release on arrival / acquire on departure, by parity
 
   void fail(const std::string& message) {
     {
@@ -314,11 +320,16 @@ struct Block {
   dim3 block_dim, grid_dim;
   unsigned nthreads = 0;
   std::unique_ptr<Fiber[]> fibers;
-  std::vector<Warp> warps;
+  std::unique_ptr<Warp[]> warps;
+  unsigned nwarps = 0;
   Context scheduler;
-  // __syncthreads state; only fibers touch it, ordered for TSan through &barrier_tsan_sync
-  unsigned barrier_arrived = 0, live = 0;
+  // __syncthreads state; only fibers touch it, ordered for TSan through &barrier_tsan_sync.
+  // Arrivals at barrier generation g release on barrier_tsan_generation[g % 2] and departures
+  // acquire it: a thread cannot reach g + 2 before every thread has left g.
+  unsigned barrier_arrived = 0, live = 0, barrier_generation = 0;
   char barrier_tsan_sync = 0;
+  char barrier_tsan_generation[2] = {0, 0};
+  std::atomic<unsigned long long> grid_syncs{0};  // grid barriers this block has passed
   void* dynamic_shared = nullptr;
   unsigned long long switches = 0;
 };
@@ -367,6 +378,7 @@ inline void yield() {
 // ---- __syncthreads
 inline void release_barrier(Block& b) {
   b.barrier_arrived = 0;
+  ++b.barrier_generation;
   for (unsigned i = 0; i < b.nthreads; ++i)
     if (b.fibers[i].state.load(std::memory_order_relaxed) == kWaitBarrier)
       b.fibers[i].state.store(kRunnable, std::memory_order_relaxed);
@@ -378,8 +390,11 @@ inline void syncthreads() {
   counters().block_barriers.fetch_add(1, std::memory_order_relaxed);
   SIMT_TSAN_RELEASE(&b.barrier_tsan_sync);
   SIMT_TSAN_ACQUIRE(&b.barrier_tsan_sync);
+  char* generation_sync = &b.barrier_tsan_generation[b.barrier_generation & 1u];
+  SIMT_TSAN_RELEASE(generation_sync);
   if (++b.barrier_arrived == b.live) {
     release_barrier(b);
+    SIMT_TSAN_ACQUIRE(generation_sync);
     SIMT_TSAN_RELEASE(&b.barrier_tsan_sync);
     return;
   }
@@ -387,7 +402,8 @@ inline void syncthreads() {
   f->state.store(kWaitBarrier, std::memory_order_relaxed);
   SIMT_TSAN_RELEASE(&b.barrier_tsan_sync);
   wait_in_scheduler(f);
-  SIMT_TSAN_ACQUIRE(&b.barrier_tsan_sync);
+  SIMT_TSAN_ACQUIRE(generation_sync);
+  (void)generation_sync;
 }
 
 // ---- warp collectives: a lane waits until every lane of its mask has arrived at a collective
@@ -431,10 +447,14 @@ inline void warp_collective(const char* name, int kind, unsigned mask, void* dat
                      name + " and " + w.lane[l].name);
     complete(b, f->warp, mask);
     w.waiting &= ~mask;
+    const unsigned slot = w.completions++ % sizeof(w.tsan_depart);
+    SIMT_TSAN_RELEASE(&w.tsan_depart[slot]);
     const unsigned base = f->warp * 32;
     for (unsigned l = 0; l < 32; ++l)
-      if (((mask >> l) & 1u) && l != f->lane)
+      if (((mask >> l) & 1u) && l != f->lane) {
+        w.lane[l].depart.store(slot, std::memory_order_relaxed);
         b.fibers[base + l].state.store(kRunnable, std::memory_order_relaxed);
+      }
     SIMT_TSAN_RELEASE(&w.tsan_sync);
     return;
   }
@@ -442,7 +462,7 @@ inline void warp_collective(const char* name, int kind, unsigned mask, void* dat
   f->state.store(kWaitWarp, std::memory_order_relaxed);
   SIMT_TSAN_RELEASE(&w.tsan_sync);
   wait_in_scheduler(f);
-  SIMT_TSAN_ACQUIRE(&w.tsan_sync);
+  SIMT_TSAN_ACQUIRE(&w.tsan_depart[me.depart.load(std::memory_order_relaxed)]);
 }
 
 template <class T>
@@ -455,11 +475,13 @@ inline void grid_sync() {
   Fiber* f = current();
   Launch& l = *f->block->launch;
   if (!l.cooperative) device_error("grid.sync() in a launch that is not cooperative");
-  SIMT_TSAN_RELEASE(&l.grid_tsan_sync);
+  char* generation_sync = &l.grid_tsan_generation[f->block->grid_syncs.load(std::memory_order_relaxed) & 1u];
+  SIMT_TSAN_RELEASE(generation_sync);
   f->waiting_in = "grid.sync";
   f->state.store(kWaitGrid, std::memory_order_relaxed);
   wait_in_scheduler(f);
-  SIMT_TSAN_ACQUIRE(&l.grid_tsan_sync);
+  SIMT_TSAN_ACQUIRE(generation_sync);
+  (void)generation_sync;
 }
 
 // ---- cp.async
@@ -506,6 +528,7 @@ inline void thread_exit_bookkeeping(Fiber* f) {
   // Exited threads count as arrived at __syncthreads, as on the hardware.
   SIMT_TSAN_RELEASE(&b.barrier_tsan_sync);
   SIMT_TSAN_ACQUIRE(&b.barrier_tsan_sync);
+  SIMT_TSAN_RELEASE(&b.barrier_tsan_generation[b.barrier_generation & 1u]);
   --b.live;
   if (b.live > 0 && b.barrier_arrived == b.live) release_barrier(b);
   SIMT_TSAN_RELEASE(&b.barrier_tsan_sync);
@@ -537,7 +560,7 @@ inline void fiber_main(void* arg) {
   }
   f->state.store(kExited, std::memory_order_relaxed);
   // Synchronising: the scheduler (and the next block on this OS thread) comes after this thread.
-  switch_context(f->ctx, b.scheduler, true);
+  final_switch(f->ctx, b.scheduler);
   std::abort();  // an exited fiber is never resumed
 }
 
@@ -600,7 +623,7 @@ inline void block_finished_for_grid(Block& b) {
 }
 
 // Runs one block to completion on the calling OS thread.
-inline void run_block(Launch& l, uint3 block_idx, void* dynamic_shared) {
+inline void run_block(Launch& l, uint3 block_idx, void* dynamic_shared, const PooledStack* stacks) {
   Block b;
   b.launch = &l;
   b.block_idx = block_idx;
@@ -611,8 +634,9 @@ inline void run_block(Launch& l, uint3 block_idx, void* dynamic_shared) {
   b.dynamic_shared = dynamic_shared;
   if (dynamic_shared) std::memset(dynamic_shared, 0xFF, l.dynamic_shared);  // reads before writes give NaN
   b.fibers.reset(new Fiber[b.nthreads]);
-  b.warps.resize((b.nthreads + 31) / 32);
-  for (unsigned w = 0; w < b.warps.size(); ++w) {
+  b.nwarps = (b.nthreads + 31) / 32;
+  b.warps.reset(new Warp[b.nwarps]);
+  for (unsigned w = 0; w < b.nwarps; ++w) {
     const unsigned n = b.nthreads - w * 32 < 32 ? b.nthreads - w * 32 : 32;
     b.warps[w].present = n == 32 ? 0xffffffffu : ((1u << n) - 1);
   }
@@ -624,7 +648,7 @@ inline void run_block(Launch& l, uint3 block_idx, void* dynamic_shared) {
     f.lane = i % 32;
     f.warp = i / 32;
     f.thread_idx = uint3{i % l.block.x, (i / l.block.x) % l.block.y, i / (l.block.x * l.block.y)};
-    make_context(f.ctx, stack_size(), &fiber_main, &f);
+    make_context(f.ctx, stacks[i], &fiber_main, &f);
   }
   std::atomic<Fiber*>& cur = current_slot();
   for (unsigned i = 0; i < b.nthreads; ++i) {
@@ -666,10 +690,12 @@ inline void run_block(Launch& l, uint3 block_idx, void* dynamic_shared) {
       if (s != kExited && s != kWaitGrid) all_grid = false;
     }
     if (all_grid) {
-      if (block_arrive_at_grid(b))
+      if (block_arrive_at_grid(b)) {
+        b.grid_syncs.fetch_add(1, std::memory_order_relaxed);
         for (unsigned i = 0; i < b.nthreads; ++i)
           if (b.fibers[i].state.load(std::memory_order_relaxed) == kWaitGrid)
             b.fibers[i].state.store(kRunnable, std::memory_order_relaxed);
+      }
       continue;
     }
     failed_here = true;
@@ -678,7 +704,12 @@ inline void run_block(Launch& l, uint3 block_idx, void* dynamic_shared) {
   (void)failed_here;
   block_finished_for_grid(b);
   counters().switches.fetch_add(b.switches, std::memory_order_relaxed);
-  for (unsigned i = 0; i < b.nthreads; ++i) free_context(b.fibers[i].ctx);
+  for (unsigned i = 0; i < b.nthreads; ++i)
+    if (stack_overflowed(b.fibers[i].ctx)) {
+      l.fail(thread_name(b.fibers[i]) + ": stack overflow (raise LSTM_FUSED_SIMT_STACK_KB, now " +
+             std::to_string(stack_size() / 1024) + ")");
+      break;
+    }
 }
 
 inline void* aligned_buffer(size_t bytes) {
@@ -788,14 +819,27 @@ Error launch_impl(const char* name, void (*kernel)(P...), dim3 grid, dim3 block,
 
   const unsigned long long workers =
       cooperative ? nblocks : (nblocks < static_cast<unsigned long long>(worker_threads()) ? nblocks : worker_threads());
+  // Every stack the launch needs is taken here, before the workers start (see StackPool).
+  const unsigned nthreads = block.x * block.y * block.z;
+  std::vector<PooledStack> stacks;
+  try {
+    stacks = stack_pool().take(workers * nthreads, stack_size());
+  } catch (std::exception& ex) {
+    last_error_storage() = std::string(name) + ": " + error_string(Error::out_of_resources) +
+                           ": cannot map emulated thread stacks: " + ex.what();
+    return Error::out_of_resources;
+  }
+  // Relaxed: under TSan a synchronising counter would order the blocks of different workers.
   std::atomic<unsigned long long> next_block{0};
-  auto work = [&] {
+  auto work = [&](unsigned long long worker) {
     void* shared = aligned_buffer(dynamic_shared);
     try {
-      for (;;) {
-        const unsigned long long i = next_block.fetch_add(1);
-        if (i >= nblocks || (!cooperative && l.aborting.load())) break;
-        run_block(l, block_index(grid, i), shared);
+      // A cooperative launch runs block i on worker i: all resident at once, none after another.
+      if (cooperative) run_block(l, block_index(grid, worker), shared, &stacks[worker * nthreads]);
+      for (; !cooperative;) {
+        const unsigned long long i = next_block.fetch_add(1, std::memory_order_relaxed);
+        if (i >= nblocks || (!cooperative && l.aborting.load(std::memory_order_relaxed))) break;
+        run_block(l, block_index(grid, i), shared, &stacks[worker * nthreads]);
       }
     } catch (std::exception& ex) {
       l.fail(std::string("emulator failure: ") + ex.what());
@@ -805,11 +849,12 @@ Error launch_impl(const char* name, void (*kernel)(P...), dim3 grid, dim3 block,
   std::vector<std::thread> threads;
   threads.reserve(workers);
   try {
-    for (unsigned long long t = 0; t < workers; ++t) threads.emplace_back(work);
+    for (unsigned long long t = 0; t < workers; ++t) threads.emplace_back(work, t);
   } catch (std::exception& ex) {
     l.fail(std::string("cannot start emulator threads: ") + ex.what());
   }
   for (auto& t : threads) t.join();
+  stack_pool().give_back(stacks);
   if (l.aborting.load()) {
     last_error_storage() = std::string(name) + ": " + error_string(Error::launch_failure) + ": " + l.error;
     return Error::launch_failure;
@@ -1048,11 +1093,21 @@ inline float atomicExch(float* a, float v) {
   return old;
 }
 
-inline void __threadfence() {
+// TSan does not model fences (atomics here are acq_rel instead), so it gets a plain mfence.
+inline void simt_fence() {
+#if defined(SIMT_TSAN) && defined(__x86_64__)
+  asm volatile("mfence" ::: "memory");
+#elif defined(SIMT_TSAN)
+  __sync_synchronize();
+#else
   std::atomic_thread_fence(std::memory_order_seq_cst);
+#endif
+}
+inline void __threadfence() {
+  simt_fence();
   ::simt::detail::yield();
 }
-inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_block() { simt_fence(); }
 inline void __threadfence_system() { __threadfence(); }
 inline void __nanosleep(unsigned) { ::simt::detail::yield(); }
 
