@@ -117,7 +117,8 @@ __global__ void divergent_barriers(int* out) {
     __syncthreads();
   } else {
     __syncwarp();
-    out[0] = __ballot_sync(0xffffffffu, 1);
+    const unsigned all = __ballot_sync(0xffffffffu, 1);
+    if (threadIdx.x == 32) out[0] = static_cast<int>(all);
   }
 }
 TEST(deadlock_is_reported) {
@@ -501,6 +502,7 @@ __global__ void dynamic_shared_probe(int* bad_bytes, int* misaligned, size_t byt
   atomicAdd(bad_bytes, bad);
   __syncthreads();
   if (threadIdx.x == 0) first[blockIdx.x] = *reinterpret_cast<float*>(s);
+  __syncthreads();
   for (size_t i = threadIdx.x; i < bytes; i += blockDim.x) s[i] = 0;  // the next block must not see this
 }
 TEST(dynamic_shared_garbage_and_size) {
