@@ -104,7 +104,7 @@ struct PooledStack {
   void* tsan_fiber;
 };
 constexpr uint64_t kStackCanary = 0x5349'4d54'4341'4e59ull;  // "SIMTCANY"
-constexpr int kCanaryWords = 8;
+constexpr int kCanaryWords = 512;  // 4 KiB: an overflow smaller than this harms no neighbour
 struct StackPool {
   std::mutex mu;
   std::vector<PooledStack> free_stacks;

@@ -605,6 +605,59 @@ TEST(spin_on_flag_across_blocks) {
   CHECK(seen == 42);
 }
 
+// ---- a kernel that spins forever is failed after the launch timeout, not hung
+__global__ void spins_forever(int* flag) {
+  while (atomicAdd(flag, 0) == 0) {
+  }
+}
+TEST(spin_forever_times_out) {
+  const double saved = simt::launch_timeout_s();
+  simt::launch_timeout_s() = 0.5;
+  int flag = 0;
+  CHECK(simt::launch("spins_forever", spins_forever, dim3(2), dim3(32), 0, &flag) == simt::Error::launch_failure);
+  CHECK_MSG(contains(simt::last_error_message(), "timed out"), "%s", simt::last_error_message());
+  simt::launch_timeout_s() = saved;
+}
+
+// ---- a thread that overflows its stack is reported (the canary at the stack's bottom)
+__global__ void deep_frame(int* out) {
+  volatile char frame[62 * 1024];
+  for (size_t i = 0; i < sizeof(frame); i += 64) frame[i] = static_cast<char>(i);
+  out[0] = frame[4096];
+}
+TEST(stack_overflow_is_reported) {
+  int out = 0;
+  CHECK(simt::launch("deep_frame", deep_frame, dim3(1), dim3(1), 0, &out) == simt::Error::launch_failure);
+  CHECK_MSG(contains(simt::last_error_message(), "stack overflow"), "%s", simt::last_error_message());
+  const size_t saved = simt::stack_size();
+  simt::stack_size() = 256 * 1024;
+  CHECK_OK(simt::launch("deep_frame", deep_frame, dim3(1), dim3(1), 0, &out));
+  simt::stack_size() = saved;
+}
+
+// ---- __syncthreads_count / _and / _or
+__global__ void barrier_votes(const int* predicates, int* out) {
+  const int p = predicates[threadIdx.x];
+  const int count = __syncthreads_count(p), all = __syncthreads_and(p), any = __syncthreads_or(p);
+  if (threadIdx.x == 5) {
+    out[0] = count;
+    out[1] = all;
+    out[2] = any;
+  }
+}
+TEST(syncthreads_count_and_or) {
+  for (int density : {0, 30, 100}) {
+    std::vector<int> pred(96);
+    for (int& p : pred) p = static_cast<int>(check::rng()() % 100) < density;
+    std::vector<int> out(3, -1);
+    CHECK_OK(simt::launch("barrier_votes", barrier_votes, dim3(1), dim3(96), 0, pred.data(), out.data()));
+    const int count = static_cast<int>(std::count(pred.begin(), pred.end(), 1));
+    CHECK(out[0] == count);
+    CHECK(out[1] == (count == 96));
+    CHECK(out[2] == (count > 0));
+  }
+}
+
 }  // namespace
 
 TEST_MAIN()
