@@ -190,7 +190,19 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
   return r;
 }
 
+// The block's dynamic shared memory (16-byte aligned), one spelling for nvcc and the emulator.
+template <class T>
+__device__ __forceinline__ T* dynamic_shared() {
+  extern __shared__ __align__(16) unsigned char lstm_fused_dynamic_shared[];
+  return reinterpret_cast<T*>(lstm_fused_dynamic_shared);
+}
+
 #else  // emulation
+
+template <class T>
+inline T* dynamic_shared() {
+  return static_cast<T*>(::simt::dynamic_shared_memory());
+}
 
 namespace emu {
 

@@ -32,5 +32,8 @@ __global__ void every_intrinsic(const float* global_in, float* out) {
   mma_m16n8k16_bf16(d, a, b, c);
   mma_m16n8k16_f16(c, a, b, d);
   mma_m16n8k8_tf32(d, a, b, c);
-  for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = d[i];
+  float* dynamic = dynamic_shared<float>();
+  dynamic[threadIdx.x] = d[0];
+  __syncthreads();
+  for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = d[i] + dynamic[(threadIdx.x + 1) % 32];
 }

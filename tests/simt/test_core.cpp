@@ -437,6 +437,31 @@ TEST(grid_sync_requires_cooperative_launch) {
   CHECK(out[0] == 1 && out[1] == 3 * 2 * 32 && out[2] == 32);
 }
 
+// A block that exits while the others wait in grid.sync, and a block whose threads split between
+// grid.sync and __syncthreads: both deadlocks, both reported.
+__global__ void block_skips_grid_sync(int* out) {
+  if (blockIdx.x == 2) return;
+  cg::this_grid().sync();
+  atomicAdd(out, 1);
+}
+__global__ void grid_sync_against_barrier(int* out) {
+  if (threadIdx.x < 32)
+    cg::this_grid().sync();
+  else
+    __syncthreads();
+  atomicAdd(out, 1);
+}
+TEST(grid_sync_deadlocks_are_reported) {
+  int out = 0;
+  CHECK(simt::launch_cooperative("block_skips_grid_sync", block_skips_grid_sync, dim3(4), dim3(32), 0, &out) ==
+        simt::Error::launch_failure);
+  CHECK_MSG(contains(simt::last_error_message(), "deadlock in grid.sync"), "%s", simt::last_error_message());
+  CHECK(out == 0);
+  CHECK(simt::launch_cooperative("grid_sync_against_barrier", grid_sync_against_barrier, dim3(2), dim3(64), 0, &out) ==
+        simt::Error::launch_failure);
+  CHECK_MSG(contains(simt::last_error_message(), "deadlock"), "%s", simt::last_error_message());
+}
+
 __global__ void mark_ran(int* ran) { atomicAdd(ran, 1); }
 TEST(cooperative_launch_too_large) {
   const simt::Device saved = simt::device();

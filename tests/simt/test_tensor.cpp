@@ -317,6 +317,17 @@ TEST(cp_async_misaligned_is_reported) {
   CHECK_MSG(contains(simt::last_error_message(), "misaligned"), "%s", simt::last_error_message());
 }
 
+// tc::dynamic_shared<T>() is the launch's dynamic shared memory
+__global__ void dynamic_shared_alias(int* same) {
+  same[0] = tc::dynamic_shared<float>() == simt::dynamic_shared_memory() &&
+            reinterpret_cast<uintptr_t>(tc::dynamic_shared<double>()) % 16 == 0;
+}
+TEST(dynamic_shared_helper) {
+  int same = 0;
+  CHECK_OK(simt::launch("dynamic_shared_alias", dynamic_shared_alias, dim3(1), dim3(1), 256, &same));
+  CHECK(same == 1);
+}
+
 // ---- conversions
 double bf16_value(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
 // nearest of the representable neighbours, ties to even (checked by search, not by bit tricks)
