@@ -53,5 +53,6 @@ def run(cmd, tsan=False, env=None, timeout=120):
 
 
 def races(stderr):
-    """The function named by each TSan data-race summary, e.g. ['exchange']."""
-    return re.findall(r"SUMMARY: ThreadSanitizer: data race \S+ in (\S+)", stderr)
+    """The function named by each TSan data-race summary, e.g. ['exchange'] (templates and
+    namespaced functions come with their signature, as TSan prints them)."""
+    return [m.strip() for m in re.findall(r"^SUMMARY: ThreadSanitizer: data race \S+ in (.+)$", stderr, flags=re.M)]
