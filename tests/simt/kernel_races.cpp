@@ -5,12 +5,14 @@
 // tests/test_simt_kernels.py builds and runs it. Exit status 0: every launch succeeded.
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <vector>
 
 #include "../../csrc/cuda/gru_kernels.cuh"
 #include "../../csrc/cuda/lstm_kernels.cuh"
 #include "../../csrc/cuda/lstm_persistent_kernel.cuh"
+#include "../../csrc/cuda/lstm_persistent_tc_kernel.cuh"
 
 namespace {
 
@@ -30,7 +32,64 @@ void expect(simt::Error error, const char* what) {
   }
 }
 
+// bfloat16 for this ATen-free program (truncating: the values only need to be finite here).
+struct BFloat16Bits {
+  uint16_t bits;
+  BFloat16Bits() = default;
+  BFloat16Bits(float f) {  // NOLINT: converts like c10::BFloat16
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    bits = static_cast<uint16_t>(u >> 16);
+  }
+  operator float() const {
+    const uint32_t u = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+
+template <typename T>
+std::vector<T> random_as(size_t n, std::mt19937& gen) {
+  std::vector<float> v = random_vector(n, gen);
+  std::vector<T> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = T(v[i]);
+  return out;
+}
+
 }  // namespace
+
+namespace lstm_fused {
+
+template <typename scalar_t, TensorCoreFormat kFormat>
+void run_tensor_core(std::mt19937& gen, const char* what) {
+  const int B = 20, H = 40, T = 3;
+  simt::Device device = simt::device();
+  device.sm_count = 4;
+  simt::set_device(device);
+  const PersistentTcPlan plan = plan_persistent_tc_layer(H, B, sizeof(scalar_t), 4, 227 * 1024);
+  if (!plan.usable) {
+    std::fprintf(stderr, "the tensor-core plan refused H=%d B=%d (%s)\n", H, B, what);
+    ++failures;
+    return;
+  }
+  auto w_hh = random_as<scalar_t>(4 * H * H, gen), bias = random_as<scalar_t>(4 * H, gen);
+  auto gates = random_as<scalar_t>(T * B * 4 * H, gen), h_even = random_as<scalar_t>(B * H, gen);
+  std::vector<scalar_t> h_odd(h_even), cells(T * B * H), y(T * B * H);
+  auto c_state = random_vector(B * H, gen);
+  std::vector<int64_t> active_rows = {B, 17, 3};
+  PersistentLstmTcArgs<scalar_t> args{w_hh.data(), bias.data(), gates.data(), c_state.data(), cells.data(), y.data(),
+                                      h_even.data(), h_odd.data(), active_rows.data(), T, B, H,
+                                      int(plan.units_per_block), int(plan.m_tiles), int(plan.n_tiles),
+                                      int(plan.k_tiles), int(plan.k_split), int(plan.row_stride), false};
+  const auto kernel = &lstm_persistent_tc_forward_kernel<scalar_t, kFormat>;
+  expect(simt::set_max_dynamic_shared(kernel, plan.shared_bytes), "set_max_dynamic_shared");
+  expect(simt::launch_cooperative("lstm_persistent_tc_forward_kernel", kernel, dim3(plan.blocks),
+                                  dim3(kPersistentTcThreads), plan.shared_bytes, args),
+         what);
+}
+
+}  // namespace lstm_fused
 
 int main() {
   using namespace lstm_fused;
@@ -96,6 +155,10 @@ int main() {
                                     dim3(kPersistentThreads), plan.shared_bytes, args),
            "lstm_persistent_forward_kernel");
   }
+  // The tensor-core persistent kernel, bf16 (ldmatrix operands, cp.async staging) and TF32 (lane
+  // loads): B=20 spans two m tiles; 4 SMs give 4 blocks of 10 units (5 n tiles).
+  run_tensor_core<BFloat16Bits, TensorCoreFormat::kBFloat16>(gen, "bf16");
+  run_tensor_core<float, TensorCoreFormat::kTF32>(gen, "tf32");
   std::printf("%d launch failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
