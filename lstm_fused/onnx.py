@@ -8,11 +8,11 @@ linear_before_reset handled there), so while torch.onnx.is_in_onnx_export() is t
 exporters) the modules run their layers through torch's _VF.lstm / _VF.gru with their own
 weights instead of through the fused ops: the exported graph is what nn.LSTM / nn.GRU give.
 
-An LSTM with a projection (proj_size > 0) has no ONNX node: ONNX's LSTM cannot project, and
-torch's translations of aten::lstm either refuse it (legacy) or emit an LSTM node with the
-projection dropped that onnxruntime rejects (dynamo, torch 2.14). In the dynamo exporter it runs
-as torch's scan over one step of plain ops, which becomes an ONNX Scan node (any sequence length);
-the legacy exporter, which would unroll a Python loop to the traced length, refuses it plainly.
+An LSTM with a projection (proj_size > 0) has no ONNX node of its own: ONNX's LSTM cannot project,
+and torch's translations of aten::lstm either refuse it (legacy) or emit an LSTM node with the
+projection dropped, which onnxruntime rejects (dynamo, torch 2.14). Here each layer becomes a plain
+ONNX LSTM node whose recurrent weight has the projection folded in, followed by the projection's
+product (_projected_lstm_layers), in both exporters.
 
 A PackedSequence input goes, as in nn.LSTM, through torch's packed RNN op, which the legacy
 exporter folds with the surrounding pack and pad into ONNX's LSTM / GRU with sequence_lens. The
@@ -44,12 +44,12 @@ def _flat_weights(module, dtype: torch.dtype) -> List[Tensor]:
     return [w if w.dtype == dtype else w.to(dtype) for w in weights]
 
 
-def _refuse_projection_in_legacy(module) -> None:
-    if module.mode == "LSTM" and module.proj_size > 0 and _legacy_exporter():
+def _refuse_packed_projection(module) -> None:
+    if module.mode == "LSTM" and module.proj_size > 0:
         raise NotImplementedError(
-            "lstm_fused.LSTM: ONNX export of an LSTM with proj_size > 0 is not supported by the legacy "
-            "TorchScript exporter (dynamo=False), as for torch.nn.LSTM: ONNX's LSTM has no projection. "
-            "Export with dynamo=True, which writes it as an ONNX Scan loop")
+            "lstm_fused.LSTM: ONNX export of a packed input of an LSTM with proj_size > 0 is not supported "
+            "(torch.nn.LSTM with a projection cannot be exported by the legacy exporter at all); export a padded "
+            "input tensor")
 
 
 def _common_args(module):
@@ -61,7 +61,6 @@ def _common_args(module):
 def run_layers_for_export(module, x: Tensor, hx: Tuple[Tensor, ...]):
     """The export-time stand-in for _FusedRNNBase._run_layers on a padded input: same arguments
     (x time-major [T, B, I], each state [layers * directions, B, *]), same results."""
-    _refuse_projection_in_legacy(module)
     if module.mode == "LSTM" and module.proj_size > 0:
         return _projected_lstm_layers(module, x, hx)
     weights = _flat_weights(module, x.dtype)
@@ -82,7 +81,7 @@ def check_packed_export(module) -> None:
             "exporter (torch.nn's RNNs cannot be exported with one either); export a padded input tensor "
             "(and mask the padded steps after the model), or use the legacy exporter (dynamo=False), which "
             f"writes the lengths into ONNX's {module.mode} node")
-    _refuse_projection_in_legacy(module)
+    _refuse_packed_projection(module)
 
 
 def run_packed_for_export(module, data: Tensor, batch_sizes: Tensor, hx: Tuple[Tensor, ...]):
@@ -97,47 +96,46 @@ def run_packed_for_export(module, data: Tensor, batch_sizes: Tensor, hx: Tuple[T
     return output, (h_n,)
 
 
-# --- LSTM with a projection: one scan per layer and direction (dynamo exporter) -----------------
-
-
-def _lstm_projected_step(carry: List[Tensor], x_t: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor],
-                         w_hr: Tensor):
-    """One step of nn.LSTM with a projection (gates i, f, g, o): carry = [h, c]."""
-    h, c = carry
-    gates = x_t @ w_ih.t() + h @ w_hh.t()
-    if bias is not None:
-        gates = gates + bias
-    i, f, g, o = gates.chunk(4, dim=-1)
-    c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h_next = (torch.sigmoid(o) * torch.tanh(c_next)) @ w_hr.t()
-    return [h_next, c_next], h_next.clone()
+# --- LSTM with a projection as an ONNX LSTM node per layer ------------------------------------
+#
+# nn.LSTM with a projection feeds back h_t = W_hr (o * tanh(c_t)) through W_hh, which is the
+# unprojected output u_t fed back through R = W_hh W_hr: a plain LSTM of hidden size H with that
+# recurrent weight computes u_t, and y_t = W_hr u_t. Only the first step differs: its recurrent
+# term is W_hh h_0 with the projected h_0 given, which an unprojected initial state cannot carry
+# in general. That term is fed in as input instead: each direction's h_0 becomes extra input
+# features, nonzero only at the step the direction starts from, read through W_hh in that
+# direction's input weight (zeros in the other's), with the unprojected initial state zero.
 
 
 def _projected_lstm_layers(module, x: Tensor, hx: Tuple[Tensor, ...]):
-    dropout = _common_args(module)[2]
-    from torch._higher_order_ops.scan import scan
-
     num_directions = 2 if module.bidirectional else 1
     per_direction = 5 if module.bias else 3
     weights = _flat_weights(module, x.dtype)
+    steps = torch.arange(x.size(0), device=x.device)
+    starts = [(steps == 0), (steps == x.size(0) - 1)][:num_directions]
     h_finals, c_finals = [], []
     layer_input = x
+    dropout, train = _common_args(module)[2:4]
     for layer in range(module.num_layers):
-        outputs = []
-        for direction in range(num_directions):
-            index = layer * num_directions + direction
-            w = weights[index * per_direction : (index + 1) * per_direction]
-            bias = w[2] + w[3] if module.bias else None
-
-            def step(carry, x_t, w_ih=w[0], w_hh=w[1], bias=bias, w_hr=w[-1]):
-                return _lstm_projected_step(carry, x_t, w_ih, w_hh, bias, w_hr)
-
-            xs = layer_input.flip(0) if direction == 1 else layer_input
-            (h_n, c_n), y = scan(step, [hx[0][index], hx[1][index]], xs)
-            outputs.append(y.flip(0) if direction == 1 else y)
-            h_finals.append(h_n)
-            c_finals.append(c_n)
+        first = layer * num_directions
+        # Extra input per direction: its h_0 at its first step, zeros elsewhere.
+        extra = [start.to(x.dtype)[:, None, None] * hx[0][first + d] for d, start in enumerate(starts)]
+        lstm_input = torch.cat([layer_input, *extra], dim=2)
+        lstm_weights, projections = [], []
+        for d in range(num_directions):
+            w = weights[(first + d) * per_direction : (first + d + 1) * per_direction]
+            w_ih, w_hh, w_hr = w[0], w[1], w[-1]
+            blocks = [w_ih] + [w_hh if other == d else torch.zeros_like(w_hh) for other in range(num_directions)]
+            lstm_weights += [torch.cat(blocks, dim=1), w_hh @ w_hr, *w[2:-1]]
+            projections.append(w_hr)
+        state = [torch.zeros_like(hx[1][first : first + num_directions]), hx[1][first : first + num_directions]]
+        unprojected, u_n, c_n = torch._VF.lstm(lstm_input, state, lstm_weights, module.bias, 1, 0.0, train,
+                                               module.bidirectional, False)
+        hidden = module.hidden_size
+        outputs = [unprojected[:, :, d * hidden : (d + 1) * hidden] @ projections[d].t() for d in range(num_directions)]
+        h_finals += [u_n[d] @ projections[d].t() for d in range(num_directions)]
+        c_finals.append(c_n)
         layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
         if dropout > 0 and layer < module.num_layers - 1:
             layer_input = torch.nn.functional.dropout(layer_input, p=dropout, training=True)
-    return layer_input, (torch.stack(h_finals), torch.stack(c_finals))
+    return layer_input, (torch.stack(h_finals), torch.cat(c_finals))
