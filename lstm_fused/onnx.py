@@ -61,14 +61,83 @@ def _common_args(module):
 def run_layers_for_export(module, x: Tensor, hx: Tuple[Tensor, ...]):
     """The export-time stand-in for _FusedRNNBase._run_layers on a padded input: same arguments
     (x time-major [T, B, I], each state [layers * directions, B, *]), same results."""
-    if module.mode == "LSTM" and module.proj_size > 0:
-        return _projected_lstm_layers(module, x, hx)
+    projected = module.mode == "LSTM" and module.proj_size > 0
+    if _legacy_exporter() and not projected:
+        # Exactly nn.LSTM's / nn.GRU's call, and so their exported graph.
+        weights = _flat_weights(module, x.dtype)
+        if module.mode == "LSTM":
+            output, h_n, c_n = torch._VF.lstm(x, list(hx), weights, *_common_args(module), False)
+            return output, (h_n, c_n)
+        output, h_n = torch._VF.gru(x, hx[0], weights, *_common_args(module), False)
+        return output, (h_n,)
+    num_directions = 2 if module.bidirectional else 1
+    per_direction = len(module._flat_weights_names) // (module.num_layers * num_directions)
     weights = _flat_weights(module, x.dtype)
-    if module.mode == "LSTM":
-        output, h_n, c_n = torch._VF.lstm(x, list(hx), weights, *_common_args(module), False)
-        return output, (h_n, c_n)
-    output, h_n = torch._VF.gru(x, hx[0], weights, *_common_args(module), False)
-    return output, (h_n,)
+    dropout = _common_args(module)[2]
+    finals: List[Tuple[Tensor, ...]] = []
+    layer_input = x
+    for layer in range(module.num_layers):
+        first = layer * num_directions
+        states = tuple(s[first : first + num_directions] for s in hx)
+        layer_weights = [weights[(first + d) * per_direction : (first + d + 1) * per_direction]
+                         for d in range(num_directions)]
+        run = _projected_lstm_layer if projected else _rnn_layer
+        layer_input, layer_finals = run(module, layer_input, states, layer_weights)
+        finals.append(layer_finals)
+        if dropout > 0 and layer < module.num_layers - 1:
+            layer_input = torch.nn.functional.dropout(layer_input, p=dropout, training=True)
+    return layer_input, tuple(torch.cat(parts) for parts in zip(*finals))
+
+
+# ONNX's gate order, as indices into torch's: LSTM i, o, f, c from i, f, g, o; GRU z, r, h from
+# r, z, n.
+_ONNX_GATES = {"LSTM": (0, 3, 1, 2), "GRU": (1, 0, 2)}
+
+
+def _onnx_gate_order(mode: str, tensor: Tensor) -> Tensor:
+    # Slices rather than chunk: the exporter's optimizer folds Slice of an initializer into a
+    # new initializer, not a multi-output Split.
+    size = tensor.size(0) // len(_ONNX_GATES[mode])
+    return torch.cat([tensor[gate * size : (gate + 1) * size] for gate in _ONNX_GATES[mode]], dim=0)
+
+
+def _rnn_layer(module, x: Tensor, states: Tuple[Tensor, ...], weights: List[List[Tensor]]):
+    """One layer, both directions, without projection: x [T, B, I], states each [D, B, H],
+    weights per direction [w_ih, w_hh, (b_ih, b_hh)] in torch's layout. Returns
+    (y [T, B, D * H], final states each [D, B, H]). In the dynamo exporter this writes ONNX's
+    LSTM / GRU node itself (torch.onnx.ops.symbolic_multi_out), with the output shapes in terms of
+    x's, where torch's aten::lstm / aten::gru fix the sequence length to the traced one (torch
+    2.14: such a model refuses any other length); in the legacy exporter it is torch's op on one
+    layer, which that exporter translates without fixing it."""
+    bidirectional = len(weights) == 2
+    has_bias = len(weights[0]) == 4
+    if _legacy_exporter():
+        flat = [w for direction in weights for w in direction]
+        if module.mode == "LSTM":
+            y, h_n, c_n = torch._VF.lstm(x, list(states), flat, has_bias, 1, 0.0, False, bidirectional, False)
+            return y, (h_n, c_n)
+        y, h_n = torch._VF.gru(x, states[0], flat, has_bias, 1, 0.0, False, bidirectional, False)
+        return y, (h_n,)
+    mode = module.mode
+    hidden = weights[0][1].size(1)
+    W = torch.stack([_onnx_gate_order(mode, w[0]) for w in weights])
+    R = torch.stack([_onnx_gate_order(mode, w[1]) for w in weights])
+    B = torch.stack([torch.cat([_onnx_gate_order(mode, w[2]), _onnx_gate_order(mode, w[3])]) for w in weights]) \
+        if has_bias else None
+    steps, batch = x.size(0), x.size(1)
+    directions = len(weights)
+    attrs = dict(hidden_size=hidden, direction="bidirectional" if bidirectional else "forward")
+    state_shape = [directions, batch, hidden]
+    if mode == "LSTM":
+        inputs = [x, W, R, B, None, states[0], states[1]]
+    else:
+        inputs = [x, W, R, B, None, states[0]]
+        attrs["linear_before_reset"] = 1  # torch's GRU applies the reset gate after R h + b_hn
+    outputs = torch.onnx.ops.symbolic_multi_out(
+        mode, inputs, attrs, dtypes=[x.dtype] * (len(states) + 1),
+        shapes=[[steps, directions, batch, hidden]] + [state_shape] * len(states))
+    y = outputs[0].transpose(1, 2).reshape(steps, batch, directions * hidden)
+    return y, tuple(outputs[1:])
 
 
 def check_packed_export(module) -> None:
@@ -107,35 +176,23 @@ def run_packed_for_export(module, data: Tensor, batch_sizes: Tensor, hx: Tuple[T
 # direction's input weight (zeros in the other's), with the unprojected initial state zero.
 
 
-def _projected_lstm_layers(module, x: Tensor, hx: Tuple[Tensor, ...]):
-    num_directions = 2 if module.bidirectional else 1
-    per_direction = 5 if module.bias else 3
-    weights = _flat_weights(module, x.dtype)
+def _projected_lstm_layer(module, x: Tensor, states: Tuple[Tensor, ...], weights: List[List[Tensor]]):
+    """One layer of an LSTM with a projection, both directions, as _rnn_layer's arguments (each
+    direction's weights end with w_hr); h_0 and the results are projected."""
+    directions = len(weights)
     steps = torch.arange(x.size(0), device=x.device)
-    starts = [(steps == 0), (steps == x.size(0) - 1)][:num_directions]
-    h_finals, c_finals = [], []
-    layer_input = x
-    dropout, train = _common_args(module)[2:4]
-    for layer in range(module.num_layers):
-        first = layer * num_directions
-        # Extra input per direction: its h_0 at its first step, zeros elsewhere.
-        extra = [start.to(x.dtype)[:, None, None] * hx[0][first + d] for d, start in enumerate(starts)]
-        lstm_input = torch.cat([layer_input, *extra], dim=2)
-        lstm_weights, projections = [], []
-        for d in range(num_directions):
-            w = weights[(first + d) * per_direction : (first + d + 1) * per_direction]
-            w_ih, w_hh, w_hr = w[0], w[1], w[-1]
-            blocks = [w_ih] + [w_hh if other == d else torch.zeros_like(w_hh) for other in range(num_directions)]
-            lstm_weights += [torch.cat(blocks, dim=1), w_hh @ w_hr, *w[2:-1]]
-            projections.append(w_hr)
-        state = [torch.zeros_like(hx[1][first : first + num_directions]), hx[1][first : first + num_directions]]
-        unprojected, u_n, c_n = torch._VF.lstm(lstm_input, state, lstm_weights, module.bias, 1, 0.0, train,
-                                               module.bidirectional, False)
-        hidden = module.hidden_size
-        outputs = [unprojected[:, :, d * hidden : (d + 1) * hidden] @ projections[d].t() for d in range(num_directions)]
-        h_finals += [u_n[d] @ projections[d].t() for d in range(num_directions)]
-        c_finals.append(c_n)
-        layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
-        if dropout > 0 and layer < module.num_layers - 1:
-            layer_input = torch.nn.functional.dropout(layer_input, p=dropout, training=True)
-    return layer_input, (torch.stack(h_finals), torch.cat(c_finals))
+    starts = [steps == 0, steps == x.size(0) - 1][:directions]
+    # Extra input per direction: its h_0 at its first step, zeros elsewhere.
+    extra = [start.to(x.dtype)[:, None, None] * states[0][d] for d, start in enumerate(starts)]
+    lstm_input = torch.cat([x, *extra], dim=2)
+    lstm_weights = []
+    for d, w in enumerate(weights):
+        w_ih, w_hh, w_hr = w[0], w[1], w[-1]
+        blocks = [w_ih] + [w_hh if other == d else torch.zeros_like(w_hh) for other in range(directions)]
+        lstm_weights.append([torch.cat(blocks, dim=1), w_hh @ w_hr, *w[2:-1]])
+    unprojected_h0 = torch.zeros_like(states[1])
+    u, (u_n, c_n) = _rnn_layer(module, lstm_input, (unprojected_h0, states[1]), lstm_weights)
+    hidden = module.hidden_size
+    outputs = [u[:, :, d * hidden : (d + 1) * hidden] @ w[-1].t() for d, w in enumerate(weights)]
+    h_n = torch.stack([u_n[d] @ w[-1].t() for d, w in enumerate(weights)])
+    return (outputs[0] if directions == 1 else torch.cat(outputs, dim=2)), (h_n, c_n)

@@ -24,15 +24,13 @@ EXPORTERS = [
 VARIANTS = {
     "lstm": ("LSTM", dict(num_layers=1), False),
     "lstm-2layers-bi-batchfirst-states": ("LSTM", dict(num_layers=2, bidirectional=True, batch_first=True), True),
-    "lstm-nobias-bi": ("LSTM", dict(bias=False, bidirectional=True), False),
-    "lstm-2layers-nobias-states": ("LSTM", dict(num_layers=2, bias=False), True),
-    "lstm-proj": ("LSTM", dict(proj_size=3), False),
+    "lstm-nobias-bi-states": ("LSTM", dict(bias=False, bidirectional=True), True),
+    "lstm-proj-nobias": ("LSTM", dict(proj_size=3, bias=False), False),
     "lstm-proj-2layers-bi-batchfirst-states": ("LSTM", dict(num_layers=2, bidirectional=True, batch_first=True,
                                                             proj_size=5), True),
     "gru": ("GRU", dict(num_layers=1), False),
     "gru-2layers-bi-batchfirst-states": ("GRU", dict(num_layers=2, bidirectional=True, batch_first=True), True),
-    "gru-nobias-bi": ("GRU", dict(bias=False, bidirectional=True), False),
-    "gru-2layers-nobias-states": ("GRU", dict(num_layers=2, bias=False), True),
+    "gru-nobias-bi-states": ("GRU", dict(bias=False, bidirectional=True), True),
 }
 
 INPUT, HIDDEN, T, B = 5, 7, 6, 3
@@ -131,14 +129,27 @@ def test_export_of_unbatched_input(cell, dynamo, tmp_path):
     assert_matches_eager(model, path, names, make_inputs(model, True, generator, batched=False))
 
 
-@pytest.mark.parametrize("proj_size", [0, 4])
-def test_legacy_export_with_dynamic_axes_runs_other_lengths_and_batches(proj_size, tmp_path):
-    model = make_model("LSTM", dict(num_layers=2, bidirectional=True, proj_size=proj_size), seed=5)
+DYNAMIC = {
+    "lstm-2layers-bi": ("LSTM", dict(num_layers=2, bidirectional=True)),
+    "lstm-proj-bi-batchfirst": ("LSTM", dict(bidirectional=True, batch_first=True, proj_size=4)),
+    "gru-2layers": ("GRU", dict(num_layers=2)),
+}
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("variant", list(DYNAMIC))
+def test_export_with_dynamic_axes_runs_other_lengths_and_batches(variant, dynamo, tmp_path):
+    """With the sequence and batch dimensions dynamic, the model runs other lengths and batch
+    sizes than the traced ones. (nn.LSTM / nn.GRU cannot do this in the dynamo exporter of
+    torch 2.14: its aten::lstm fixes the sequence length.)"""
+    cell, kwargs = DYNAMIC[variant]
+    model = make_model(cell, kwargs, seed=5)
     generator = torch.Generator().manual_seed(6)
     path = tmp_path / "model.onnx"
-    names = export(model, make_inputs(model, False, generator), path, False,
-                   dynamic_axes={"input_0": {0: "steps", 1: "batch"}})
+    axes = {0: "batch", 1: "steps"} if kwargs.get("batch_first") else {0: "steps", 1: "batch"}
+    names = export(model, make_inputs(model, False, generator), path, dynamo, dynamic_axes={"input_0": axes})
     assert_matches_eager(model, path, names, make_inputs(model, False, generator, batch=2, steps=9))
+    assert_matches_eager(model, path, names, make_inputs(model, False, generator, batch=5, steps=1))
 
 
 class PackedModel(nn.Module):
