@@ -2,24 +2,30 @@
 
 Neither exporter knows the lstm_fused operators, and the dynamo exporter's own hook for custom
 ops (custom_translation_table) is an argument of the export call, which a user swapping
-nn.LSTM for lstm_fused.LSTM would have to add. Both exporters already translate torch's own
-aten::lstm / aten::gru into ONNX's LSTM and GRU nodes (gate order, weight layout and
-linear_before_reset handled there), so while torch.onnx.is_in_onnx_export() is true (set by both
-exporters) the modules run their layers through torch's _VF.lstm / _VF.gru with their own
-weights instead of through the fused ops: the exported graph is what nn.LSTM / nn.GRU give.
+nn.LSTM for lstm_fused.LSTM would have to add. So while torch.onnx.is_in_onnx_export() is true
+(both exporters set it) the modules' layers do not call the fused ops (modules.py asks
+is_exporting()) but write ONNX's own LSTM / GRU nodes, as nn.LSTM / nn.GRU export:
+- the legacy (TorchScript) exporter gets nn.LSTM's / nn.GRU's own call of torch's _VF.lstm /
+  _VF.gru with the module's weights, which it translates into one ONNX node per layer (gate
+  order, weight layout, linear_before_reset handled there), dynamic axes included;
+- the dynamo exporter gets the node itself, one per layer, from torch.onnx.ops.symbolic_multi_out
+  (_rnn_layer: gates reordered to ONNX's i, o, f, c and z, r, h, biases concatenated [Wb, Rb],
+  linear_before_reset=1 for torch's GRU). torch's own translation of aten::lstm / aten::gru there
+  fixes the sequence length to the traced one (torch 2.14: nn.LSTM exported with a dynamic
+  length fails in onnxruntime on any other); this one keeps the lengths and batch dynamic.
 
 An LSTM with a projection (proj_size > 0) has no ONNX node of its own: ONNX's LSTM cannot project,
 and torch's translations of aten::lstm either refuse it (legacy) or emit an LSTM node with the
 projection dropped, which onnxruntime rejects (dynamo, torch 2.14). Here each layer becomes a plain
 ONNX LSTM node whose recurrent weight has the projection folded in, followed by the projection's
-product (_projected_lstm_layers), in both exporters.
+product (_projected_lstm_layer), in both exporters.
 
 A PackedSequence input goes, as in nn.LSTM, through torch's packed RNN op, which the legacy
 exporter folds with the surrounding pack and pad into ONNX's LSTM / GRU with sequence_lens. The
 dynamo exporter cannot export that (torch.export fails on nn.LSTM's packed input too), so there it
 is refused with a plain NotImplementedError before anything reads the lengths.
 """
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
