@@ -159,23 +159,28 @@ class PackedModel(nn.Module):
         super().__init__()
         self.rnn = rnn
 
-    def forward(self, x, lengths):
-        y, final = self.rnn(pack_padded_sequence(x, lengths, enforce_sorted=False))
-        h_n = final[0] if isinstance(final, tuple) else final
-        return pad_packed_sequence(y, total_length=x.shape[0])[0], h_n
+    def forward(self, x, lengths, *states):
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        y, final = self.rnn(packed, (states if len(states) == 2 else states[0]) if states else None)
+        return (pad_packed_sequence(y, total_length=x.shape[0])[0], *(final if isinstance(final, tuple) else (final,)))
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
 def test_legacy_export_of_packed_input_uses_sequence_lengths(cell, tmp_path):
-    """As nn.LSTM / nn.GRU: the legacy exporter writes the lengths into ONNX's node."""
+    """As nn.LSTM / nn.GRU: the legacy exporter writes the lengths into ONNX's node; the initial
+    states follow the caller's (unsorted) batch order."""
     torch.manual_seed(7)
     model = PackedModel(getattr(lstm_fused, cell)(INPUT, HIDDEN, num_layers=2, bidirectional=True)).eval()
     generator = torch.Generator().manual_seed(8)
+
+    def inputs(lengths):
+        states = [torch.randn(4, B, HIDDEN, generator=generator) for _ in range(2 if cell == "LSTM" else 1)]
+        return (torch.randn(T, B, INPUT, generator=generator), torch.tensor(lengths), *states)
+
     path = tmp_path / "model.onnx"
-    names = export(model, (torch.randn(T, B, INPUT, generator=generator), torch.tensor([4, T, 2])), path, False)
+    names = export(model, inputs([4, T, 2]), path, False)
     assert op_types(path).count(cell) == 2
-    # Other lengths than the traced ones, unsorted.
-    assert_matches_eager(model, path, names, (torch.randn(T, B, INPUT, generator=generator), torch.tensor([2, 5, T])))
+    assert_matches_eager(model, path, names, inputs([2, 5, T]))  # other lengths than the traced ones
 
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("onnxscript"), reason="needs onnxscript")
