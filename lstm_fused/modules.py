@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .onnx import check_packed_export, is_exporting as _is_onnx_exporting, run_layers_for_export, run_packed_for_export
+from . import onnx as onnx_export
 from .ops import gru_layer, lstm_layer, side_by_side_possible
 
 
@@ -110,8 +110,8 @@ class _FusedRNNBase(nn.RNNBase):
     def _run_layers(self, x: Tensor, hx: States, lengths: Optional[Tensor]) -> Tuple[Tensor, States]:
         """x is time-major [T, B, I]; each state tensor is [layers * directions, B, *]. Runs in
         x's dtype (the weights are cast to it under autocast)."""
-        if _is_onnx_exporting():  # torch's own RNN ops, which the ONNX exporters translate (onnx.py)
-            return run_layers_for_export(self, x, hx)
+        if onnx_export.is_exporting():  # ONNX's own LSTM / GRU nodes instead of the fused ops
+            return onnx_export.run_layers_for_export(self, x, hx)
         num_directions = 2 if self.bidirectional else 1
         final: List[States] = []
         layer_input = x
@@ -226,9 +226,9 @@ class _FusedRNNBase(nn.RNNBase):
 
     def _forward_packed(self, packed: PackedSequence, hx):
         data, batch_sizes, sorted_indices, unsorted_indices = packed
-        exporting = _is_onnx_exporting()
+        exporting = onnx_export.is_exporting()
         if exporting:  # before anything reads the lengths, which the dynamo exporter cannot do
-            check_packed_export(self)
+            onnx_export.check_packed_export(self)
         if hx is None:
             states = self._zero_state(int(batch_sizes[0]), data)
         else:
@@ -236,7 +236,7 @@ class _FusedRNNBase(nn.RNNBase):
             states = self._as_states(self.permute_hidden(hx, sorted_indices))
         self.check_forward_args(data, self._from_states(states), batch_sizes)
         if exporting:
-            output_data, states = run_packed_for_export(self, data, batch_sizes, states)
+            output_data, states = onnx_export.run_packed_for_export(self, data, batch_sizes, states)
         else:
             x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
             output, states = self._run_layers(x, states, lengths)

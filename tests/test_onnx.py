@@ -1,5 +1,6 @@
 """torch.onnx.export of models holding lstm_fused.LSTM / GRU, in both exporters, run in
 onnxruntime and compared with the eager module on fresh inputs (lstm_fused/onnx.py)."""
+import importlib.util
 import warnings
 
 import pytest
@@ -12,12 +13,9 @@ import lstm_fused
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install onnx onnxscript onnxruntime)")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")
 
-EXPORTERS = [
-    pytest.param(True, id="dynamo",
-                 marks=pytest.mark.skipif(not __import__("importlib").util.find_spec("onnxscript"),
-                                          reason="the dynamo exporter needs onnxscript (pip install onnxscript)")),
-    pytest.param(False, id="legacy"),
-]
+NEEDS_ONNXSCRIPT = pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None,
+                                      reason="the dynamo exporter needs onnxscript (pip install onnxscript)")
+EXPORTERS = [pytest.param(True, id="dynamo", marks=NEEDS_ONNXSCRIPT), pytest.param(False, id="legacy")]
 
 # (cell, constructor arguments, whether the model passes initial states). Between them: one and
 # two layers, both directions, batch_first, no bias, projections, with and without states.
@@ -183,7 +181,7 @@ def test_legacy_export_of_packed_input_uses_sequence_lengths(cell, tmp_path):
     assert_matches_eager(model, path, names, inputs([2, 5, T]))  # other lengths than the traced ones
 
 
-@pytest.mark.skipif(not __import__("importlib").util.find_spec("onnxscript"), reason="needs onnxscript")
+@NEEDS_ONNXSCRIPT
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
 def test_dynamo_export_of_packed_input_fails_plainly(cell, tmp_path):
     model = PackedModel(getattr(lstm_fused, cell)(INPUT, HIDDEN)).eval()
