@@ -199,12 +199,27 @@ def test_legacy_export_of_packed_projected_lstm_fails_plainly(tmp_path):
         export(model, (torch.randn(T, B, INPUT), torch.tensor([4, T, 2])), tmp_path / "model.onnx", False)
 
 
+class RecordsExporting(nn.Module):
+    """Records lstm_fused's cheap export flag beside torch's public one at each call."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((lstm_fused.onnx.is_exporting(), torch.onnx.is_in_onnx_export()))
+        return self.inner(x)
+
+
 def test_export_leaves_the_fused_path_on(tmp_path):
-    """The export-time path is only taken while exporting: afterwards the module runs the fused
-    ops again (torch.export, for one, still sees them)."""
-    model = make_model("LSTM", dict(num_layers=1), seed=9)
-    inputs = make_inputs(model, False, torch.Generator().manual_seed(10))
+    """The export-time path is only taken while exporting (lstm_fused.onnx.is_exporting agrees
+    with torch.onnx.is_in_onnx_export): afterwards the module runs the fused ops again
+    (torch.export, for one, still sees them)."""
+    model = RecordsExporting(make_model("LSTM", dict(num_layers=1), seed=9))
+    inputs = make_inputs(model.inner, False, torch.Generator().manual_seed(10))
     export(model, inputs, tmp_path / "model.onnx", False)
-    assert not torch.onnx.is_in_onnx_export()
-    graph = torch.export.export(model, inputs).graph_module.code
+    model(*inputs)
+    assert model.seen[0] == (True, True) and model.seen[-1] == (False, False)
+    graph = torch.export.export(model.inner, inputs).graph_module.code
     assert "lstm_fused.lstm_layer" in graph and "aten.lstm" not in graph
