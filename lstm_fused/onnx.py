@@ -52,8 +52,9 @@ _FLAGS = _export_flags()
 
 def is_exporting() -> bool:
     """Whether a torch.onnx.export (either exporter) is tracing the model now: the value of
-    torch.onnx.is_in_onnx_export(), read cheaply."""
-    if _FLAGS is None:
+    torch.onnx.is_in_onnx_export(), read cheaply. (Under torch.compile the public function: dynamo
+    knows it, where it refuses to trace into torch.onnx's modules.)"""
+    if _FLAGS is None or torch.compiler.is_compiling():
         return torch.onnx.is_in_onnx_export()
     return _FLAGS[0].in_onnx_export or _FLAGS[1]._is_onnx_exporting
 
