@@ -77,6 +77,7 @@ def export(model, inputs, path, dynamo, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation, torch's tracer warnings
         torch.onnx.export(model, inputs, str(path), dynamo=dynamo, input_names=names, verbose=False, **kwargs)
+    onnx.checker.check_model(str(path), full_check=True)  # a valid model, shapes inferred through
     return names
 
 
