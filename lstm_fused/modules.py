@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import onnx as onnx_export
 from .ops import gru_layer, lstm_layer, side_by_side_possible
 
 
@@ -148,6 +149,8 @@ class _FusedRNNBase(nn.RNNBase):
     def _run_layers(self, x: Tensor, hx: States, lengths: Optional[Tensor]) -> Tuple[Tensor, States]:
         """x is time-major [T, B, I]; each state tensor is [layers * directions, B, *]. Runs in
         x's dtype (the weights are cast to it under autocast)."""
+        if onnx_export.is_exporting():  # ONNX's own LSTM / GRU nodes instead of the fused ops
+            return onnx_export.run_layers_for_export(self, x, hx)
         num_directions = 2 if self.bidirectional else 1
         final: List[States] = []
         layer_input = x
@@ -267,15 +270,21 @@ class _FusedRNNBase(nn.RNNBase):
 
     def _forward_packed(self, packed: PackedSequence, hx):
         data, batch_sizes, sorted_indices, unsorted_indices = packed
+        exporting = onnx_export.is_exporting()
+        if exporting:  # before anything reads the lengths, which the dynamo exporter cannot do
+            onnx_export.check_packed_export(self)
         if hx is None:
             states = self._zero_state(int(batch_sizes[0]), data)
         else:
             # The caller's state follows the caller's batch order; the packed rows are sorted.
             states = self._as_states(self.permute_hidden(hx, sorted_indices))
         self.check_forward_args(data, self._from_states(states), batch_sizes)
-        x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
-        output, states = self._run_layers(x, states, lengths)
-        output_data = pack_padded_sequence(output, lengths).data
+        if exporting:
+            output_data, states = onnx_export.run_packed_for_export(self, data, batch_sizes, states)
+        else:
+            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+            output, states = self._run_layers(x, states, lengths)
+            output_data = pack_padded_sequence(output, lengths).data
         output_packed = PackedSequence(output_data, batch_sizes, sorted_indices, unsorted_indices)
         return output_packed, self.permute_hidden(self._from_states(states), unsorted_indices)
 

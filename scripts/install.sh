@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 python -m pip install --quiet --disable-pip-version-check "torch==2.14.1" ninja
 python -m pip install --quiet --disable-pip-version-check \
-    pytest pytest-benchmark hypothesis numpy expecttest matplotlib tqdm scikit-learn
+    pytest pytest-benchmark hypothesis numpy expecttest onnx onnxscript onnxruntime matplotlib tqdm scikit-learn
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
     export CUDA_HOME=/usr/local/cuda
