@@ -6,6 +6,9 @@ run (benchmarks/gpu_check.sh prints the measured figures beside these) tells us 
 
     python benchmarks/perf_model.py            # the table
     python benchmarks/perf_model.py --json     # the same as JSON (gpu_check.sh keeps it)
+    python benchmarks/perf_model.py --emulate  # also run each forward kernel for 2 steps in the
+                                               # SIMT emulator (lstm_fused._simt) on a virtual
+                                               # H100 and print what it counted per step and block
 
 Latencies and rates (cycles at the SM clock; "est." where no public figure was found):
 - SM clock under load: 1.755 GHz (H100 SXM boost is 1.98 GHz; sustained under tensor-core load
@@ -149,11 +152,50 @@ def predict(B, T, I, H, dtype, allow_tf32=True):
     return row
 
 
+COUNTER_NAMES = ("launches", "blocks", "threads", "block_barriers", "warp_collectives", "grid_barriers", "mma",
+                 "ldmatrix", "cp_async", "context_switches")
+
+
+def emulated_counts(B, H, dtype, steps=2, I=8):
+    """Runs the forward op of the CUDA sources in the SIMT emulator on a virtual H100 for `steps`
+    steps and returns what the emulator counted, per step and per block of the persistent kernel
+    (per launch for the per-step kernel). These are the counts the model's formulas assume."""
+    import lstm_fused._simt  # noqa: F401  (test-only module: built unless LSTM_FUSED_SIMT=0)
+
+    simt = torch.ops.lstm_fused_simt
+    base = dtype.split("-")[0]
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[base]
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = "tf32" in dtype
+    try:
+        simt.set_virtual_device(SMS, SHARED_OPTIN, True, 9)
+        gen = torch.Generator().manual_seed(0)
+        make = lambda *shape: (torch.randn(*shape, generator=gen) * 0.3).to(torch_dtype)  # noqa: E731
+        args = [make(steps, B, I), make(B, H), make(B, H), make(4 * H, I), make(4 * H, H), make(4 * H), make(4 * H)]
+        simt.reset_counters()
+        simt.lstm_layer_forward(*args, None, None, False)
+        counts = dict(zip(COUNTER_NAMES, simt.counters()))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    blocks_per_step = counts["blocks"] / (counts["launches"] if counts["launches"] > 1 else 1)
+    per = steps * max(blocks_per_step, 1)
+    return {
+        "launches": counts["launches"], "blocks": int(blocks_per_step),
+        **{f"{name}_per_step_block": counts[name] / per
+           for name in ("block_barriers", "mma", "ldmatrix", "cp_async", "warp_collectives")},
+        "grid_barriers_per_step": counts["grid_barriers"] / steps,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--emulate", action="store_true")
     args = parser.parse_args()
     rows = [predict(*config) for config in GOAL_CONFIGS]
+    if args.emulate:
+        for row in rows:
+            row["emulated"] = emulated_counts(row["B"], row["H"], row["dtype"])
     if args.json:
         print(json.dumps(rows, indent=1))
         return
@@ -164,6 +206,10 @@ def main():
                  if r["cudnn_fwd_us_per_step"] else "no public figure")
         print(f"| {r['B']} | {r['T']} | {r['I']} | {r['H']} | {r['dtype']} | {r['kernel']} | "
               f"{r['fwd_us_per_step']:.2f} | {r['fwd_bwd_us_per_step']:.2f} | {cudnn} |")
+    for r in rows:
+        if "emulated" in r:
+            print(f"emulated B={r['B']} H={r['H']} {r['dtype']}: model counts {r['counts']}; "
+                  f"emulator per step and block {r['emulated']}")
 
 
 if __name__ == "__main__":

@@ -38,10 +38,25 @@ std::vector<int64_t> virtual_device() {
           device.cc_major};
 }
 
+// What the emulator counted since the last reset, for the performance model (benchmarks/perf_model.py).
+std::vector<int64_t> counters() {
+  const simt::Counters& c = simt::counters();
+  return {static_cast<int64_t>(c.launches), static_cast<int64_t>(c.blocks), static_cast<int64_t>(c.threads),
+          static_cast<int64_t>(c.block_barriers), static_cast<int64_t>(c.warp_collectives),
+          static_cast<int64_t>(c.grid_barriers), static_cast<int64_t>(c.mma), static_cast<int64_t>(c.ldmatrix),
+          static_cast<int64_t>(c.cp_async), static_cast<int64_t>(c.switches)};
+}
+
+void reset_counters() { simt::counters().reset(); }
+
 }  // namespace
 }  // namespace lstm_fused
 
 TORCH_LIBRARY(lstm_fused_simt, m) {
+  // -> [launches, blocks, threads, block_barriers, warp_collectives, grid_barriers, mma, ldmatrix,
+  //     cp_async, context_switches]
+  m.def("counters() -> int[]", &lstm_fused::counters);
+  m.def("reset_counters() -> ()", &lstm_fused::reset_counters);
   m.def(lstm_fused::schemas::kLstmLayerForward);
   m.def(lstm_fused::schemas::kLstmLayerBackward);
   m.def(lstm_fused::schemas::kGruLayerForward);
