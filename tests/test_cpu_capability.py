@@ -247,3 +247,38 @@ def test_no_code_outside_a_levels_namespace_uses_its_registers():
             if j >= 0 and j != k and "[clone ." in names[j] and level_of(names[j]) == "baseline":
                 pending.append((j, level, root))
     assert not offenders, "\n".join(f"{name}: {insn}" for name, insn in list(offenders.items())[:20])
+
+
+def cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            found = re.search(r"^vendor_id\s*:\s*(\S+)", f.read(), re.M)
+    except OSError:
+        return None
+    return found.group(1) if found else None
+
+
+def test_large_lstm_steps_go_to_mkl_only_on_intel(monkeypatch):
+    """A step of 268 MFLOP (B=128, H=512) runs MKL's per-step GEMM on Intel CPUs and the stationary
+    loop on others (lstm_stationary.h: large_steps_to_mkl). The two sum in different orders, so the
+    default's float32 result is bitwise that of the loop it took."""
+    vendor = cpu_vendor()
+    if not IS_X86 or vendor is None:
+        pytest.skip("the rule is for x86 CPUs, and no vendor_id in /proc/cpuinfo here")
+    T, B, I, H = 4, 128, 8, 512
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    x, h0, c0 = (torch.randn(*shape, generator=gen) for shape in [(T, B, I), (B, H), (B, H)])
+    w_ih, w_hh = torch.randn(4 * H, I, generator=gen) * 0.1, torch.randn(4 * H, H, generator=gen) * 0.05
+    b_ih, b_hh = torch.randn(4 * H, generator=gen), torch.randn(4 * H, generator=gen)
+
+    def run(loop):
+        if loop is None:
+            monkeypatch.delenv("LSTM_FUSED_CPU_LOOP", raising=False)
+        else:
+            monkeypatch.setenv("LSTM_FUSED_CPU_LOOP", loop)
+        return torch.ops.lstm_fused.lstm_layer_inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, False)[0]
+
+    default, step, stationary = run(None), run("step"), run("stationary")
+    assert not torch.equal(step, stationary), "the two loops agree bitwise: this test cannot tell them apart"
+    expected = step if vendor == "GenuineIntel" else stationary
+    assert torch.equal(default, expected), f"vendor {vendor}: the default took the other loop"
