@@ -5,8 +5,6 @@ Environment switches:
   FORCE_CUDA=1            a missing or unusable CUDA toolkit is an error, not a fallback
   CUDA_HOME               the toolkit to use (found automatically when unset)
   TORCH_CUDA_ARCH_LIST    GPU architectures (default below when no GPU is visible)
-  LSTM_FUSED_CPU_CAPABILITY  avx512 | avx2 | default: SIMD level of the CPU kernels
-                          (default: the best the build machine supports)
   LSTM_FUSED_PTXAS_VERBOSE=1  print each CUDA kernel's registers, shared memory and spills
   LSTM_FUSED_SIMT=0       skip lstm_fused._simt, the test-only build of the CUDA sources that runs
                           them on the CPU in the SIMT emulator (csrc/simt; tests marked simt)
@@ -99,32 +97,55 @@ def decide_cuda():
     return cuda_home
 
 
-def cpu_capability_flags():
-    """SIMD flags for the CPU kernels. at::vec::Vectorized picks its implementation from the
-    CPU_CAPABILITY_* defines at compile time, so the extension is built for one level."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return []
-    wanted = os.environ.get("LSTM_FUSED_CPU_CAPABILITY", "").strip().lower()
-    if not wanted:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu_flags = set(re.findall(r"\w+", f.read()))
-        except OSError:
-            cpu_flags = set()
-        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= cpu_flags:
-            wanted = "avx512"
-        elif {"avx2", "fma"} <= cpu_flags:
-            wanted = "avx2"
-        else:
-            wanted = "default"
-    if wanted == "avx512":
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    if wanted == "avx2":
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    if wanted == "default":
-        return []
-    sys.exit(f"lstm_fused: LSTM_FUSED_CPU_CAPABILITY={wanted!r}; use avx512, avx2 or default.")
+# The CPU kernels compiled once per SIMD level (csrc/cpu/cpu_kernels.h); the rest of csrc/cpu
+# (the run-time dispatcher) is compiled once, with the baseline flags.
+CPU_KERNEL_SOURCES = ["csrc/cpu/lstm_cpu.cpp", "csrc/cpu/gru_cpu.cpp"]
+
+
+def cpu_levels():
+    """{level: flags} for the per-level objects, in link order (see BuildWithCpuLevels).
+    at::vec picks its implementation from the CPU_CAPABILITY_* defines at compile time, and puts
+    it in `inline namespace CPU_CAPABILITY`; the kernels' own code goes in the same namespace."""
+    levels = {"DEFAULT": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]}
+    if is_x86():
+        levels["AVX2"] = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        levels["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                            "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    return levels
+
+
+def is_x86():
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def make_build_ext(base):
+    """BuildExtension that also compiles CPU_KERNEL_SOURCES once per level (setuptools compiles
+    every source of an extension with the same flags) and links those objects in.
+
+    Link order: the baseline objects (the other sources), then the levels from DEFAULT up. Inline
+    functions that the levels share outside their namespaces (c10, ATen, the standard library,
+    layer_loops.h) are merged by the linker, which keeps the first copy it meets: the baseline
+    one, which every CPU can run."""
+
+    class BuildWithCpuLevels(base):
+        def build_extension(self, ext):
+            level_objects = []
+            for level, flags in cpu_levels().items():
+                extra = {key: list(value) for key, value in ext.extra_compile_args.items()}
+                extra["cxx"] = extra["cxx"] + flags
+                level_objects += self.compiler.compile(
+                    CPU_KERNEL_SOURCES,
+                    output_dir=os.path.join(self.build_temp, "cpu_" + level.lower()),
+                    macros=ext.define_macros,
+                    include_dirs=ext.include_dirs,
+                    debug=self.debug,
+                    extra_postargs=extra,
+                    depends=ext.depends,
+                )
+            ext.extra_objects = level_objects + [o for o in ext.extra_objects if o not in level_objects]
+            super().build_extension(ext)
+
+    return BuildWithCpuLevels
 
 
 def make_extension():
@@ -141,8 +162,13 @@ def make_extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
             print(f"lstm_fused: no GPU visible, TORCH_CUDA_ARCH_LIST={DEFAULT_ARCH_LIST}")
 
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fdiagnostics-color=always"] + cpu_capability_flags()
+    if os.environ.get("LSTM_FUSED_CPU_CAPABILITY", "").strip():
+        print("lstm_fused: LSTM_FUSED_CPU_CAPABILITY is read when the library loads, not at build "
+              "time: the build compiles the CPU kernels for every SIMD level.")
+    sources = sorted(
+        set(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")) - set(CPU_KERNEL_SOURCES)
+    )
+    cxx_flags = ["-O3", "-fdiagnostics-color=always"]
     extra_link_args = []
     if torch.backends.openmp.is_available() and platform.system() == "Linux":
         # at::parallel_for is header code whose `#pragma omp parallel` is compiled into each caller:
@@ -151,7 +177,7 @@ def make_extension():
         cxx_flags.append("-fopenmp")
         extra_link_args.append("-fopenmp")
     extra_compile_args = {"cxx": cxx_flags}
-    define_macros = []
+    define_macros = [("LSTM_FUSED_CPU_LEVELS_X86", None)] if is_x86() else []
     if cuda_home is not None:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
@@ -167,9 +193,12 @@ def make_extension():
         extra_compile_args=extra_compile_args,
         extra_link_args=extra_link_args,
         define_macros=define_macros,
+        # The per-level kernel sources are compiled by BuildWithCpuLevels; listed here so that a
+        # change to them (or to a header) triggers the rebuild.
+        depends=CPU_KERNEL_SOURCES + sorted(glob.glob("csrc/**/*.h", recursive=True)),
         py_limited_api=True,
     )
-    return ext, cpp_extension.BuildExtension
+    return ext, make_build_ext(cpp_extension.BuildExtension)
 
 
 def make_simt_extension():

@@ -10,7 +10,14 @@
 
 #include "../layer_args.h"
 
+// Compiled once per SIMD level by setup.py, which defines CPU_CAPABILITY (DEFAULT, AVX2, AVX512)
+// and the matching CPU_CAPABILITY_<level>, as ATen does for at::vec.
+#ifndef CPU_CAPABILITY
+#error "csrc/cpu kernels are compiled per SIMD level: setup.py defines CPU_CAPABILITY"
+#endif
+
 namespace lstm_fused {
+namespace CPU_CAPABILITY {  // one copy per SIMD level: cpu_kernels.h
 
 inline void check_cpu_dtype(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -190,4 +197,5 @@ inline void for_each_vector(int64_t n, Fn&& fn) {
   for (int64_t j = 0; j < n; j += width) fn(j, static_cast<int>(std::min<int64_t>(width, n - j)));
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace lstm_fused

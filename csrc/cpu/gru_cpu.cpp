@@ -6,15 +6,16 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "../cell_math.h"
 #include "../layer_loops.h"
 #include "cpu_common.h"
+#include "cpu_kernels.h"
 #include "gru_stationary.h"
 #include "recurrent_gemm.h"
 
 namespace lstm_fused {
+namespace CPU_CAPABILITY {  // one copy per SIMD level: cpu_kernels.h
 namespace {
 
 using at::Tensor;
@@ -209,10 +210,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cp
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
-  m.impl("gru_layer_forward", &gru_layer_forward_cpu);
-  m.impl("gru_layer_backward", &gru_layer_backward_cpu);
-  m.impl("gru_layer_inference", &gru_layer_inference_cpu);
+void add_gru_kernels(CpuKernels& kernels) {
+  kernels.gru_layer_forward = &gru_layer_forward_cpu;
+  kernels.gru_layer_backward = &gru_layer_backward_cpu;
+  kernels.gru_layer_inference = &gru_layer_inference_cpu;
 }
+
+}  // namespace CPU_CAPABILITY
 
 }  // namespace lstm_fused

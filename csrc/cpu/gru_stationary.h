@@ -18,6 +18,7 @@
 #include "lstm_stationary.h"
 
 namespace lstm_fused {
+namespace CPU_CAPABILITY {  // one copy per SIMD level: cpu_kernels.h
 
 // The biases (null: none) of units [u, u + n) added to a GRU step's input-side (r, z, n) and
 // hidden-side (hr, hz, hn) pre-activations.
@@ -124,4 +125,5 @@ std::tuple<at::Tensor, at::Tensor> gru_inference(const LayerSizes& s, const Team
 }
 
 }  // namespace stationary
+}  // namespace CPU_CAPABILITY
 }  // namespace lstm_fused

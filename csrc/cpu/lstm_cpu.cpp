@@ -9,7 +9,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
@@ -17,10 +16,12 @@
 #include "../cell_math.h"
 #include "../layer_loops.h"
 #include "cpu_common.h"
+#include "cpu_kernels.h"
 #include "lstm_stationary.h"
 #include "recurrent_gemm.h"
 
 namespace lstm_fused {
+namespace CPU_CAPABILITY {  // one copy per SIMD level: cpu_kernels.h
 namespace {
 
 using at::Tensor;
@@ -241,10 +242,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
-  m.impl("lstm_layer_forward", &lstm_layer_forward_cpu);
-  m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
-  m.impl("lstm_layer_inference", &lstm_layer_inference_cpu);
+void add_lstm_kernels(CpuKernels& kernels) {
+  kernels.lstm_layer_forward = &lstm_layer_forward_cpu;
+  kernels.lstm_layer_backward = &lstm_layer_backward_cpu;
+  kernels.lstm_layer_inference = &lstm_layer_inference_cpu;
 }
+
+}  // namespace CPU_CAPABILITY
 
 }  // namespace lstm_fused

@@ -44,6 +44,7 @@
 #include "cpu_common.h"
 
 namespace lstm_fused {
+namespace CPU_CAPABILITY {  // one copy per SIMD level: cpu_kernels.h
 namespace stationary {
 
 // Rows per register tile, with NV = 4 vectors (the four gates) per row. AVX-512 has 32 registers:
@@ -303,10 +304,10 @@ void run_team(const TeamPlan& plan, const LayerSizes& s, int64_t chunks, int64_t
 }
 
 // Whether the CPU LSTM ops take this path: float32/float64 without projection, and a step's
-// recurrent product below kLargestStationaryStep FLOPs. Above that MKL's per-step packed GEMM
-// (two threads per step) was measured 4-6% faster at B=128 H=512 (268 MFLOP per step), and the
-// two were even at B=64 H=256 (34 MFLOP), while at B=32 H=128 and below this loop wins by
-// 20-80% (benchmarks/NOTES.md). LSTM_FUSED_CPU_LOOP=step or =stationary forces either path
+// recurrent product below kLargestStationaryStep FLOPs where MKL is fast (large_steps_to_mkl).
+// Above that MKL's per-step packed GEMM (two threads per step) was measured 4-6% faster at
+// B=128 H=512 (268 MFLOP per step) on an AVX-512 Xeon, and the two were even at B=64 H=256
+// (34 MFLOP), while at B=32 H=128 and below this loop wins by 20-80% (benchmarks/NOTES.md). LSTM_FUSED_CPU_LOOP=step or =stationary forces either path
 // (for comparisons and tests); the per-step path is also the one with projection.
 // The loop gives each thread at least one chunk of units, so with fewer chunks than threads it
 // leaves cores idle: then it is only taken for steps small enough (kSmallStep) that one thread
@@ -316,6 +317,23 @@ constexpr double kSmallStep = 4e6;
 // Packing W_hh costs about as much as a few steps' products at small batch: a sequence shorter
 // than this (an LSTMCell call is one step) takes the per-step loop, which then does not pack.
 constexpr int64_t kMinSteps = 4;
+
+// MKL runs its best sgemm code only on Intel CPUs: on an AMD EPYC (Zen 3, AVX2) its sgemm
+// reached 53 GFLOP/s at 128x512x2048 against a two-core FMA peak near 157, and this loop at
+// B=128 H=512 gave 1.05x nn.LSTM where the per-step MKL path gave 0.68x (issue 18). So the
+// largest steps go to MKL only on Intel, and on x86 CPUs of other vendors stay on this loop.
+// Elsewhere (not x86) the per-step path's BLAS is not MKL's and the rule is unchanged.
+inline bool large_steps_to_mkl() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+#else
+  return true;
+#endif
+}
 
 inline bool enabled(const LayerSizes& s) {
   if (s.has_proj) return false;
@@ -328,7 +346,7 @@ inline bool enabled(const LayerSizes& s) {
   const int64_t float_lanes = at::vec::Vectorized<float>::size();
   const int64_t chunks = (s.hidden_size + float_lanes - 1) / float_lanes;
   if (chunks < at::get_num_threads() && flops >= kSmallStep) return false;
-  return flops < kLargestStationaryStep;
+  return flops < kLargestStationaryStep || !large_steps_to_mkl();
 }
 
 template <typename scalar_t>
@@ -661,4 +679,5 @@ void lstm_backward(const LayerSizes& s, bool reverse, LstmBackwardBuffers<scalar
 }
 
 }  // namespace stationary
+}  // namespace CPU_CAPABILITY
 }  // namespace lstm_fused

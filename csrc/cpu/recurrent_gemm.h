@@ -26,6 +26,7 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 }
 
 namespace lstm_fused {
+namespace CPU_CAPABILITY {  // one copy per SIMD level: cpu_kernels.h
 
 // The right-hand operand of every step's product: op(W) = W^T (forward, W_hh is [4H, P]) or
 // W (backward). Rows of A and C are contiguous (leading dimensions = their widths).
@@ -101,4 +102,5 @@ class RecurrentGemm {
   at::Tensor packed_;
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace lstm_fused
