@@ -129,6 +129,9 @@ def make_build_ext(base):
 
     class BuildWithCpuLevels(base):
         def build_extension(self, ext):
+            if ext.name != "lstm_fused._C":  # the SIMT test module has no CPU kernels
+                super().build_extension(ext)
+                return
             level_objects = []
             for level, flags in cpu_levels().items():
                 extra = {key: list(value) for key, value in ext.extra_compile_args.items()}
