@@ -132,8 +132,9 @@ def main():
                 a, b = seconds(lambda: run(ref)), seconds(lambda: run(ours))
                 ratios.append(a / b), theirs.append(a), mine.append(b)
             if args.single:  # per call
-                cells.append(f"{mode} {statistics.median(ratios):.2f}x (torch.nn {statistics.median(theirs) / T * 1e6:.1f} "
-                             f"us, ours {statistics.median(mine) / T * 1e6:.1f} us per call)")
+                per_call = [statistics.median(times) / T * 1e6 for times in (theirs, mine)]
+                cells.append(f"{mode} {statistics.median(ratios):.2f}x (torch.nn {per_call[0]:.1f} us, "
+                             f"ours {per_call[1]:.1f} us per call)")
             else:
                 cells.append(f"{mode} {statistics.median(ratios):.2f}x (torch.nn {statistics.median(theirs) * 1e3:.1f} "
                              f"ms, ours {statistics.median(mine) * 1e3:.1f} ms)")
