@@ -4,6 +4,7 @@ than timing each implementation as a block (as pytest-benchmark does).
 
     python benchmarks/paired.py lstm      # or gru
     python benchmarks/paired.py lstmcell  # or grucell: 20 steps of the cell from a Python loop
+    python benchmarks/paired.py lstmcell --single  # one call of the cell (a decoder's step), B=1 and 8
 """
 import argparse
 import statistics
@@ -16,6 +17,11 @@ import lstm_fused
 
 CONFIGS = [(32, 100, 32, 128), (64, 50, 256, 256), (8, 200, 1, 64), (128, 35, 512, 512)]  # B, T, I, H
 CELL_CONFIGS = [(8, 20, 64, 64), (32, 20, 128, 128), (128, 20, 256, 256)]  # B, steps, I, H
+# --single: one call per step, as a decoder makes them; B, calls timed together, I, H. Short
+# blocks (well under a scheduler's time slice) and many pairs keep a shared machine's
+# preemptions out of most pairs, and so out of the median.
+SINGLE_CALL_CONFIGS = [(1, 20, 64, 64), (8, 20, 64, 64), (1, 20, 256, 256), (8, 20, 256, 256),
+                       (32, 10, 128, 128), (128, 4, 256, 256)]
 MODULES = {
     "lstm": (nn.LSTM, lstm_fused.LSTM),
     "gru": (nn.GRU, lstm_fused.GRU),
@@ -44,6 +50,23 @@ class CellLoop(nn.Module):
         return torch.stack(outputs), h
 
 
+class CellCalls(nn.Module):
+    """`calls` separate calls of the cell on the same input and state: the per-call cost of a
+    step (its Python, argument checks and dispatch) rather than a sequence's."""
+
+    def __init__(self, cell, calls):
+        super().__init__()
+        self.cell, self.calls = cell, calls
+
+    def forward(self, x):
+        x_t = x[0]
+        h = torch.zeros(x.size(1), self.cell.hidden_size)
+        state = (h, torch.zeros_like(h)) if isinstance(self.cell, (nn.LSTMCell, lstm_fused.LSTMCell)) else h
+        for _ in range(self.calls):
+            out = self.cell(x_t, state)
+        return out[0] if isinstance(out, tuple) else out, out
+
+
 def seconds(fn):
     start = time.perf_counter()
     fn()
@@ -61,9 +84,14 @@ def main():
     parser.add_argument("--frozen", action="store_true",
                         help="train with both models' weights frozen (gradients for the input only)")
     parser.add_argument("--bidirectional", action="store_true", help="bidirectional LSTM / GRU")
+    parser.add_argument("--single", action="store_true",
+                        help="cells: separate calls on one input (no loop over a sequence); inference under "
+                             "no_grad; training: each call records its graph, one backward from the last")
     args = parser.parse_args()
     is_cell = args.cell.endswith("cell")
-    table = CELL_CONFIGS if is_cell else CONFIGS
+    if args.single and not is_cell:
+        parser.error("--single is for lstmcell and grucell")
+    table = SINGLE_CALL_CONFIGS if args.single else CELL_CONFIGS if is_cell else CONFIGS
     configs = table if args.configs is None else [table[int(i)] for i in args.configs.split(",")]
     modes = args.modes.split(",")
     torch_class, our_class = MODULES[args.cell]
@@ -73,7 +101,9 @@ def main():
         kwargs = dict(bidirectional=True) if args.bidirectional and not is_cell else {}
         ref, ours = torch_class(I, H, **kwargs), our_class(I, H, **kwargs)
         ours.load_state_dict(ref.state_dict())
-        if is_cell:
+        if args.single:
+            ref, ours = CellCalls(ref, T), CellCalls(ours, T)
+        elif is_cell:
             ref, ours = CellLoop(ref), CellLoop(ours)
         if args.frozen:
             for p in list(ref.parameters()) + list(ours.parameters()):
@@ -82,7 +112,8 @@ def main():
         x_grad = x.clone().requires_grad_(not args.plain_input)
 
         def inference(model):
-            with torch.inference_mode():
+            # A decoder's step loop runs under no_grad (inference_mode for the sequence modules).
+            with torch.no_grad() if args.single else torch.inference_mode():
                 model(x)
 
         def training(model):
@@ -100,9 +131,15 @@ def main():
             for _ in range(pairs):
                 a, b = seconds(lambda: run(ref)), seconds(lambda: run(ours))
                 ratios.append(a / b), theirs.append(a), mine.append(b)
-            cells.append(f"{mode} {statistics.median(ratios):.2f}x (torch.nn {statistics.median(theirs) * 1e3:.1f} ms, "
-                         f"ours {statistics.median(mine) * 1e3:.1f} ms)")
-        print(f"{args.cell} B{B} T{T} I{I} H{H}: " + " | ".join(cells), flush=True)
+            if args.single:  # per call
+                per_call = [statistics.median(times) / T * 1e6 for times in (theirs, mine)]
+                cells.append(f"{mode} {statistics.median(ratios):.2f}x (torch.nn {per_call[0]:.1f} us, "
+                             f"ours {per_call[1]:.1f} us per call)")
+            else:
+                cells.append(f"{mode} {statistics.median(ratios):.2f}x (torch.nn {statistics.median(theirs) * 1e3:.1f} "
+                             f"ms, ours {statistics.median(mine) * 1e3:.1f} ms)")
+        label = f"B{B} calls{T}" if args.single else f"B{B} T{T}"
+        print(f"{args.cell} {label} I{I} H{H}: " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

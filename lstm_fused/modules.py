@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -367,9 +368,57 @@ class GRU(_FusedRNNBase):
         return y, (h,)
 
 
+# --- cells ---------------------------------------------------------------------------------------
+# A decoder calls a cell once per step, at batch sizes where the kernels take a few microseconds:
+# the cells' forward first tries a short path that reads the parameters once, checks
+# only what the op itself does not, and calls the op directly; whatever it does not take (and
+# every refused call) goes through the full path, which raises torch.nn's own errors.
+
+_lstm_step_inference = torch.ops.lstm_fused.lstm_layer_inference.default
+_lstm_step_forward = torch.ops.lstm_fused.lstm_layer_forward.default
+_gru_step_inference = torch.ops.lstm_fused.gru_layer_inference.default
+_gru_step_forward = torch.ops.lstm_fused.gru_layer_forward.default
+
+# The inference ops' autograd kernel is Python (ops.py: it only refuses a backward) and costs
+# more than a small step's kernels; a step that needs no gradient dispatches below it.
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
+_tracing_state = torch._C._get_tracing_state
+_autocast_on = getattr(torch._C, "_is_any_autocast_enabled", None) or _any_autocast_enabled
+_is_grad_enabled = torch.is_grad_enabled
+# Half types on the CPU compute in float32 (ops.py's upcast): the full path.
+_FAST_DTYPES = (torch.float32, torch.float64)
+
+
+_compiler = torch.compiler
+
+
+def _fast_path_open(input: Tensor) -> bool:
+    """Whether the short path may take this call: a batched plain tensor in a dtype the CPU
+    kernels compute in, and a context that leaves the step as plain as it is: not traced (dynamo
+    traces the full path; the tracer records it), no torch.func transform, no forward-mode AD
+    level and no autocast. Each test is a flag or attribute read."""
+    return (type(input) is Tensor and not _compiler.is_compiling() and _peek_interpreter_stack() is None
+            and forward_ad._current_level < 0 and not _autocast_on() and _tracing_state() is None
+            and input.dim() == 2 and input.dtype in _FAST_DTYPES)
+
+
 class _FusedCellBase(nn.RNNCellBase):
-    """What LSTMCell and GRUCell share: 1-D / 2-D input and state, and the checks that the
-    torch.nn cells make inside their C++ kernels (with the same exception types)."""
+    """What LSTMCell and GRUCell share: 1-D / 2-D input and state, and torch.nn's checks (those
+    the torch.nn cells make in Python and inside their C++ kernels), with torch.nn's errors."""
+
+    _torch_class = nn.RNNCellBase  # the torch.nn cell whose forward raises the errors
+
+    def _torch_error(self, input: Tensor, hx, ours: Exception):
+        """Raises torch.nn's error for a call that the full path refuses, from torch.nn's own
+        checks: its cell's forward runs on this module's parameters (it raises before computing
+        anything); where torch.nn takes the call after all, `ours` is raised."""
+        try:
+            with torch.no_grad():
+                self._torch_class.forward(self, input, hx)
+        except Exception as theirs:
+            raise theirs from None
+        raise ours
 
     def _weights(self, x: Tensor) -> List[Optional[Tensor]]:
         """weight_ih, weight_hh, bias_ih, bias_hh; cast to x's dtype only under CUDA autocast
@@ -380,18 +429,23 @@ class _FusedCellBase(nn.RNNCellBase):
             weights = [w if w is None else w.to(x.dtype) for w in weights]
         return weights
 
-    def _prepare(self, input: Tensor, hx: Optional[Tuple[Tensor, ...]], name: str):
-        """Checks and shapes one step's input and state as the torch.nn cells do; returns
-        (input as [1, B, I], the states as [B, H], whether the input was batched, and the dtype
-        of the results under CPU autocast, else None)."""
+    def _prepare(self, input: Tensor, hx: Optional[Tuple[Tensor, ...]], original_hx):
+        """Checks and shapes one step's input and state as the torch.nn cells do (a refused call
+        raises torch.nn's error: _torch_error with the caller's `original_hx`); returns (input as
+        [1, B, I], the states as [B, H], whether the input was batched, and the dtype of the
+        results under CPU autocast, else None)."""
+        name = type(self).__name__
         dim = input.dim()
         if dim != 2 and dim != 1:
-            raise ValueError(f"{name}: input must be 1-D (unbatched) or 2-D (batched), got {dim}-D")
+            self._torch_error(input, original_hx,
+                              ValueError(f"{name}: input must be 1-D (unbatched) or 2-D (batched), got {dim}-D"))
         if hx is not None:
             for index, state in enumerate(hx):
                 if state.dim() not in (1, 2):
-                    raise ValueError(f"{name}: state {index} must be 1-D or 2-D, got {state.dim()}-D")
+                    self._torch_error(input, original_hx,
+                                      ValueError(f"{name}: state {index} must be 1-D or 2-D, got {state.dim()}-D"))
         is_batched = dim == 2
+        original_input = input
         if not is_batched:
             input = input.unsqueeze(0)
         result = None
@@ -413,16 +467,27 @@ class _FusedCellBase(nn.RNNCellBase):
         elif not is_batched:
             hx = tuple(s.unsqueeze(0) for s in hx)
         if features != self.input_size:
-            raise RuntimeError(f"{name}: input has {features} features, expected {self.input_size}")
+            self._torch_error(original_input, original_hx,
+                              RuntimeError(f"{name}: input has {features} features, expected {self.input_size}"))
         for index, state in enumerate(hx):
             if state.dim() != 2:  # a batched input with a 1-D state, or the other way round
-                raise RuntimeError(f"{name}: state {index} is {state.dim() - (not is_batched)}-D, the input {dim}-D")
+                self._torch_error(original_input, original_hx, RuntimeError(
+                    f"{name}: state {index} is {state.dim() - (not is_batched)}-D, the input {dim}-D"))
             state_batch, state_features = state.shape
             if state_batch != batch:
-                raise RuntimeError(f"{name}: state {index} has batch size {state_batch}, the input {batch}")
+                self._torch_error(original_input, original_hx, RuntimeError(
+                    f"{name}: state {index} has batch size {state_batch}, the input {batch}"))
             if state_features != self.hidden_size:
-                raise RuntimeError(
-                    f"{name}: state {index} has {state_features} features, expected hidden_size {self.hidden_size}")
+                self._torch_error(original_input, original_hx, RuntimeError(
+                    f"{name}: state {index} has {state_features} features, expected hidden_size {self.hidden_size}"))
+        # The op refuses other dtypes and devices too, with its own words; torch.nn's first.
+        weight = self.weight_ih
+        cast_later = input.is_cuda and torch.is_autocast_enabled("cuda")  # _weights casts the weights
+        for tensor in (input, *hx):
+            if tensor.device != weight.device or (tensor.dtype != weight.dtype and not cast_later):
+                self._torch_error(original_input, original_hx, RuntimeError(
+                    f"{name}: the input and state must have the weights' dtype and device ({weight.dtype} on "
+                    f"{weight.device}), got {tensor.dtype} on {tensor.device}"))
         return input.unsqueeze(0), hx, is_batched, result
 
 
@@ -436,14 +501,46 @@ class LSTMCell(_FusedCellBase):
     """
 
     _state_count = 2
+    _torch_class = nn.LSTMCell
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        # The short path (module comment above): a batched step with hx None or (h, c). The op
+        # checks the shapes, dtypes and devices itself; whatever it refuses goes to the full
+        # path, which raises torch.nn's error. functional_call swaps the parameters in
+        # _parameters; a parametrization takes them out of it (KeyError: the full path).
+        if _fast_path_open(input) and (hx is None or ((type(hx) is tuple or type(hx) is list) and len(hx) == 2)):
+            try:
+                params = self._parameters
+                w_ih, w_hh, b_ih, b_hh = params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
+                if hx is None:
+                    h0 = c0 = input.new_zeros(input.shape[0], self.hidden_size)  # the op writes no input
+                else:
+                    h0, c0 = hx
+                if _is_grad_enabled() and (input.requires_grad or h0.requires_grad or c0.requires_grad
+                                           or w_ih.requires_grad or w_hh.requires_grad
+                                           or (b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad))):
+                    _, h, c, _ = _lstm_step_forward(input.unsqueeze(0), h0, c0, w_ih, w_hh, b_ih, b_hh, None, None,
+                                                    False)
+                else:
+                    with _below_autograd():
+                        _, h, c = _lstm_step_inference(input.unsqueeze(0), h0, c0, w_ih, w_hh, b_ih, b_hh, None,
+                                                       None, False)
+                return h, c
+            except (RuntimeError, TypeError, AttributeError, KeyError):
+                pass
+        return self._full_step(input, hx)
+
+    def _full_step(self, input: Tensor, hx) -> Tuple[Tensor, Tensor]:
+        original_hx = hx
         if hx is not None and input.dim() in (1, 2):  # else _prepare raises torch.nn's ValueError first
-            hx = _two_states(hx, "lstm_cell", input.dim() != 1)
-        x, (h0, c0), is_batched, result = self._prepare(input, hx, "LSTMCell")
+            try:
+                hx = _two_states(hx, "lstm_cell", input.dim() != 1)
+            except (TypeError, RuntimeError, IndexError) as ours:
+                self._torch_error(input, original_hx, ours)
+        x, (h0, c0), is_batched, result = self._prepare(input, hx, original_hx)
         _, h, c = lstm_layer(x, h0, c0, *self._weights(x))
         if result is not None:
             h, c = h.to(result), c.to(result)
@@ -458,12 +555,32 @@ class GRUCell(_FusedCellBase):
     """
 
     _state_count = 1
+    _torch_class = nn.GRUCell
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        x, (h0,), is_batched, result = self._prepare(input, None if hx is None else (hx,), "GRUCell")
+        # The short path, as LSTMCell's: a batched step with hx None or a tensor.
+        if _fast_path_open(input):
+            try:
+                params = self._parameters
+                w_ih, w_hh, b_ih, b_hh = params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
+                h0 = input.new_zeros(input.shape[0], self.hidden_size) if hx is None else hx
+                if _is_grad_enabled() and (input.requires_grad or h0.requires_grad or w_ih.requires_grad
+                                           or w_hh.requires_grad
+                                           or (b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad))):
+                    _, h, _ = _gru_step_forward(input.unsqueeze(0), h0, w_ih, w_hh, b_ih, b_hh, None, False)
+                else:
+                    with _below_autograd():
+                        _, h = _gru_step_inference(input.unsqueeze(0), h0, w_ih, w_hh, b_ih, b_hh, None, False)
+                return h
+            except (RuntimeError, TypeError, AttributeError, KeyError):
+                pass
+        return self._full_step(input, hx)
+
+    def _full_step(self, input: Tensor, hx) -> Tensor:
+        x, (h0,), is_batched, result = self._prepare(input, None if hx is None else (hx,), hx)
         _, h = gru_layer(x, h0, *self._weights(x))
         if result is not None:
             h = h.to(result)

@@ -35,6 +35,19 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _call_inference(op, *args):
+    """Calls an inference op, below its autograd kernel where nothing traces or transforms the
+    call: that kernel is Python (register_autograd below: it only refuses a backward) and costs
+    a few microseconds, as much as a small step's kernels. Callers run the op only where no
+    gradient can flow, so autograd has nothing to record. (Dynamo, torch.func and the tracer see
+    the op as it is.)"""
+    if (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._get_tracing_state() is not None):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 _CPU_HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
@@ -78,7 +91,7 @@ def lstm_layer(
     if upcast is not None:
         return tuple(out.to(x.dtype) for out in lstm_layer(*upcast, lengths=lengths, reverse=reverse))
     if not _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-        return _inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+        return _call_inference(_inference, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
     y, h_n, c_n, _ = _forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
     return y, h_n, c_n
 
@@ -181,7 +194,7 @@ def gru_layer(
     if upcast is not None:
         return tuple(out.to(x.dtype) for out in gru_layer(*upcast, lengths=lengths, reverse=reverse))
     if not _needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh):
-        return _gru_inference(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+        return _call_inference(_gru_inference, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
     y, h_n, _ = _gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
     return y, h_n
 

@@ -127,3 +127,27 @@ def test_layer_input_errors_are_torch_nns_word_for_word(torch_class):
         expected = _error_of(lambda: call(ref))
         assert expected is not None
         assert _error_of(lambda: call(ours)) == expected
+
+
+CELL_ERROR_SAMPLES = {
+    "LSTMCell": (nn.LSTMCell, getattr(cm, "module_error_inputs_torch_nn_LSTMCell", None)),
+    "GRUCell": (nn.GRUCell, getattr(cm, "module_error_inputs_torch_nn_RNN_GRU_Cell", None)),
+}
+
+
+@pytest.mark.parametrize("torch_class,make_errors", list(CELL_ERROR_SAMPLES.values()), ids=list(CELL_ERROR_SAMPLES))
+@pytest.mark.parametrize("grad", [False, True])
+def test_pytorch_cell_error_samples_raise_torch_nns_messages(torch_class, make_errors, grad):
+    """The cells' error samples of torch's module_db, message regexes included, in either grad mode
+    (the short per-call path hands every refused call to the path that raises torch.nn's errors).
+    torch's GRUCell list shares RNNCell's samples: those given a nonlinearity make it the bias
+    argument of a GRUCell, as in torch's own run of them."""
+    if make_errors is None:
+        pytest.skip(f"this torch's common_modules has no error samples for {torch_class.__name__}")
+    errors = make_errors(None, "cpu", torch.float32, requires_grad=False, training=True)
+    assert len(errors) >= 4
+    for error in errors:
+        sample = error.module_error_input
+        module = PAIRS[torch_class](*sample.constructor_input.args, **sample.constructor_input.kwargs)
+        with torch.set_grad_enabled(grad), pytest.raises(error.error_type, match=error.error_regex):
+            module(*sample.forward_input.args, **sample.forward_input.kwargs)
