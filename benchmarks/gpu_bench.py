@@ -228,7 +228,7 @@ def main():
         raise SystemExit("gpu_bench: no CUDA device")
     started = time.perf_counter()
     configs = SMOKE_CONFIGS if args.smoke else GOAL_CONFIGS
-    measure = timer(args.device, 0.02 if args.smoke else 0.4)
+    measure = timer(args.device, 0.02 if args.smoke else 0.25)
     record = {"machine": machine(args.device), "configs": {}, "skipped": [], "peaks": {}}
 
     def save():  # after every config, so that a later hang or crash keeps what was measured

@@ -21,7 +21,8 @@
 #   racecheck       55      400   compute-sanitizer racecheck
 #   bench           80      480   benchmarks/gpu_bench.py: issue 17's configs against cuDNN
 #   nccl            15      495   benchmarks/nccl_check.py: DDP with nccl, one rank
-#   tests-rest      45      540   pytest -m "not cuda and not simt" (already run by CI on a CPU)
+#   tests-rest      35      530   pytest -m "not cuda and not simt" (already run by CI on a CPU)
+#   (record)        10      540   the last record; timeout's kill-after
 #   total                   540   (9 minutes, the build included)
 # $OUT gets 4 files: gpu-check.json (the record), gpu-check.md (its summary), logs.tar.gz (every
 # stage's log) and console.log (this script's output).
@@ -59,7 +60,8 @@ run_stage() {
     local name=$1 budget=$2 kind=$3 data=$4 limit t0 rc status
     shift 5
     deadline=$(( deadline + budget )); order=$(( order + 1 ))
-    [ "$name" = tests-rest ] && deadline=$TOTAL
+    # The last stage takes what remains, less the seconds for timeout's kill and the last record.
+    [ "$name" = tests-rest ] && deadline=$(( TOTAL - 10 ))
     limit=$(( deadline - $(elapsed) ))
     if [ "$limit" -lt 5 ]; then skip_recorded "$name" "no time left in the plan"; return 1; fi
     echo "== $name (limit ${limit}s, $(elapsed)s elapsed)"
@@ -117,12 +119,13 @@ grep -E "ptxas info|Compiling entry|spill" "$logs/build.log" > "$logs/ptxas.txt"
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 
 # --- tests: the CUDA ones first -------------------------------------------------------------
-pytest_args=(-p no:cacheprovider -v -rfE)
-[ "$pytest_timeout" = 1 ] && pytest_args+=(--timeout=60 --timeout-method=thread)
-pytest_stage() {  # name budget workers marker-expression
-    local name=$1 budget=$2 workers=$3 expression=$4 args=("${pytest_args[@]}") limit
+pytest_stage() {  # name budget workers per-test-seconds marker-expression
+    local name=$1 budget=$2 workers=$3 per_test=$4 expression=$5 args=(-p no:cacheprovider -v -rfE) limit
+    # A test that hangs (a cooperative kernel waiting at a grid barrier forever, say) is ended
+    # alone; the thread method works while the test is inside a CUDA call.
+    [ "$pytest_timeout" = 1 ] && args+=(--timeout="$per_test" --timeout-method=thread)
     limit=$(( deadline + budget - $(elapsed) ))
-    [ "$name" = tests-rest ] && limit=$(( TOTAL - $(elapsed) ))
+    [ "$name" = tests-rest ] && limit=$(( TOTAL - 10 - $(elapsed) ))
     if [ "$session_timeout" = 1 ] && [ "$limit" -gt 20 ]; then
         args+=(--session-timeout=$(( limit - 10 )))  # ends pytest itself in time to write its XML
     fi
@@ -135,7 +138,7 @@ pytest_stage() {  # name budget workers marker-expression
     unset OMP_NUM_THREADS
 }
 if [ "$built" = 1 ]; then
-    pytest_stage tests-cuda 80 4 "cuda or simt"
+    pytest_stage tests-cuda 80 4 60 "cuda or simt"
 else
     skip tests-cuda 80 "the build failed"
 fi
@@ -172,7 +175,7 @@ gpu_ready nccl 15 && run_stage nccl 15 plain "" -- "$py" benchmarks/nccl_check.p
 # --- the rest of the tests, in what time remains --------------------------------------------
 if [ "${SKIP_REST:-0}" = 1 ]; then skip tests-rest 0 "SKIP_REST=1"
 elif [ "$built" != 1 ]; then skip tests-rest 0 "the build failed"
-else pytest_stage tests-rest 45 $(( cores / 2 > 1 ? cores / 2 : 1 )) "not cuda and not simt"
+else pytest_stage tests-rest 35 $(( cores / 2 > 1 ? cores / 2 : 1 )) 120 "not cuda and not simt"
 fi
 
 echo "gpu_check: done in $(elapsed)s of ${TOTAL}s; record: $OUT/gpu-check.json"
