@@ -14,7 +14,9 @@
 # far, so time a stage leaves unused passes to the next; the last stage takes what remains):
 #   stage       budget  deadline  what
 #   env             20       20   machine, torch, cuDNN, TF32 defaults, commit, pytest plugins
-#   build          160      180   pip install --no-build-isolation --no-deps -e . (all cores, sm_90)
+#   build          160      180   pip install --no-build-isolation --no-deps -e . (all cores, sm_90);
+#                                 it may run 60 s over, which moves the later deadlines (the last
+#                                 stages lose that time; none ends after 530)
 #   tests-cuda      80      260   pytest -m "cuda or simt", each test under --timeout
 #   sync            30      290   benchmarks/gpu_sync_check.py: no sync inside calls, CUDA graphs
 #   memcheck        55      345   compute-sanitizer memcheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1
@@ -56,18 +58,23 @@ skip() {  # name budget reason
 }
 # run_stage name budget kind data -- command...: runs the command under timeout until the stage's
 # deadline, its output in $logs/<name>.log; records it (kind: plain, pytest, sanitizer, json).
+# A stage may run `borrow` seconds past its deadline (the build: nothing runs without it); the
+# later deadlines then move by the overrun, and the last stages lose it.
 run_stage() {
-    local name=$1 budget=$2 kind=$3 data=$4 limit t0 rc status
+    local name=$1 budget=$2 kind=$3 data=$4 limit t0 rc status end=$(( TOTAL - 10 ))
     shift 5
     deadline=$(( deadline + budget )); order=$(( order + 1 ))
     # The last stage takes what remains, less the seconds for timeout's kill and the last record.
-    [ "$name" = tests-rest ] && deadline=$(( TOTAL - 10 ))
-    limit=$(( deadline - $(elapsed) ))
+    [ "$name" = tests-rest ] && deadline=$end
+    [ "$deadline" -gt "$end" ] && deadline=$end
+    limit=$(( deadline + ${borrow:-0} - $(elapsed) ))
+    [ "$limit" -gt $(( end - $(elapsed) )) ] && limit=$(( end - $(elapsed) ))
     if [ "$limit" -lt 5 ]; then skip_recorded "$name" "no time left in the plan"; return 1; fi
     echo "== $name (limit ${limit}s, $(elapsed)s elapsed)"
     t0=$(date +%s)
     timeout --kill-after=5 "$limit" "$@" > "$logs/$name.log" 2>&1
     rc=$?
+    [ "$(elapsed)" -gt "$deadline" ] && deadline=$(elapsed)
     case $rc in 0) status=ok ;; 124|137) status=timeout ;; *) status=failed ;; esac
     echo "$name: $status (exit status $rc) in $(( $(date +%s) - t0 ))s"
     tail -n "${TAIL_LINES:-6}" "$logs/$name.log" | sed 's/^/    /'
@@ -109,9 +116,9 @@ if [ "${SKIP_BUILD:-0}" = 1 ]; then
     if ls lstm_fused/_C*.so >/dev/null 2>&1; then skip build 160 "SKIP_BUILD=1: using $(ls lstm_fused/_C*.so)"
     else skip build 160 "SKIP_BUILD=1 but no lstm_fused/_C*.so is built"; built=0; fi
 elif [ "${BUILD_INPLACE:-0}" = 1 ]; then
-    run_stage build 160 plain "" -- "$py" setup.py build_ext --inplace || built=0
+    borrow=60 run_stage build 160 plain "" -- "$py" setup.py build_ext --inplace || built=0
 else
-    run_stage build 160 plain "" -- "$py" -m pip install -v --no-build-isolation --no-deps -e . || built=0
+    borrow=60 run_stage build 160 plain "" -- "$py" -m pip install -v --no-build-isolation --no-deps -e . || built=0
 fi
 # Each kernel's registers, shared memory and spills, for benchmarks/NOTES.md.
 grep -E "ptxas info|Compiling entry|spill" "$logs/build.log" > "$logs/ptxas.txt" 2>/dev/null || true
@@ -124,8 +131,9 @@ pytest_stage() {  # name budget workers per-test-seconds marker-expression
     # A test that hangs (a cooperative kernel waiting at a grid barrier forever, say) is ended
     # alone; the thread method works while the test is inside a CUDA call.
     [ "$pytest_timeout" = 1 ] && args+=(--timeout="$per_test" --timeout-method=thread)
-    limit=$(( deadline + budget - $(elapsed) ))
-    [ "$name" = tests-rest ] && limit=$(( TOTAL - 10 - $(elapsed) ))
+    limit=$(( deadline + budget ))  # as run_stage will reckon it
+    [ "$name" = tests-rest ] || [ "$limit" -gt $(( TOTAL - 10 )) ] && limit=$(( TOTAL - 10 ))
+    limit=$(( limit - $(elapsed) ))
     if [ "$session_timeout" = 1 ] && [ "$limit" -gt 20 ]; then
         args+=(--session-timeout=$(( limit - 10 )))  # ends pytest itself in time to write its XML
     fi
@@ -165,7 +173,8 @@ for tool in memcheck racecheck; do
 done
 
 if gpu_ready bench 80; then
-    bench_limit=$(( deadline + 80 - $(elapsed) ))
+    bench_end=$(( deadline + 80 < TOTAL - 10 ? deadline + 80 : TOTAL - 10 ))  # as run_stage will reckon it
+    bench_limit=$(( bench_end - $(elapsed) ))
     run_stage bench 80 json "$logs/bench.json" -- \
         "$py" benchmarks/gpu_bench.py --json "$logs/bench.json" --budget $(( bench_limit - 10 ))
 fi
