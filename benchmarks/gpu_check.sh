@@ -1,118 +1,198 @@
 #!/usr/bin/env bash
-# The one-shot GPU check: build, run the tests with the CUDA cases active, compute-sanitizer,
-# time against cuDNN, and write benchmarks/results/gpu-<date>.json (+ .md), copied to $OUT too.
-# Meant for a GPU machine with torch already installed and no network; budget: 8 minutes.
+# The one-shot GPU check: a complete record in one call of at most 9 minutes on one H200 (16
+# cores, torch 2.11.0+cu130, Python 3.12 as python3, no network). Every stage runs under
+# `timeout`, and after each one the record in $OUT is rewritten: a call cut short still brings
+# back what it did.
 #
-#   bash benchmarks/gpu_check.sh
-#   CSRC_TREE=<git rev-parse HEAD:csrc> bash benchmarks/gpu_check.sh   # where .git is absent
+#   bash benchmarks/gpu_check.sh                 # $OUT: where the record goes (a temp dir if unset)
+#   SKIP_BUILD=1 bash benchmarks/gpu_check.sh    # use the lstm_fused/_C*.so already built in place
+#   BUILD_INPLACE=1 ...                          # build with setup.py build_ext --inplace, not pip -e
+#   SKIP_REST=1 ...                              # leave out the last stage (the non-CUDA tests)
+#   GIT_COMMIT=<sha> ...                         # name the commit where .git is absent
+#
+# Budget plan (seconds; each stage's limit is the plan's deadline for it minus the time used so
+# far, so time a stage leaves unused passes to the next; the last stage takes what remains):
+#   stage       budget  deadline  what
+#   env             20       20   machine, torch, cuDNN, TF32 defaults, commit, pytest plugins
+#   build          160      180   pip install --no-build-isolation --no-deps -e . (all cores, sm_90);
+#                                 it may run 60 s over, which moves the later deadlines (the last
+#                                 stages lose that time; none ends after 530)
+#   tests-cuda      80      260   pytest -m "cuda or simt", each test under --timeout
+#   sync            30      290   benchmarks/gpu_sync_check.py: no sync inside calls, CUDA graphs
+#   memcheck        55      345   compute-sanitizer memcheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1
+#   racecheck       55      400   compute-sanitizer racecheck
+#   bench           80      480   benchmarks/gpu_bench.py: issue 17's configs against cuDNN
+#   nccl            15      495   benchmarks/nccl_check.py: DDP with nccl, one rank
+#   tests-rest      35      530   pytest -m "not cuda and not simt" (already run by CI on a CPU)
+#   (record)        10      540   the last record; timeout's kill-after
+#   total                   540   (9 minutes, the build included)
+# $OUT gets 4 files: gpu-check.json (the record), gpu-check.md (its summary), logs.tar.gz (every
+# stage's log) and console.log (this script's output).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stamp=$(date -u +%Y-%m-%d)
-results=benchmarks/results
-mkdir -p "$results"
-log_dir=$(mktemp -d)  # full logs; the useful ones are copied to $OUT at the end (it returns 8 files at most)
-csrc_tree=${CSRC_TREE:-$(git rev-parse HEAD:csrc 2>/dev/null || echo unknown)}
+root=$PWD
+started=$(date +%s)
+TOTAL=540
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+logs=$(mktemp -d)
+exec > >(tee -a "$OUT/console.log") 2>&1
 py=${PYTHON:-python}
-# Every step has a time limit: a kernel that hangs (a cooperative kernel waiting at a grid barrier
-# forever, say) must not eat the whole GPU lease. Status 124 in a step's output means it timed out.
-limit() { local seconds=$1; shift; timeout --kill-after=10 "$seconds" "$@"; }
+command -v "$py" >/dev/null 2>&1 || py=python3
+export PYTHONUNBUFFERED=1
+echo "gpu_check: record in $OUT, logs in $logs, python $(command -v "$py")"
 
-echo "== 1. build"
-if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} FORCE_CUDA=${FORCE_CUDA:-1}
-export LSTM_FUSED_PTXAS_VERBOSE=1
-t0=$(date +%s)
-if ! limit 300 $py -m pip install -v --no-build-isolation --no-deps -e . > "$log_dir/build.log" 2>&1; then
-    tail -30 "$log_dir/build.log"; echo "BUILD FAILED"; exit 1
-fi
-echo "built in $(( $(date +%s) - t0 ))s"
-# Resource figures of every kernel, for benchmarks/NOTES.md.
-grep -E "ptxas info|Compiling entry|spill" "$log_dir/build.log" > "$log_dir/ptxas.txt" 2>/dev/null || true
-
-echo "== 2. tests"
-limit 240 $py -m pytest tests -q -p no:cacheprovider --junitxml="$log_dir/tests.xml" > "$log_dir/tests.log" 2>&1
-echo "pytest exit status $?"
-tail -25 "$log_dir/tests.log"
-
-echo "== 2b. DDP with nccl (one rank)"
-limit 90 $py benchmarks/nccl_check.py 2>&1 | tail -3
-
-echo "== 3. compute-sanitizer"
-sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
-sanitizer_errors=null
-if [ -n "$sanitizer" ]; then
-    sanitizer_errors=0
-    for tool in memcheck racecheck; do
-        limit 120 "$sanitizer" --tool "$tool" --error-exitcode 9 $py benchmarks/sanitizer_workload.py > "$log_dir/sanitizer-$tool.log" 2>&1
-        n=$(grep -oE "ERROR SUMMARY: [0-9]+" "$log_dir/sanitizer-$tool.log" | grep -oE "[0-9]+" | tail -1)
-        echo "$tool: ${n:-?} errors"; tail -3 "$log_dir/sanitizer-$tool.log"
-        sanitizer_errors=$(( sanitizer_errors + ${n:-1} ))
-    done
-else
-    echo "compute-sanitizer not found: skipped"
-fi
-
-echo "== 4. benchmark against cuDNN"
-limit 200 $py benchmarks/gpu_bench.py --json "$log_dir/bench.json" 2>&1 | tail -12
-
-echo "== 5. results"
-$py - "$log_dir" "$results/gpu-$stamp" "$csrc_tree" "$sanitizer_errors" <<'PY'
-import json, sys, shutil, os
-import xml.etree.ElementTree as ET
-import torch
-log_dir, base, csrc_tree, sanitizer_errors = sys.argv[1:5]
-passed = failed = None
-try:
-    suite = ET.parse(os.path.join(log_dir, "tests.xml")).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    total, skipped = int(suite.get("tests")), int(suite.get("skipped"))
-    failed = int(suite.get("failures")) + int(suite.get("errors"))
-    passed = total - skipped - failed
-except Exception as error:
-    print("could not read the test results:", error)
-bench = {}
-try:
-    bench = json.load(open(os.path.join(log_dir, "bench.json")))
-except Exception as error:
-    print("could not read the benchmark results:", error)
-record = {
-    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device",
-    "torch": torch.__version__,
-    "csrc_tree": csrc_tree,
-    "tests_passed": passed,
-    "tests_failed": failed,
-    "sanitizer_errors": None if sanitizer_errors == "null" else int(sanitizer_errors),
-    "configs": bench.get("configs", {}),
-    "speedup_vs_cudnn": bench.get("speedup_vs_cudnn", {}),
+deadline=0  # the current stage's deadline, seconds after the start
+order=0
+elapsed() { echo $(( $(date +%s) - started )); }
+finish() {  # bundle the logs and rewrite the record: after every stage
+    tar -czf "$OUT/logs.tar.gz.tmp" -C "$logs" . 2>/dev/null && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
+    "$py" benchmarks/gpu_record.py merge "$logs" "$OUT/gpu-check.json" "$OUT/gpu-check.md" ||
+        echo "gpu_check: could not write the record"
 }
-with open(base + ".json", "w") as f:
-    json.dump(record, f, indent=1)
-lines = [f"# GPU check: {record['device']}, torch {record['torch']}, csrc tree {csrc_tree[:12]}", "",
-         f"tests: {passed} passed, {failed} failed; sanitizer errors: {record['sanitizer_errors']}", "",
-         "| config | ours fwd ms | per-step kernels fwd ms | cuDNN fwd ms | fwd speedup | ours fwd+bwd ms | cuDNN fwd+bwd ms | fwd+bwd speedup |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|"]
-for name, c in record["configs"].items():
-    if "error" in c:
-        lines.append(f"| {name} | {c['error']} | | | | | | |")
-        continue
-    s = record["speedup_vs_cudnn"][name]
-    per_step = f"{c['ours_per_step_fwd_ms']:.3f}" if "ours_per_step_fwd_ms" in c else "-"
-    lines.append(f"| {name} | {c['ours_fwd_ms']:.3f} | {per_step} | {c['cudnn_fwd_ms']:.3f} | {s['fwd']:.2f}x | "
-                 f"{c['ours_fwdbwd_ms']:.3f} | {c['cudnn_fwdbwd_ms']:.3f} | {s['fwdbwd']:.2f}x |")
-for key, value in bench.get("peaks", {}).items():
-    lines.append(f"\n{key}: {value:.1f}")
-open(base + ".md", "w").write("\n".join(lines) + "\n")
-print("\n".join(lines))
-out = os.environ.get("OUT")
-if out:
-    for ext in (".json", ".md"):
-        shutil.copy(base + ext, out)
-PY
+skip() {  # name budget reason
+    deadline=$(( deadline + $2 )); order=$(( order + 1 ))
+    echo "== $1: skipped: $3"
+    "$py" benchmarks/gpu_record.py stage "$logs" "$1" --order "$order" --status skipped --seconds 0 --limit 0 --note "$3"
+    finish
+}
+# run_stage name budget kind data -- command...: runs the command under timeout until the stage's
+# deadline, its output in $logs/<name>.log; records it (kind: plain, pytest, sanitizer, json).
+# A stage may run `borrow` seconds past its deadline (the build: nothing runs without it); the
+# later deadlines then move by the overrun, and the last stages lose it.
+run_stage() {
+    local name=$1 budget=$2 kind=$3 data=$4 limit t0 rc status end=$(( TOTAL - 10 ))
+    shift 5
+    deadline=$(( deadline + budget )); order=$(( order + 1 ))
+    # The last stage takes what remains, less the seconds for timeout's kill and the last record.
+    [ "$name" = tests-rest ] && deadline=$end
+    [ "$deadline" -gt "$end" ] && deadline=$end
+    limit=$(( deadline + ${borrow:-0} - $(elapsed) ))
+    [ "$limit" -gt $(( end - $(elapsed) )) ] && limit=$(( end - $(elapsed) ))
+    if [ "$limit" -lt 5 ]; then skip_recorded "$name" "no time left in the plan"; return 1; fi
+    echo "== $name (limit ${limit}s, $(elapsed)s elapsed)"
+    t0=$(date +%s)
+    timeout --kill-after=5 "$limit" "$@" > "$logs/$name.log" 2>&1
+    rc=$?
+    [ "$(elapsed)" -gt "$deadline" ] && deadline=$(elapsed)
+    case $rc in 0) status=ok ;; 124|137) status=timeout ;; *) status=failed ;; esac
+    echo "$name: $status (exit status $rc) in $(( $(date +%s) - t0 ))s"
+    tail -n "${TAIL_LINES:-6}" "$logs/$name.log" | sed 's/^/    /'
+    "$py" benchmarks/gpu_record.py stage "$logs" "$name" --order "$order" --status "$status" --rc "$rc" \
+        --seconds $(( $(date +%s) - t0 )) --limit "$limit" --log "$logs/$name.log" --kind "$kind" --data "$data"
+    finish
+    return $rc
+}
+skip_recorded() {
+    echo "== $1: skipped: $2"
+    "$py" benchmarks/gpu_record.py stage "$logs" "$1" --order "$order" --status skipped --seconds 0 --limit 0 --note "$2"
+    finish
+}
 
-if [ -n "${OUT:-}" ]; then
-    cp "$log_dir/tests.log" "$log_dir/ptxas.txt" "$OUT"/ 2>/dev/null
-    [ -f "$log_dir/bench.json" ] && cp "$log_dir/bench.json" "$OUT"/
-    tail -200 "$log_dir/build.log" > "$OUT/build-tail.log"
-    cat "$log_dir"/sanitizer-*.log > "$OUT/sanitizer.log" 2>/dev/null || true
+# --- env ------------------------------------------------------------------------------------
+run_stage env 20 json "$logs/env.json" -- "$py" benchmarks/gpu_env.py "$logs/env.json"
+have_gpu=
+eval "$(grep -E '^have_gpu=[01]$' "$logs/env.log")"
+# Should the env stage fail, the GPU stages still run where nvidia-smi sees a GPU.
+[ -n "$have_gpu" ] || { nvidia-smi -L >/dev/null 2>&1 && have_gpu=1 || have_gpu=0; }
+# pytest plugins, probed without importing torch.
+probe() { "$py" -c "$1" >/dev/null 2>&1 && echo 1 || echo 0; }
+pytest_timeout=$(probe "import pytest_timeout")
+session_timeout=$(probe "import importlib.metadata as m; v = m.version('pytest-timeout').split('.');
+assert (int(v[0]), int(v[1])) >= (2, 3)")  # pytest-timeout 2.3 added --session-timeout
+xdist=$(probe "import xdist")
+echo "pytest plugins: timeout $pytest_timeout (session timeout $session_timeout), xdist $xdist"
+GIT_COMMIT=$(grep -E '^git_commit=[0-9A-Za-z]+$' "$logs/env.log" | cut -d= -f2)
+export GIT_COMMIT=${GIT_COMMIT:-unknown}  # gpu_bench.py names it in its JSON
+[ "$have_gpu" = 1 ] || echo "gpu_check: no CUDA device here: the GPU stages are skipped (each says so)"
+cores=$(nproc)
+
+# --- build ----------------------------------------------------------------------------------
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$cores} LSTM_FUSED_PTXAS_VERBOSE=1
+[ -n "${LSTM_FUSED_CPU_ONLY:-}" ] || export FORCE_CUDA=${FORCE_CUDA:-1}
+built=1
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+    if ls lstm_fused/_C*.so >/dev/null 2>&1; then skip build 160 "SKIP_BUILD=1: using $(ls lstm_fused/_C*.so)"
+    else skip build 160 "SKIP_BUILD=1 but no lstm_fused/_C*.so is built"; built=0; fi
+elif [ "${BUILD_INPLACE:-0}" = 1 ]; then
+    borrow=60 run_stage build 160 plain "" -- "$py" setup.py build_ext --inplace || built=0
+else
+    borrow=60 run_stage build 160 plain "" -- "$py" -m pip install -v --no-build-isolation --no-deps -e . || built=0
 fi
-echo "full logs: $log_dir"
+# Each kernel's registers, shared memory and spills, for benchmarks/NOTES.md.
+grep -E "ptxas info|Compiling entry|spill" "$logs/build.log" > "$logs/ptxas.txt" 2>/dev/null || true
+# From here on the tests import the tree's own build, wherever pip put the editable install.
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+
+# --- tests: the CUDA ones first -------------------------------------------------------------
+pytest_stage() {  # name budget workers per-test-seconds marker-expression
+    local name=$1 budget=$2 workers=$3 per_test=$4 expression=$5 args=(-p no:cacheprovider -v -rfE) limit
+    # A test that hangs (a cooperative kernel waiting at a grid barrier forever, say) is ended
+    # alone; the thread method works while the test is inside a CUDA call.
+    [ "$pytest_timeout" = 1 ] && args+=(--timeout="$per_test" --timeout-method=thread)
+    limit=$(( deadline + budget ))  # as run_stage will reckon it
+    [ "$name" = tests-rest ] || [ "$limit" -gt $(( TOTAL - 10 )) ] && limit=$(( TOTAL - 10 ))
+    limit=$(( limit - $(elapsed) ))
+    if [ "$session_timeout" = 1 ] && [ "$limit" -gt 20 ]; then
+        args+=(--session-timeout=$(( limit - 10 )))  # ends pytest itself in time to write its XML
+    fi
+    if [ "$xdist" = 1 ] && [ "$workers" -gt 1 ]; then
+        args+=(-n "$workers")
+        export OMP_NUM_THREADS=$(( cores / workers > 1 ? cores / workers : 1 ))
+    fi
+    run_stage "$name" "$budget" pytest "$logs/$name.xml" -- \
+        "$py" -m pytest tests -m "$expression" --junitxml="$logs/$name.xml" "${args[@]}"
+    unset OMP_NUM_THREADS
+}
+if [ "$built" = 1 ]; then
+    pytest_stage tests-cuda 80 4 60 "cuda or simt"
+else
+    skip tests-cuda 80 "the build failed"
+fi
+
+# --- GPU stages -----------------------------------------------------------------------------
+gpu_ready() {  # name budget: true if the GPU stages can run, else records the skip
+    if [ "$have_gpu" != 1 ]; then skip "$1" "$2" "no CUDA device"; return 1; fi
+    if [ "$built" != 1 ]; then skip "$1" "$2" "the build failed"; return 1; fi
+}
+gpu_ready sync 30 &&
+    run_stage sync 30 json "$logs/sync.json" -- "$py" benchmarks/gpu_sync_check.py --json "$logs/sync.json"
+
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+for tool in memcheck racecheck; do
+    if gpu_ready "$tool" 55; then
+        if [ -z "$sanitizer" ]; then skip "$tool" 55 "compute-sanitizer not found"; continue; fi
+        # The caching allocator hands out slices of larger blocks, so an access past a tensor's
+        # end lands in memory that is still allocated: memcheck sees it only without the cache.
+        caching=()
+        [ "$tool" = memcheck ] && caching=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+        run_stage "$tool" 55 sanitizer "" -- "${caching[@]}" "$sanitizer" --tool "$tool" --error-exitcode 9 \
+            --print-limit 100 "$py" benchmarks/sanitizer_workload.py
+    fi
+done
+
+if gpu_ready bench 80; then
+    bench_end=$(( deadline + 80 < TOTAL - 10 ? deadline + 80 : TOTAL - 10 ))  # as run_stage will reckon it
+    bench_limit=$(( bench_end - $(elapsed) ))
+    run_stage bench 80 json "$logs/bench.json" -- \
+        "$py" benchmarks/gpu_bench.py --json "$logs/bench.json" --budget $(( bench_limit - 10 ))
+fi
+
+gpu_ready nccl 15 && run_stage nccl 15 plain "" -- "$py" benchmarks/nccl_check.py
+
+# --- the rest of the tests, in what time remains --------------------------------------------
+if [ "${SKIP_REST:-0}" = 1 ]; then skip tests-rest 0 "SKIP_REST=1"
+elif [ "$built" != 1 ]; then skip tests-rest 0 "the build failed"
+else pytest_stage tests-rest 35 $(( cores / 2 > 1 ? cores / 2 : 1 )) 120 "not cuda and not simt"
+fi
+
+echo "gpu_check: done in $(elapsed)s of ${TOTAL}s; record: $OUT/gpu-check.json"
+if [ "$have_gpu" = 1 ]; then  # where the check runs in a checkout that is kept, the record is at hand to commit
+    stamp=$(date -u +%Y-%m-%d)
+    mkdir -p benchmarks/results
+    cp "$OUT/gpu-check.json" "benchmarks/results/gpu-$stamp.json" && cp "$OUT/gpu-check.md" "benchmarks/results/gpu-$stamp.md" &&
+        echo "copied to benchmarks/results/gpu-$stamp.json and .md"
+fi
+cat "$OUT/gpu-check.md"
+sleep 1  # lets tee write the last lines to console.log

@@ -26,6 +26,54 @@ def test_gpu_bench_smoke_runs_on_the_cpu(tmp_path):
     assert set(results["speedup_vs_cudnn"]) == set(results["configs"])
 
 
+def test_sanitizer_workload_runs_and_checks_on_the_cpu():
+    """The compute-sanitizer workload's cases (persistent and multi-block shapes, lengths, reverse,
+    every dtype) run and agree with float64 torch.nn on the CPU: on the GPU a failure is the
+    kernels', not the script's."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sanitizer_workload.py"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert done.stdout.count("\nok ") + done.stdout.startswith("ok ") >= 13, done.stdout
+
+
+def test_gpu_sync_check_runs_its_calls_on_the_cpu(tmp_path):
+    out = tmp_path / "sync.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_sync_check.py"), "--device", "cpu",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert {"LSTM-packed", "GRU", "LSTMCell", "GRUCell"} <= set(record["sync_free"])
+    assert all(r["passed"] is None and "skipped" in r for r in record["sync_free"].values()), record
+
+
+def test_gpu_record_reads_cut_short_logs(tmp_path):
+    """The GPU check's record from a pytest log without its XML (a stage killed at its limit) and
+    from a sanitizer log."""
+    record = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_record.py")]
+    log = tmp_path / "tests-cuda.log"
+    log.write_text("tests/test_a.py::test_x[cuda] PASSED [ 10%]\n"
+                   "[gw1] [ 20%] FAILED tests/test_a.py::test_y[cuda-float32]\n"
+                   "tests/test_a.py::test_z[cuda] SKIPPED (no CUDA) [ 30%]\n"
+                   "FAILED tests/test_a.py::test_y[cuda-float32] - AssertionError\n")
+    sanitizer = tmp_path / "memcheck.log"
+    sanitizer.write_text("ok    case-a: relative error 1e-7\n========= Invalid __global__ read of size 4 bytes\n"
+                         "WRONG case-b: relative error 1\n========= ERROR SUMMARY: 1 error\n")
+    for name, kind, path in (("tests-cuda", "pytest", log), ("memcheck", "sanitizer", sanitizer)):
+        subprocess.run(record + ["stage", str(tmp_path), name, "--status", "timeout", "--rc", "124", "--seconds", "5",
+                                 "--limit", "5", "--log", str(path), "--kind", kind,
+                                 "--data", str(tmp_path / "absent.xml")], check=True, timeout=60)
+    subprocess.run(record + ["merge", str(tmp_path), str(tmp_path / "r.json"), str(tmp_path / "r.md")], check=True,
+                   timeout=60)
+    stages = json.loads((tmp_path / "r.json").read_text())["stages"]
+    tests = stages["tests-cuda"]["tests"]
+    assert (tests["passed"], tests["failed"], tests["skipped"]) == (1, 1, 1)
+    assert tests["failed_tests"] == ["tests/test_a.py::test_y[cuda-float32]"]
+    assert stages["memcheck"]["sanitizer"]["errors"] == 1
+    assert stages["memcheck"]["sanitizer"]["reports_seen"] == 1
+    assert stages["memcheck"]["sanitizer"]["workload_cases_failed"] == ["case-b"]
+    assert "timeout" in (tmp_path / "r.md").read_text()
+
+
 def test_gpu_check_script_parses():
     done = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True,
                           text=True, timeout=30)

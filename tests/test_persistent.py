@@ -47,6 +47,7 @@ def test_plan_rejects_degenerate_sizes():
     assert not plan(16, 4, 4, sms=0)[0]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the persistent kernel runs on CUDA only; none here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("use_lengths,reverse", [(False, False), (True, True), (True, False)])
