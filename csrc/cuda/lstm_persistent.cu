@@ -22,6 +22,27 @@ namespace {
 
 using at::Tensor;
 
+// The arguments both persistent kernels take, pointing into the forward's buffers. active_rows is
+// undefined without lengths (the kernels then advance every row).
+template <typename scalar_t, typename acc_t>
+void fill_persistent_args(PersistentLstmArgs<scalar_t, acc_t>& args, const LayerSizes& s, LstmForwardBuffers<acc_t>& f,
+                          const Tensor& w_hh, const Tensor& active_rows, int64_t units_per_block, bool reverse) {
+  args.w_hh = w_hh.data_ptr<scalar_t>();
+  args.bias = s.has_bias ? f.bias.template data_ptr<scalar_t>() : nullptr;
+  args.gates = f.r.gates.template data_ptr<scalar_t>();
+  args.c_state = f.c.template data_ptr<acc_t>();
+  args.cells = f.r.cells.template data_ptr<scalar_t>();
+  args.y = f.y.template data_ptr<scalar_t>();
+  args.h_even = f.h_buffers[0].template data_ptr<scalar_t>();
+  args.h_odd = f.h_buffers[1].template data_ptr<scalar_t>();
+  args.active_rows = active_rows.defined() ? active_rows.data_ptr<int64_t>() : nullptr;
+  args.T = static_cast<int>(s.seq_len);
+  args.B = static_cast<int>(s.batch);
+  args.H = static_cast<int>(s.hidden_size);
+  args.units_per_block = static_cast<int>(units_per_block);
+  args.reverse = reverse;
+}
+
 enum class PersistentChoice { kOff, kFmaOnly, kAny };
 
 PersistentChoice persistent_choice() {
@@ -56,25 +77,12 @@ ForwardResult run_tensor_core_kernel(const LayerSizes& s, const PersistentTcPlan
   const Tensor active_rows = padded ? host_to_device(s.active_rows, x.device()) : Tensor();
   const Tensor w = w_hh.contiguous();
   PersistentLstmTcArgs<scalar_t> args;
-  args.w_hh = w.data_ptr<scalar_t>();
-  args.bias = s.has_bias ? f.bias.data_ptr<scalar_t>() : nullptr;
-  args.gates = f.r.gates.data_ptr<scalar_t>();
-  args.c_state = f.c.data_ptr<float>();
-  args.cells = f.r.cells.data_ptr<scalar_t>();
-  args.y = f.y.data_ptr<scalar_t>();
-  args.h_even = f.h_buffers[0].data_ptr<scalar_t>();
-  args.h_odd = f.h_buffers[1].data_ptr<scalar_t>();
-  args.active_rows = padded ? active_rows.data_ptr<int64_t>() : nullptr;
-  args.T = static_cast<int>(s.seq_len);
-  args.B = static_cast<int>(s.batch);
-  args.H = static_cast<int>(s.hidden_size);
-  args.units_per_block = static_cast<int>(plan.units_per_block);
+  fill_persistent_args(args, s, f, w, active_rows, plan.units_per_block, reverse);
   args.m_tiles = static_cast<int>(plan.m_tiles);
   args.n_tiles = static_cast<int>(plan.n_tiles);
   args.k_tiles = static_cast<int>(plan.k_tiles);
   args.k_split = static_cast<int>(plan.k_split);
   args.row_stride = static_cast<int>(plan.row_stride);
-  args.reverse = reverse;
   if (!gpu::launch_cooperative("lstm_persistent_tc_forward_kernel", kernel, dim3(plan.blocks),
                                dim3(kPersistentTcThreads), plan.shared_bytes, args)) {
     return c10::nullopt;
@@ -141,20 +149,7 @@ c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> lstm_layer_forward_per
     const Tensor active_rows = padded ? host_to_device(s.active_rows, x.device()) : Tensor();
     const Tensor w = w_hh.contiguous();
     PersistentLstmArgs<scalar_t, acc_t> args;
-    args.w_hh = w.data_ptr<scalar_t>();
-    args.bias = s.has_bias ? f.bias.data_ptr<scalar_t>() : nullptr;
-    args.gates = f.r.gates.data_ptr<scalar_t>();
-    args.c_state = f.c.data_ptr<acc_t>();
-    args.cells = f.r.cells.data_ptr<scalar_t>();
-    args.y = f.y.data_ptr<scalar_t>();
-    args.h_even = f.h_buffers[0].data_ptr<scalar_t>();
-    args.h_odd = f.h_buffers[1].data_ptr<scalar_t>();
-    args.active_rows = padded ? active_rows.data_ptr<int64_t>() : nullptr;
-    args.T = static_cast<int>(s.seq_len);
-    args.B = static_cast<int>(s.batch);
-    args.H = static_cast<int>(s.hidden_size);
-    args.units_per_block = static_cast<int>(plan.units_per_block);
-    args.reverse = reverse;
+    fill_persistent_args(args, s, f, w, active_rows, plan.units_per_block, reverse);
     if (!gpu::launch_cooperative("lstm_persistent_forward_kernel", kernel, dim3(plan.blocks),
                                  dim3(kPersistentThreads), plan.shared_bytes, args)) {
       return c10::nullopt;  // the device refused the grid after all: the per-step path recomputes it

@@ -28,21 +28,10 @@ namespace lstm_fused {
 
 enum class TensorCoreFormat : int { kBFloat16 = 0, kHalf = 1, kTF32 = 2 };
 
+// The FMA kernel's arguments (lstm_persistent_kernel.cuh, float32 running state) and the plan.
 template <typename scalar_t>
-struct PersistentLstmTcArgs {
-  const scalar_t* w_hh;        // [4H, H]
-  const scalar_t* bias;        // [4H] b_ih + b_hh, or null
-  scalar_t* gates;             // [T, B, 4H] input projection in, activated gates out
-  float* c_state;              // [B, H]
-  scalar_t* cells;             // [T, B, H]
-  scalar_t* y;                 // [T, B, H]
-  scalar_t* h_even;            // [B, H] ping-pong pair, both h0 at the start: even steps read
-  scalar_t* h_odd;             //        h_even and write h_odd, odd steps the reverse
-  const int64_t* active_rows;  // [T] rows that advance at each t (a prefix of the batch); null: all B
-  int T, B, H;
-  // The plan (persistent_plan.h, plan_persistent_tc_layer).
-  int units_per_block, m_tiles, n_tiles, k_tiles, k_split, row_stride;
-  bool reverse;
+struct PersistentLstmTcArgs : PersistentLstmArgs<scalar_t, float> {
+  int m_tiles, n_tiles, k_tiles, k_split, row_stride;  // persistent_plan.h, plan_persistent_tc_layer
 };
 
 // D += A (16x16 of h, rows g / g+8) x B (16x8 of W^T) for one 16-wide K slice at column k0.

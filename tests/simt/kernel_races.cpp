@@ -78,10 +78,11 @@ void run_tensor_core(std::mt19937& gen, const char* what) {
   std::vector<scalar_t> h_odd(h_even), cells(T * B * H), y(T * B * H);
   auto c_state = random_vector(B * H, gen);
   std::vector<int64_t> active_rows = {B, 17, 3};
-  PersistentLstmTcArgs<scalar_t> args{w_hh.data(), bias.data(), gates.data(), c_state.data(), cells.data(), y.data(),
-                                      h_even.data(), h_odd.data(), active_rows.data(), T, B, H,
-                                      int(plan.units_per_block), int(plan.m_tiles), int(plan.n_tiles),
-                                      int(plan.k_tiles), int(plan.k_split), int(plan.row_stride), false};
+  PersistentLstmTcArgs<scalar_t> args{{w_hh.data(), bias.data(), gates.data(), c_state.data(), cells.data(),
+                                       y.data(), h_even.data(), h_odd.data(), active_rows.data(), T, B, H,
+                                       int(plan.units_per_block), false},
+                                      int(plan.m_tiles), int(plan.n_tiles), int(plan.k_tiles), int(plan.k_split),
+                                      int(plan.row_stride)};
   const auto kernel = &lstm_persistent_tc_forward_kernel<scalar_t, kFormat>;
   expect(simt::set_max_dynamic_shared(kernel, plan.shared_bytes), "set_max_dynamic_shared");
   expect(simt::launch_cooperative("lstm_persistent_tc_forward_kernel", kernel, dim3(plan.blocks),
