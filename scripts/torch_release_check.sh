@@ -10,7 +10,9 @@
 # needs its CUDA 13.2 libraries to import at all (libtorch_cuda.so links cuDNN, cuBLAS, NCCL, ...),
 # even on a machine without a GPU, and PyPI has no CPU-only torch for Linux (the PyTorch index
 # that has one is not reachable from here): the first run downloads 2.8 GB (77 s) and the venv
-# takes 5.4 GB (made in 321 s); later runs reuse it.
+# takes 5.4 GB (made in 321 s); later runs reuse it. The build in the kept copy: 662 s from
+# scratch (MAX_JOBS=1, other builds running beside it), 4 s when no source changed; the tests
+# on 2.15.0: 281 s (970 passed, 140 skipped: the CUDA cases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:-2.15.0}
