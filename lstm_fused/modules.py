@@ -541,7 +541,10 @@ class LSTMCell(_FusedCellBase):
             except (TypeError, RuntimeError, IndexError) as ours:
                 self._torch_error(input, original_hx, ours)
         x, (h0, c0), is_batched, result = self._prepare(input, hx, original_hx)
-        _, h, c = lstm_layer(x, h0, c0, *self._weights(x))
+        if onnx_export.is_exporting():  # torch.nn's own cell, which both exporters translate
+            h, c = torch._VF.lstm_cell(x[0], (h0, c0), *self._weights(x))
+        else:
+            _, h, c = lstm_layer(x, h0, c0, *self._weights(x))
         if result is not None:
             h, c = h.to(result), c.to(result)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
@@ -581,7 +584,10 @@ class GRUCell(_FusedCellBase):
 
     def _full_step(self, input: Tensor, hx) -> Tensor:
         x, (h0,), is_batched, result = self._prepare(input, None if hx is None else (hx,), hx)
-        _, h = gru_layer(x, h0, *self._weights(x))
+        if onnx_export.is_exporting():  # torch.nn's own cell, which both exporters translate
+            h = torch._VF.gru_cell(x[0], h0, *self._weights(x))
+        else:
+            _, h = gru_layer(x, h0, *self._weights(x))
         if result is not None:
             h = h.to(result)
         return h if is_batched else h.squeeze(0)

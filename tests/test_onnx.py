@@ -224,3 +224,33 @@ def test_export_leaves_the_fused_path_on(tmp_path):
     assert model.seen[0] == (True, True) and model.seen[-1] == (False, False)
     graph = torch.export.export(model.inner, inputs).graph_module.code
     assert "lstm_fused.lstm_layer" in graph and "aten.lstm" not in graph
+
+
+class CellModel(nn.Module):
+    """A decoder-style step: one cell call and a linear head."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+        self.head = nn.Linear(cell.hidden_size, 2)
+
+    def forward(self, x, *state):
+        out = self.cell(x, (state if len(state) == 2 else state[0]) if state else None)
+        h = out[0] if isinstance(out, tuple) else out
+        return (self.head(h), *(out if isinstance(out, tuple) else (out,)))
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("bias,with_states", [(True, True), (False, False)])
+def test_cells_export_runs_in_onnxruntime_as_eager(cell, bias, with_states, dynamo, tmp_path):
+    torch.manual_seed(3)
+    model = CellModel(getattr(lstm_fused, cell)(INPUT, HIDDEN, bias=bias)).eval()
+    gen = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(B, INPUT, generator=gen)]
+    if with_states:
+        inputs += [torch.randn(B, HIDDEN, generator=gen) for _ in range(2 if cell == "LSTMCell" else 1)]
+    path = tmp_path / "cell.onnx"
+    names = export(model, tuple(inputs), path, dynamo)
+    assert not any(op.startswith("lstm_fused") for op in op_types(path))
+    assert_matches_eager(model, path, names, inputs)
