@@ -179,10 +179,13 @@ def emulated_counts(B, H, dtype, steps=2, I=8):
         torch.backends.cuda.matmul.allow_tf32 = previous
     blocks_per_step = counts["blocks"] / (counts["launches"] if counts["launches"] > 1 else 1)
     per = steps * max(blocks_per_step, 1)
+    # The emulator counts barriers and warp collectives per arriving thread or lane, mma and
+    # ldmatrix per warp instruction, cp.async per copy; the prologue (loading W_hh) is included.
     return {
         "launches": counts["launches"], "blocks": int(blocks_per_step),
-        **{f"{name}_per_step_block": counts[name] / per
-           for name in ("block_barriers", "mma", "ldmatrix", "cp_async", "warp_collectives")},
+        "block_barrier_arrivals_per_step_block": counts["block_barriers"] / per,
+        "warp_collective_lane_arrivals_per_step_block": counts["warp_collectives"] / per,
+        **{f"{name}_per_step_block": counts[name] / per for name in ("mma", "ldmatrix", "cp_async")},
         "grid_barriers_per_step": counts["grid_barriers"] / steps,
     }
 
