@@ -133,6 +133,41 @@ def persistent_plan(B, H, dtype, device):
         return {"error": f"{type(error).__name__}: {error}"}
 
 
+def persistent_tc_plan(B, H, dtype, device):
+    """The tensor-core persistent kernel's plan (plan_persistent_tc_layer), or why none."""
+    if device != "cuda":
+        return None
+    try:
+        props = torch.cuda.get_device_properties(0)
+        fields = ("usable", "units_per_block", "blocks", "m_tiles", "n_tiles", "k_tiles", "k_split", "row_stride",
+                  "shared_bytes")
+        values = torch.ops.lstm_fused._persistent_tc_plan(H, B, torch.empty((), dtype=dtype).element_size(),
+                                                          props.multi_processor_count,
+                                                          props.shared_memory_per_block_optin)
+        return dict(zip(fields, values))
+    except Exception as error:  # the op's signature may change; the timing does not depend on it
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def tensor_cores_chosen(dtype):
+    """What csrc/cuda/lstm_persistent.cu picks: tensor cores for the half types, and for float32
+    when TF32 is allowed for matmuls."""
+    return dtype in (torch.bfloat16, torch.float16) or (
+        dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+
+
+def predicted(B, T, I, H, dtype_name, packed):
+    """benchmarks/perf_model.py's prediction for this config, beside the measurement."""
+    try:
+        import perf_model
+
+        name = dtype_name + ("-tf32" if dtype_name == "fp32" and torch.backends.cuda.matmul.allow_tf32 else "")
+        row = perf_model.predict(B, T, I, H, name)
+        return {key: row[key] for key in ("kernel", "fwd_us_per_step", "fwd_bwd_us_per_step")}
+    except Exception as error:  # the model is advisory: it must not cost the measurement
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
 def bench_config(spec, tf32, device, measure):
     cell, B, T, I, H, dtype_name, packed, _ = spec
     dtype = DTYPES[dtype_name]
@@ -181,12 +216,21 @@ def bench_config(spec, tf32, device, measure):
         result[f"{label}_fwdbwd_ms"] = measure(forward_backward(model))
     if cell == "lstm":
         result["persistent_plan"] = persistent_plan(B, H, dtype, device)
-        if (result["persistent_plan"] or {}).get("usable"):  # the per-step kernels too, for comparison
-            os.environ["LSTM_FUSED_PERSISTENT"] = "0"
+        result["persistent_tc_plan"] = persistent_tc_plan(B, H, dtype, device)
+        # The other kernels too, for comparison: the FMA persistent one where the tensor-core one
+        # runs, and the per-step kernels where any persistent one does.
+        variants = []
+        if (result["persistent_tc_plan"] or {}).get("usable") and tensor_cores_chosen(dtype):
+            variants.append(("ours_fma_persistent_fwd_ms", "fma"))
+        if (result["persistent_plan"] or {}).get("usable") or variants:
+            variants.append(("ours_per_step_fwd_ms", "0"))
+        for key, setting in variants:
+            os.environ["LSTM_FUSED_PERSISTENT"] = setting
             try:
-                result["ours_per_step_fwd_ms"] = measure(forward(ours))
+                result[key] = measure(forward(ours))
             finally:
                 del os.environ["LSTM_FUSED_PERSISTENT"]
+        result["predicted"] = predicted(B, T, I, H, dtype_name, packed)
     gates = 4 if cell.startswith("lstm") else 3
     steps = T if packed is None else float(lengths.float().mean())  # packed: the real work only
     result["ours_fwd_tflops"] = matrix_flops(B, steps, I, H, gates) / (result["ours_fwd_ms"] * 1e-3) / 1e12
