@@ -152,8 +152,9 @@ def persistent_tc_plan(B, H, dtype, device):
 def tensor_cores_chosen(dtype):
     """What csrc/cuda/lstm_persistent.cu picks: tensor cores for the half types, and for float32
     when TF32 is allowed for matmuls."""
-    return dtype in (torch.bfloat16, torch.float16) or (
-        dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+    matmul = torch.backends.cuda.matmul
+    tf32 = matmul.fp32_precision == "tf32" or (matmul.fp32_precision == "none" and matmul.allow_tf32)
+    return dtype in (torch.bfloat16, torch.float16) or (dtype == torch.float32 and tf32)
 
 
 def predicted(B, T, I, H, dtype_name, packed):
@@ -161,7 +162,7 @@ def predicted(B, T, I, H, dtype_name, packed):
     try:
         import perf_model
 
-        name = dtype_name + ("-tf32" if dtype_name == "fp32" and torch.backends.cuda.matmul.allow_tf32 else "")
+        name = dtype_name + ("-tf32" if dtype_name == "fp32" and tensor_cores_chosen(torch.float32) else "")
         row = perf_model.predict(B, T, I, H, name)
         return {key: row[key] for key in ("kernel", "fwd_us_per_step", "fwd_bwd_us_per_step")}
     except Exception as error:  # the model is advisory: it must not cost the measurement

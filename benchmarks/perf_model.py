@@ -165,8 +165,9 @@ def emulated_counts(B, H, dtype, steps=2, I=8):
     simt = torch.ops.lstm_fused_simt
     base = dtype.split("-")[0]
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[base]
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = "tf32" in dtype
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision  # the setting the CUDA host code reads
+    matmul.fp32_precision = "tf32" if "tf32" in dtype else "ieee"
     try:
         simt.set_virtual_device(SMS, SHARED_OPTIN, True, 9)
         gen = torch.Generator().manual_seed(0)
@@ -176,7 +177,7 @@ def emulated_counts(B, H, dtype, steps=2, I=8):
         simt.lstm_layer_forward(*args, None, None, False)
         counts = dict(zip(COUNTER_NAMES, simt.counters()))
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        matmul.fp32_precision = previous
     blocks_per_step = counts["blocks"] / (counts["launches"] if counts["launches"] > 1 else 1)
     per = steps * max(blocks_per_step, 1)
     # The emulator counts barriers and warp collectives per arriving thread or lane, mma and

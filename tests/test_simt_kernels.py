@@ -5,6 +5,7 @@ The tolerance is the one the CPU tests use: our error against float64 at most tw
 plain PyTorch computation in the same dtype (the reference run in that dtype), plus a small floor.
 A kernel with a missing barrier, a wrong fragment index or a wrong ping-pong buffer is off by
 O(1), far outside it."""
+import contextlib
 import os
 import re
 import sys
@@ -127,11 +128,24 @@ def check_lstm(args, lengths, reverse, grads, dtype, forward_bound_dtype=None):
         check_bounded(ours, theirs, exact, dtype, name)
 
 
+@contextlib.contextmanager
+def matmul_tf32(enabled):
+    """TF32 for float32 matmuls on or off, through the precision setting that the CUDA host code
+    reads; torch raises where the legacy allow_tf32 flag and this setting disagree."""
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if enabled else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
 def persistent_kernel_for(dtype):
     """The persistent kernel lstm_persistent.cu picks: tensor cores for the half types (and for
     float32 with TF32 allowed), FMAs otherwise."""
     tensor_cores = dtype in (torch.float16, torch.bfloat16) or (
-        dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+        dtype == torch.float32 and torch.backends.cuda.matmul.fp32_precision == "tf32")
     return "lstm_persistent_tc_forward_kernel" if tensor_cores else "lstm_persistent_forward_kernel"
 
 
@@ -188,12 +202,13 @@ def test_lstm_kernels_match_the_float64_reference(monkeypatch, device_of, tmp_pa
     report = tmp_path / "kernels.txt"
     monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
     monkeypatch.setenv("LSTM_FUSED_PERSISTENT", "1" if persistent else "0")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     device_of(4, 227 * 1024)  # 4 SMs: the persistent plan spreads H=40 over 4 blocks of 10 units
     args, lengths, grads = lstm_case(*SHAPE, proj=0, bias=True, use_lengths=use_lengths, seed=3)
-    check_lstm(args, lengths, reverse, grads, dtype)
+    with matmul_tf32(False):
+        check_lstm(args, lengths, reverse, grads, dtype)
+        expected = persistent_kernel_for(dtype)
     launched = kernels_launched(report)
-    assert (persistent_kernel_for(dtype) in launched) == persistent
+    assert (expected in launched) == persistent
     assert ("lstm_forward_step_kernel" in launched) == (not persistent)
     assert "lstm_backward_pointwise_kernel" in launched
 
@@ -207,11 +222,11 @@ def test_tensor_core_persistent_kernel(monkeypatch, device_of, tmp_path, dtype, 
     one n tile whose K range is split over 3 warps. float32 runs as TF32 (allow_tf32)."""
     report = tmp_path / "kernels.txt"
     monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", dtype == torch.float32)
     device_of(sm_count, 227 * 1024)
     args, lengths, grads = lstm_case(5, B, 6, 40, proj=0, bias=True, use_lengths=use_lengths, seed=12)
-    check_lstm(args, lengths, reverse, grads, dtype,
-               forward_bound_dtype=torch.float16 if dtype == torch.float32 else None)
+    with matmul_tf32(dtype == torch.float32):
+        check_lstm(args, lengths, reverse, grads, dtype,
+                   forward_bound_dtype=torch.float16 if dtype == torch.float32 else None)
     assert "lstm_persistent_tc_forward_kernel" in kernels_launched(report)
 
 
@@ -263,7 +278,8 @@ def test_persistent_kernel_on_the_h100_plan(monkeypatch, tmp_path):
     monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
     SIMT.set_virtual_device(*H100)
     args, lengths, grads = lstm_case(3, 5, 4, 40, proj=0, bias=True, use_lengths=True, seed=8)
-    check_lstm(args, lengths, True, grads, torch.float32)
+    with matmul_tf32(False):
+        check_lstm(args, lengths, True, grads, torch.float32)
     assert "lstm_persistent_forward_kernel" in kernels_launched(report)
 
 
@@ -314,7 +330,8 @@ def test_every_cuda_kernel_runs_in_emulation(monkeypatch, device_of, tmp_path):
     for setting, dtype in (("1", torch.bfloat16), ("1", torch.float32), ("0", torch.float32)):
         monkeypatch.setenv("LSTM_FUSED_PERSISTENT", setting)
         args, lengths, grads = lstm_case(3, 5, 4, 9, proj=0, bias=True, use_lengths=True, seed=2)
-        run_simt_lstm(args, lengths, False, grads, dtype)
+        with matmul_tf32(False):
+            run_simt_lstm(args, lengths, False, grads, dtype)
     args, lengths, grads = gru_case(3, 5, 4, 9, bias=True, use_lengths=True, seed=2)
     check_gru(args, lengths, False, grads, torch.float32)
     in_sources = global_kernels_in_sources()

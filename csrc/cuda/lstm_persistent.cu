@@ -1,7 +1,7 @@
 // Host side of the persistent LSTM forward kernels: whether a plan (persistent_plan.h) and the
 // device allow one, and its single cooperative launch. Two kernels: the tensor-core one
 // (lstm_persistent_tc_kernel.cuh) for bfloat16 and float16, and for float32 when TF32 is allowed
-// (torch.backends.cuda.matmul.allow_tf32); the FP32/FP64-FMA one (lstm_persistent_kernel.cuh)
+// (torch.backends.cuda.matmul.fp32_precision = "tf32", or the legacy allow_tf32); the FP32/FP64-FMA one (lstm_persistent_kernel.cuh)
 // otherwise. LSTM_FUSED_PERSISTENT=0 turns both off, =fma keeps the FMA kernel only.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -57,7 +57,12 @@ PersistentChoice persistent_choice() {
 c10::optional<TensorCoreFormat> tensor_core_format(at::ScalarType dtype) {
   if (dtype == at::kBFloat16) return TensorCoreFormat::kBFloat16;
   if (dtype == at::kHalf) return TensorCoreFormat::kHalf;
-  if (dtype == at::kFloat && at::globalContext().allowTF32CuBLAS()) return TensorCoreFormat::kTF32;
+  // The precision setting, not the legacy allowTF32CuBLAS(), which throws once a user has set
+  // TF32 through the newer API (torch.backends.cuda.matmul.fp32_precision) alone.
+  if (dtype == at::kFloat && at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+                                 at::Float32Precision::TF32) {
+    return TensorCoreFormat::kTF32;
+  }
   return c10::nullopt;
 }
 
