@@ -100,15 +100,26 @@ void allow_dynamic_shared(void (*kernel)(P...), const at::Device& device, int64_
   current = bytes;
 }
 
-// How many blocks of `kernel` fit on one multiprocessor at once.
+// How many blocks of `kernel` fit on one multiprocessor of `device` at once (the current
+// device: the callers hold a device guard). Asked once per kernel, device and shape on CUDA, like
+// the attributes above; the emulator's virtual device changes between tests, so it is asked there.
 template <typename... P>
-int64_t max_active_blocks_per_sm(void (*kernel)(P...), int64_t threads, int64_t dynamic_shared) {
+int64_t max_active_blocks_per_sm(void (*kernel)(P...), const at::Device& device, int64_t threads,
+                                 int64_t dynamic_shared) {
 #if defined(__CUDACC__)
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int64_t, int64_t>, int64_t> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(device.index(), reinterpret_cast<const void*>(kernel), threads, dynamic_shared);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
   int blocks = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, static_cast<int>(threads),
                                                                static_cast<size_t>(dynamic_shared)));
+  known.emplace(key, blocks);
   return blocks;
 #else
+  (void)device;
   return simt::max_active_blocks_per_sm(kernel, static_cast<int>(threads), static_cast<size_t>(dynamic_shared));
 #endif
 }

@@ -68,31 +68,49 @@ c10::optional<TensorCoreFormat> tensor_core_format(at::ScalarType dtype) {
 
 using ForwardResult = c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>>;
 
+// One persistent launch, for either kernel: opt in to its shared memory, check that every block
+// is resident (the grid barrier needs it) before any buffer is made, set up the forward's buffers,
+// fill the arguments both kernels take (add_own adds the kernel's own), launch. nullopt: the
+// caller takes another path.
+template <typename acc_t, typename Args, typename AddOwn>
+ForwardResult run_persistent(const char* name, void (*kernel)(Args), int64_t threads, int64_t blocks,
+                             int64_t shared_bytes, int64_t units_per_block, const gpu::DeviceInfo& device,
+                             const LayerSizes& s, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                             const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+                             const c10::optional<Tensor>& b_hh, bool padded, bool reverse, AddOwn&& add_own) {
+  gpu::allow_dynamic_shared(kernel, x.device(), shared_bytes);
+  if (gpu::max_active_blocks_per_sm(kernel, x.device(), threads, shared_bytes) * device.sm_count < blocks) {
+    return c10::nullopt;
+  }
+  LstmForwardBuffers<acc_t> f = begin_lstm_forward<acc_t>(s, x, h0, c0, w_ih, b_ih, b_hh, padded);
+  // The rows that advance at each step: without lengths every row does, and the kernel needs no
+  // table (nothing to copy to the device, so the call stays free of host-device traffic).
+  const Tensor active_rows = padded ? host_to_device(s.active_rows, x.device()) : Tensor();
+  const Tensor w = w_hh.contiguous();
+  Args args;
+  fill_persistent_args(args, s, f, w, active_rows, units_per_block, reverse);
+  add_own(args);
+  if (!gpu::launch_cooperative(name, kernel, dim3(blocks), dim3(threads), shared_bytes, args)) {
+    return c10::nullopt;  // the device refused the grid after all: the per-step path recomputes it
+  }
+  return f.outputs(s, reverse, x.scalar_type());
+}
+
 template <typename scalar_t, TensorCoreFormat kFormat>
 ForwardResult run_tensor_core_kernel(const LayerSizes& s, const PersistentTcPlan& plan, const gpu::DeviceInfo& device,
                                      const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
                                      const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
                                      const c10::optional<Tensor>& b_hh, bool padded, bool reverse) {
-  const auto kernel = &lstm_persistent_tc_forward_kernel<scalar_t, kFormat>;
-  gpu::allow_dynamic_shared(kernel, x.device(), plan.shared_bytes);
-  if (gpu::max_active_blocks_per_sm(kernel, kPersistentTcThreads, plan.shared_bytes) * device.sm_count < plan.blocks) {
-    return c10::nullopt;
-  }
-  LstmForwardBuffers<float> f = begin_lstm_forward<float>(s, x, h0, c0, w_ih, b_ih, b_hh, padded);
-  const Tensor active_rows = padded ? host_to_device(s.active_rows, x.device()) : Tensor();
-  const Tensor w = w_hh.contiguous();
-  PersistentLstmTcArgs<scalar_t> args;
-  fill_persistent_args(args, s, f, w, active_rows, plan.units_per_block, reverse);
-  args.m_tiles = static_cast<int>(plan.m_tiles);
-  args.n_tiles = static_cast<int>(plan.n_tiles);
-  args.k_tiles = static_cast<int>(plan.k_tiles);
-  args.k_split = static_cast<int>(plan.k_split);
-  args.row_stride = static_cast<int>(plan.row_stride);
-  if (!gpu::launch_cooperative("lstm_persistent_tc_forward_kernel", kernel, dim3(plan.blocks),
-                               dim3(kPersistentTcThreads), plan.shared_bytes, args)) {
-    return c10::nullopt;
-  }
-  return f.outputs(s, reverse, x.scalar_type());
+  return run_persistent<float>(
+      "lstm_persistent_tc_forward_kernel", &lstm_persistent_tc_forward_kernel<scalar_t, kFormat>,
+      kPersistentTcThreads, plan.blocks, plan.shared_bytes, plan.units_per_block, device, s, x, h0, c0, w_ih, w_hh,
+      b_ih, b_hh, padded, reverse, [&](PersistentLstmTcArgs<scalar_t>& args) {
+        args.m_tiles = static_cast<int>(plan.m_tiles);
+        args.n_tiles = static_cast<int>(plan.n_tiles);
+        args.k_tiles = static_cast<int>(plan.k_tiles);
+        args.k_split = static_cast<int>(plan.k_split);
+        args.row_stride = static_cast<int>(plan.row_stride);
+      });
 }
 
 // The tensor-core kernel when the dtype, the device (sm_80+: mma.sync with bf16) and the plan allow it.
@@ -141,25 +159,10 @@ c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> lstm_layer_forward_per
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_forward_persistent",
                                          [&]() -> Result {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto kernel = &lstm_persistent_forward_kernel<scalar_t, acc_t>;
-    gpu::allow_dynamic_shared(kernel, x.device(), plan.shared_bytes);
-    // Every block must be resident for the grid barrier; checked before any buffer is made.
-    if (gpu::max_active_blocks_per_sm(kernel, kPersistentThreads, plan.shared_bytes) * device.sm_count < plan.blocks) {
-      return c10::nullopt;
-    }
-
-    LstmForwardBuffers<acc_t> f = begin_lstm_forward<acc_t>(s, x, h0, c0, w_ih, b_ih, b_hh, padded);
-    // The rows that advance at each step: without lengths every row does, and the kernel needs no
-    // table (nothing to copy to the device, so the call stays free of host-device traffic).
-    const Tensor active_rows = padded ? host_to_device(s.active_rows, x.device()) : Tensor();
-    const Tensor w = w_hh.contiguous();
-    PersistentLstmArgs<scalar_t, acc_t> args;
-    fill_persistent_args(args, s, f, w, active_rows, plan.units_per_block, reverse);
-    if (!gpu::launch_cooperative("lstm_persistent_forward_kernel", kernel, dim3(plan.blocks),
-                                 dim3(kPersistentThreads), plan.shared_bytes, args)) {
-      return c10::nullopt;  // the device refused the grid after all: the per-step path recomputes it
-    }
-    return f.outputs(s, reverse, x.scalar_type());
+    return run_persistent<acc_t>("lstm_persistent_forward_kernel", &lstm_persistent_forward_kernel<scalar_t, acc_t>,
+                                 kPersistentThreads, plan.blocks, plan.shared_bytes, plan.units_per_block, device, s,
+                                 x, h0, c0, w_ih, w_hh, b_ih, b_hh, padded, reverse,
+                                 [](PersistentLstmArgs<scalar_t, acc_t>&) {});
   });
 }
 
