@@ -103,3 +103,50 @@ def test_tensor_core_plan_at_the_goal_configs():
     assert tc_plan(256, 8, 4)["usable"]  # B=8 H=256: 128 blocks of 2 units, K split 8 ways
     assert not tc_plan(1024, 256, 2)["usable"]  # B=256: the per-step path's wider grid
     assert not tc_plan(1024, 64, 4, sms=16, shared=99 * 1024)["usable"]  # 64 units per block: too big
+
+
+def backward_plan(hidden, batch, element_bytes, tensor_cores, sms=H100_SMS, shared=H100_SHARED, acc_bytes=None):
+    fields = ("usable", "units", "blocks", "m_rows", "n_cols", "n_tiles", "chunks", "k_split", "row_stride",
+              "shared_bytes")
+    acc = acc_bytes or (8 if element_bytes == 8 else 4)
+    values = torch.ops.lstm_fused._persistent_backward_plan(hidden, batch, element_bytes, acc, tensor_cores, sms,
+                                                            shared)
+    return dict(zip(fields, values))
+
+
+@pytest.mark.parametrize("sms,shared", [(132, 227 * 1024), (16, 99 * 1024)], ids=["h100-h200", "small-16sm-99kb"])
+@pytest.mark.parametrize("hidden", [1, 37, 40, 256, 512, 768, 1000, 1024])
+@pytest.mark.parametrize("batch", [1, 8, 16, 64])
+@pytest.mark.parametrize("element_bytes,tensor_cores", [(2, True), (4, True), (4, False), (8, False)])
+def test_backward_plan_covers_the_layer(sms, shared, hidden, batch, element_bytes, tensor_cores):
+    p = backward_plan(hidden, batch, element_bytes, tensor_cores, sms, shared)
+    acc = 8 if element_bytes == 8 else 4
+    assert p["blocks"] <= sms and p["units"] * p["blocks"] >= hidden > p["units"] * (p["blocks"] - 1)
+    K = 4 * hidden
+    if tensor_cores:
+        chunk = 64 // element_bytes  # four lanes x 16 bytes
+        assert p["chunks"] * chunk >= K > (p["chunks"] - 1) * chunk
+        assert p["n_tiles"] * 8 == p["n_cols"] >= p["units"] > (p["n_tiles"] - 1) * 8
+        assert p["m_rows"] % 16 == 0 and p["m_rows"] >= batch > p["m_rows"] - 16
+        assert p["row_stride"] >= p["chunks"] * chunk
+        # 64 bytes mod 128 between rows: the 8 lanes of an LDS.128 phase hit distinct bank groups
+        assert p["row_stride"] * element_bytes % 128 == 64
+        assert 1 <= p["k_split"] <= p["chunks"] and (p["k_split"] == 1 or p["n_tiles"] * p["k_split"] <= 8)
+    else:
+        assert (p["n_cols"], p["m_rows"], p["k_split"], p["row_stride"]) == (p["units"], batch, 1, K)
+    assert p["shared_bytes"] == (p["n_cols"] * p["row_stride"] * element_bytes
+                                 + p["k_split"] * p["m_rows"] * p["n_cols"] * acc)
+    assert p["usable"] == (p["shared_bytes"] <= shared and batch * p["units"] <= 512)
+
+
+def test_backward_plan_at_the_goal_configs():
+    # B=16 H=768 bf16: 128 blocks of 6 units, one n tile, K = 3072 in 96 chunks over the 8 warps, 54 KB.
+    p = backward_plan(768, 16, 2, True)
+    assert (p["usable"], p["units"], p["blocks"], p["n_tiles"], p["chunks"], p["k_split"]) == (1, 6, 128, 1, 96, 8)
+    assert p["shared_bytes"] < 56 * 1024
+    assert backward_plan(768, 16, 4, True)["usable"]  # fp32 as TF32: 103 KB
+    assert backward_plan(512, 64, 4, False)["usable"]  # B=64 H=512 fp32 FMA: 32 KB of W
+    assert backward_plan(256, 8, 4, False)["usable"]  # B=8 H=256
+    assert backward_plan(256, 64, 4, False)["usable"]  # packed B=64 H=256
+    assert not backward_plan(1024, 256, 2, True)["usable"]  # B=256: 8 units x 256 rows, past 512 pairs
+    assert not backward_plan(1024, 16, 4, True, sms=16, shared=99 * 1024)["usable"]  # 64 units: 1 MB of W

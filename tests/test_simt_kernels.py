@@ -119,13 +119,15 @@ def check_lstm(args, lengths, reverse, grads, dtype, forward_bound_dtype=None):
     for name, ours, theirs, exact in zip(("y", "h_n", "c_n"), outs, bound_outs, exact_outs):
         assert ours.dtype == dtype and ours.shape == exact.shape, name
         check_bounded(ours, theirs, exact, bound_dtype, name)
-    if bound_dtype != dtype:
-        return  # the backward reads the forward's reserve, whose precision is the forward's
+    # The backward reads the forward's reserve, whose precision is the forward's: under TF32 both
+    # are bounded by the bound dtype's plain-PyTorch error.
+    bound_grads = dtype_grads if bound_dtype == dtype else lstm_reference_with_grads(
+        args, lengths, reverse, grads, bound_dtype)[1]
     names = ("grad_x", "grad_h0", "grad_c0", "grad_w_ih", "grad_w_hh", "grad_bias", "grad_w_hr")
-    for name, ours, theirs, exact in zip(names, back, dtype_grads, exact_grads):
+    for name, ours, theirs, exact in zip(names, back, bound_grads, exact_grads):
         if exact is None:
             continue
-        check_bounded(ours, theirs, exact, dtype, name)
+        check_bounded(ours, theirs, exact, bound_dtype, name)
 
 
 @contextlib.contextmanager
@@ -147,6 +149,11 @@ def persistent_kernel_for(dtype):
     tensor_cores = dtype in (torch.float16, torch.bfloat16) or (
         dtype == torch.float32 and torch.backends.cuda.matmul.fp32_precision == "tf32")
     return "lstm_persistent_tc_forward_kernel" if tensor_cores else "lstm_persistent_forward_kernel"
+
+
+def persistent_backward_kernel_for(dtype):
+    """The same choice for the backward kernel (one template; the launch names its product)."""
+    return persistent_kernel_for(dtype).replace("forward", "backward")
 
 
 def gru_case(T, B, I, H, bias, use_lengths, seed):
@@ -206,11 +213,11 @@ def test_lstm_kernels_match_the_float64_reference(monkeypatch, device_of, tmp_pa
     args, lengths, grads = lstm_case(*SHAPE, proj=0, bias=True, use_lengths=use_lengths, seed=3)
     with matmul_tf32(False):
         check_lstm(args, lengths, reverse, grads, dtype)
-        expected = persistent_kernel_for(dtype)
+        expected = persistent_kernel_for(dtype), persistent_backward_kernel_for(dtype)
     launched = kernels_launched(report)
-    assert (expected in launched) == persistent
+    assert all((name in launched) == persistent for name in expected), launched
     assert ("lstm_forward_step_kernel" in launched) == (not persistent)
-    assert "lstm_backward_pointwise_kernel" in launched
+    assert ("lstm_backward_pointwise_kernel" in launched) == (not persistent)
 
 
 @needs_simt
@@ -227,7 +234,41 @@ def test_tensor_core_persistent_kernel(monkeypatch, device_of, tmp_path, dtype, 
     with matmul_tf32(dtype == torch.float32):
         check_lstm(args, lengths, reverse, grads, dtype,
                    forward_bound_dtype=torch.float16 if dtype == torch.float32 else None)
-    assert "lstm_persistent_tc_forward_kernel" in kernels_launched(report)
+    assert {"lstm_persistent_tc_forward_kernel", "lstm_persistent_tc_backward_kernel"} <= kernels_launched(report)
+
+
+@needs_simt
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("sm_count,B,H,use_lengths,reverse", [
+    (4, 7, 37, True, False),    # 4H = 148: rows not 16-byte aligned in bf16, K ends inside a chunk
+    (4, 33, 38, False, True),   # 4H = 152: aligned rows, a ragged last chunk; B=33 in 3 m tiles
+    (2, 5, 36, True, True),     # 18 units per block: 3 n tiles, K split over 2 warps each
+    (132, 16, 64, False, False),  # the H100 plan: 64 blocks of one unit, one n tile, K split 8 ways
+])
+def test_tensor_core_persistent_backward_edges(monkeypatch, device_of, tmp_path, dtype, sm_count, B, H, use_lengths,
+                                               reverse):
+    """The backward kernel's tensor-core product: K tails, unaligned rows, several m and n tiles."""
+    report = tmp_path / "kernels.txt"
+    monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
+    device_of(sm_count, 227 * 1024)
+    args, lengths, grads = lstm_case(4, B, 5, H, proj=0, bias=True, use_lengths=use_lengths, seed=14)
+    with matmul_tf32(dtype == torch.float32):
+        check_lstm(args, lengths, reverse, grads, dtype,
+                   forward_bound_dtype=torch.float16 if dtype == torch.float32 else None)
+    assert "lstm_persistent_tc_backward_kernel" in kernels_launched(report)
+
+
+@needs_simt
+def test_persistent_fma_setting_keeps_the_fma_backward(monkeypatch, tmp_path):
+    """LSTM_FUSED_PERSISTENT=fma: both persistent kernels on FMAs, even for bf16."""
+    report = tmp_path / "kernels.txt"
+    monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
+    monkeypatch.setenv("LSTM_FUSED_PERSISTENT", "fma")
+    args, lengths, grads = lstm_case(3, 6, 4, 24, proj=0, bias=False, use_lengths=True, seed=15)
+    check_lstm(args, lengths, False, grads, torch.bfloat16)
+    launched = kernels_launched(report)
+    assert {"lstm_persistent_forward_kernel", "lstm_persistent_backward_kernel"} <= launched, launched
+    assert not {"lstm_persistent_tc_forward_kernel", "lstm_persistent_tc_backward_kernel"} & launched
 
 
 @needs_simt
@@ -242,8 +283,8 @@ def test_tensor_core_kernel_needs_sm80(monkeypatch, tmp_path):
     finally:
         SIMT.set_virtual_device(*H100)
     launched = kernels_launched(report)
-    assert "lstm_persistent_forward_kernel" in launched
-    assert "lstm_persistent_tc_forward_kernel" not in launched
+    assert {"lstm_persistent_forward_kernel", "lstm_persistent_backward_kernel"} <= launched
+    assert not {"lstm_persistent_tc_forward_kernel", "lstm_persistent_tc_backward_kernel"} & launched
 
 
 @needs_simt
@@ -280,7 +321,7 @@ def test_persistent_kernel_on_the_h100_plan(monkeypatch, tmp_path):
     args, lengths, grads = lstm_case(3, 5, 4, 40, proj=0, bias=True, use_lengths=True, seed=8)
     with matmul_tf32(False):
         check_lstm(args, lengths, True, grads, torch.float32)
-    assert "lstm_persistent_forward_kernel" in kernels_launched(report)
+    assert {"lstm_persistent_forward_kernel", "lstm_persistent_backward_kernel"} <= kernels_launched(report)
 
 
 @needs_simt
@@ -296,8 +337,8 @@ def test_persistent_plan_falls_back_to_the_per_step_kernel(monkeypatch, device_o
     args, lengths, grads = lstm_case(*SHAPE, proj=0, bias=True, use_lengths=False, seed=9)
     check_lstm(args, lengths, False, grads, torch.float32)
     launched = kernels_launched(report)
-    assert "lstm_persistent_forward_kernel" not in launched, why
-    assert "lstm_forward_step_kernel" in launched, why
+    assert not {"lstm_persistent_forward_kernel", "lstm_persistent_backward_kernel"} & launched, why
+    assert {"lstm_forward_step_kernel", "lstm_backward_pointwise_kernel"} <= launched, why
 
 
 @needs_simt

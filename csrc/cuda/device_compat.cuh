@@ -37,4 +37,33 @@ __device__ __forceinline__ T load_uncached(const T* p) {
   }
 }
 
+// Sixteen bytes as four 32-bit words, the unit of a vector load (LDG.128 / LDS.128).
+struct alignas(16) Words16 {
+  uint32_t w[4];
+};
+
+// The float whose bits a 32-bit word holds.
+__device__ __forceinline__ float word_float(uint32_t w) {
+  float f;
+  memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+// load_uncached of 16 bytes; p must be 16-byte aligned.
+__device__ __forceinline__ Words16 load_uncached_16(const void* p) {
+  Words16 out;
+#if defined(__CUDACC__)
+  const uint4 v = __ldcg(reinterpret_cast<const uint4*>(p));
+  out.w[0] = v.x;
+  out.w[1] = v.y;
+  out.w[2] = v.z;
+  out.w[3] = v.w;
+#else
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) ::simt::detail::device_error("16-byte load from a misaligned address");
+  const uint32_t* words = static_cast<const uint32_t*>(p);
+  for (int i = 0; i < 4; ++i) out.w[i] = __ldcg(words + i);
+#endif
+  return out;
+}
+
 }  // namespace lstm_fused

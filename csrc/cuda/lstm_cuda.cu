@@ -6,8 +6,9 @@
 // activations and the cell update together: each block owns a slice of hidden units across all four gates and a
 // tile of batch rows, so the update needs nothing from other blocks. The input projection of all
 // steps is one cuBLAS GEMM before the loop (layer_loops.h).
-// Backward, per step: one pointwise kernel gives the gate gradients, and cuBLAS the product
-// dG_t W_hh that carries the gradient to h_{t-1}; the weight gradients are GEMMs after the loop.
+// Backward: the persistent kernel (lstm_persistent.cu) when the plan allows it; otherwise per
+// step, one pointwise kernel gives the gate gradients, and cuBLAS the product dG_t W_hh that
+// carries the gradient to h_{t-1}. The weight gradients are GEMMs after the loop either way.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -65,6 +66,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
                                                       w_hh, w_hr, y, reserve, lengths);
   const gpu::DeviceGuard device_guard(x.device());
   at::AutoDispatchBelowADInplaceOrView guard;
+  // The whole backward time loop in one launch when the weights fit on chip (persistent_plan.h).
+  if (auto whole = lstm_layer_backward_persistent(s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, reserve,
+                                                  lengths.has_value(), reverse, need_grad_x, need_grad_weights)) {
+    return *whole;
+  }
   const int B = static_cast<int>(s.batch), H = static_cast<int>(s.hidden_size);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

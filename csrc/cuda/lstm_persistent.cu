@@ -1,5 +1,7 @@
-// Host side of the persistent LSTM forward kernels: whether a plan (persistent_plan.h) and the
-// device allow one, and its single cooperative launch. Two kernels: the tensor-core one
+// Host side of the persistent LSTM kernels: whether a plan (persistent_plan.h) and the device
+// allow one, and its single cooperative launch. The backward kernel
+// (lstm_persistent_backward_kernel.cuh) runs the backward time loop the same way, on tensor cores
+// under the same dtype rule, and leaves the gradient GEMMs to layer_loops.h. Forward: Two kernels: the tensor-core one
 // (lstm_persistent_tc_kernel.cuh) for bfloat16 and float16, and for float32 when TF32 is allowed
 // (torch.backends.cuda.matmul.fp32_precision = "tf32", or the legacy allow_tf32); the FP32/FP64-FMA one (lstm_persistent_kernel.cuh)
 // otherwise. LSTM_FUSED_PERSISTENT=0 turns both off, =fma keeps the FMA kernel only.
@@ -9,11 +11,13 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../layer_loops.h"
 #include "../persistent_plan.h"
 #include "gpu_runtime.h"
 #include "lstm_persistent.h"
+#include "lstm_persistent_backward_kernel.cuh"
 #include "lstm_persistent_kernel.cuh"
 #include "lstm_persistent_tc_kernel.cuh"
 
@@ -163,6 +167,111 @@ c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> lstm_layer_forward_per
                                  kPersistentThreads, plan.blocks, plan.shared_bytes, plan.units_per_block, device, s,
                                  x, h0, c0, w_ih, w_hh, b_ih, b_hh, padded, reverse,
                                  [](PersistentLstmArgs<scalar_t, acc_t>&) {});
+  });
+}
+
+namespace {
+
+using BackwardResult =
+    c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>>;
+
+// A product kind as a type, for the generic dispatch lambda below.
+template <BackwardProduct kProduct>
+using ProductTag = std::integral_constant<BackwardProduct, kProduct>;
+
+template <typename scalar_t, typename acc_t, BackwardProduct kProduct>
+BackwardResult run_persistent_backward(const PersistentBackwardPlan& plan, const gpu::DeviceInfo& device,
+                                       const LayerSizes& s, const Tensor& grad_y, const Tensor& grad_h_n,
+                                       const Tensor& grad_c_n, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                                       const Tensor& w_ih, const Tensor& w_hh, const Tensor& y, const Tensor& reserve,
+                                       bool padded, bool reverse, const WantedGradients& wanted) {
+  auto* kernel = &lstm_persistent_backward_kernel<scalar_t, acc_t, kProduct>;
+  const char* name =
+      kProduct == BackwardProduct::kFma ? "lstm_persistent_backward_kernel" : "lstm_persistent_tc_backward_kernel";
+  gpu::allow_dynamic_shared(kernel, x.device(), plan.shared_bytes);
+  if (gpu::max_active_blocks_per_sm(kernel, x.device(), kPersistentBackwardThreads, plan.shared_bytes) *
+          device.sm_count <
+      plan.blocks) {
+    return c10::nullopt;
+  }
+  LstmBackwardBuffers<acc_t> g = begin_lstm_backward<acc_t>(s, grad_y, grad_h_n, grad_c_n, x, c0, reserve, padded);
+  const Tensor active_rows = padded ? host_to_device(s.active_rows, x.device()) : Tensor();
+  const Tensor w = w_hh.contiguous();
+  // The running gradient of h in the accumulator's type (the op's grad_h0 is g.dh, written at the end).
+  const Tensor dh_state = grad_h_n.to(g.dc.scalar_type(), /*non_blocking=*/false, /*copy=*/true).contiguous();
+  PersistentLstmBackwardArgs<scalar_t, acc_t> args;
+  args.w_hh = w.data_ptr<scalar_t>();
+  args.gates = g.r.gates.template data_ptr<scalar_t>();
+  args.cells = g.r.cells.template data_ptr<scalar_t>();
+  args.c0 = g.c0.template data_ptr<scalar_t>();
+  args.grad_y = g.grad_y.template data_ptr<scalar_t>();
+  args.d_gates = g.d_gates.template data_ptr<scalar_t>();
+  args.dh_state = dh_state.data_ptr<acc_t>();
+  args.dc_state = g.dc.template data_ptr<acc_t>();
+  args.grad_h0 = g.dh.template data_ptr<scalar_t>();
+  args.active_rows = active_rows.defined() ? active_rows.data_ptr<int64_t>() : nullptr;
+  args.lengths = g.lengths.defined() ? g.lengths.template data_ptr<int64_t>() : nullptr;
+  args.T = static_cast<int>(s.seq_len);
+  args.B = static_cast<int>(s.batch);
+  args.H = static_cast<int>(s.hidden_size);
+  args.units_per_block = static_cast<int>(plan.units_per_block);
+  args.m_rows = static_cast<int>(plan.m_rows);
+  args.n_cols = static_cast<int>(plan.n_cols);
+  args.n_tiles = static_cast<int>(plan.n_tiles);
+  args.chunks = static_cast<int>(plan.chunks);
+  args.k_split = static_cast<int>(plan.k_split);
+  args.row_stride = static_cast<int>(plan.row_stride);
+  args.reverse = reverse;
+  if (!gpu::launch_cooperative(name, kernel, dim3(plan.blocks), dim3(kPersistentBackwardThreads), plan.shared_bytes,
+                               args)) {
+    return c10::nullopt;
+  }
+  return g.gradients(s, x, h0, w_ih, y, reverse, wanted);
+}
+
+}  // namespace
+
+BackwardResult lstm_layer_backward_persistent(const LayerSizes& s, const Tensor& grad_y, const Tensor& grad_h_n,
+                                              const Tensor& grad_c_n, const Tensor& x, const Tensor& h0,
+                                              const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                                              const Tensor& y, const Tensor& reserve, bool padded, bool reverse,
+                                              bool need_grad_x, bool need_grad_weights) {
+  const PersistentChoice choice = persistent_choice();
+  if (s.has_proj || s.seq_len == 0 || s.batch == 0 || choice == PersistentChoice::kOff) return c10::nullopt;
+  const gpu::DeviceInfo device = gpu::device_info(x.device());
+  if (!device.cooperative_launch) return c10::nullopt;
+  const WantedGradients wanted{need_grad_x, need_grad_weights};
+  const auto run = [&](auto scalar, auto acc, auto product) -> BackwardResult {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    constexpr BackwardProduct kProduct = decltype(product)::value;
+    const PersistentBackwardPlan plan =
+        plan_persistent_backward_layer(s.hidden_size, s.batch, sizeof(scalar_t), sizeof(acc_t),
+                                       kProduct != BackwardProduct::kFma, device.sm_count, device.max_shared_optin);
+    if (!plan.usable) return c10::nullopt;
+    return run_persistent_backward<scalar_t, acc_t, kProduct>(plan, device, s, grad_y, grad_h_n, grad_c_n, x, h0,
+                                                              c0, w_ih, w_hh, y, reserve, padded, reverse, wanted);
+  };
+  if (choice == PersistentChoice::kAny && device.cc_major >= 8) {
+    if (const c10::optional<TensorCoreFormat> format = tensor_core_format(x.scalar_type())) {
+      BackwardResult result;
+      switch (*format) {
+        case TensorCoreFormat::kBFloat16:
+          result = run(c10::BFloat16(), float(), ProductTag<BackwardProduct::kBFloat16>());
+          break;
+        case TensorCoreFormat::kHalf:
+          result = run(c10::Half(), float(), ProductTag<BackwardProduct::kHalf>());
+          break;
+        case TensorCoreFormat::kTF32:
+          result = run(float(), float(), ProductTag<BackwardProduct::kTF32>());
+          break;
+      }
+      if (result) return result;
+    }
+  }
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_backward_persistent",
+                                         [&]() -> BackwardResult {
+    return run(scalar_t(), at::opmath_type<scalar_t>(), ProductTag<BackwardProduct::kFma>());
   });
 }
 

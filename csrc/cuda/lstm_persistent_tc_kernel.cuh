@@ -21,6 +21,7 @@
 
 #include "../persistent_plan.h"
 #include "device_compat.cuh"
+#include "lstm_persistent_kernel.cuh"
 #include "../cell_math.h"
 #include "mma.cuh"
 
