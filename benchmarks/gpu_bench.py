@@ -164,7 +164,8 @@ def predicted(B, T, I, H, dtype_name, packed):
 
         name = dtype_name + ("-tf32" if dtype_name == "fp32" and tensor_cores_chosen(torch.float32) else "")
         row = perf_model.predict(B, T, I, H, name)
-        return {key: row[key] for key in ("kernel", "fwd_us_per_step", "fwd_bwd_us_per_step")}
+        return {key: row[key] for key in ("kernel", "backward_kernel", "fwd_us_per_step", "bwd_us_per_step",
+                                          "fwd_bwd_us_per_step")}
     except Exception as error:  # the model is advisory: it must not cost the measurement
         return {"error": f"{type(error).__name__}: {error}"}
 
@@ -220,15 +221,18 @@ def bench_config(spec, tf32, device, measure):
         result["persistent_tc_plan"] = persistent_tc_plan(B, H, dtype, device)
         # The other kernels too, for comparison: the FMA persistent one where the tensor-core one
         # runs, and the per-step kernels where any persistent one does.
+        # Forward and forward + backward (the persistent backward kernel against the per-step
+        # pointwise kernel + cuBLAS loop) under each setting.
         variants = []
         if (result["persistent_tc_plan"] or {}).get("usable") and tensor_cores_chosen(dtype):
-            variants.append(("ours_fma_persistent_fwd_ms", "fma"))
+            variants.append(("ours_fma_persistent", "fma"))
         if (result["persistent_plan"] or {}).get("usable") or variants:
-            variants.append(("ours_per_step_fwd_ms", "0"))
+            variants.append(("ours_per_step", "0"))
         for key, setting in variants:
             os.environ["LSTM_FUSED_PERSISTENT"] = setting
             try:
-                result[key] = measure(forward(ours))
+                result[f"{key}_fwd_ms"] = measure(forward(ours))
+                result[f"{key}_fwdbwd_ms"] = measure(forward_backward(ours))
             finally:
                 del os.environ["LSTM_FUSED_PERSISTENT"]
         result["predicted"] = predicted(B, T, I, H, dtype_name, packed)

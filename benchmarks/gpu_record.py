@@ -115,23 +115,30 @@ def markdown(record):
         lines += ["", "Timings against torch.nn (cuDNN), median ms, speedup = cuDNN time / ours; "
                   "TF32 = cudnn.allow_tf32 / cuda.matmul.allow_tf32 (set alike on both sides)", "",
                   "| config | TF32 | ours fwd | FMA persistent fwd | per-step kernels fwd | cuDNN fwd | fwd speedup | "
-                  "ours fwd+bwd | cuDNN fwd+bwd | fwd+bwd speedup | rel. diff vs cuDNN | "
-                  "ours fwd us/step: measured / predicted (perf_model.py) |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "ours fwd+bwd | FMA persistent fwd+bwd | per-step kernels fwd+bwd | cuDNN fwd+bwd | "
+                  "fwd+bwd speedup | rel. diff vs cuDNN | "
+                  "ours fwd us/step: measured / predicted (perf_model.py) | "
+                  "ours fwd+bwd us/step: measured / predicted |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
         for name, c in bench["configs"].items():
             if "error" in c:
-                lines.append(f"| {name} | | {c['error'][:120]} | | | | | | | | | |")
+                lines.append(f"| {name} | | {c['error'][:120]} | | | | | | | | | | | | |")
                 continue
             tf32 = "/".join("on" if c["tf32"][k] else "off" for k in ("cudnn.allow_tf32", "cuda.matmul.allow_tf32")) \
                 if c["dtype"] == "fp32" else "n/a"
-            per_step = f"{c['ours_per_step_fwd_ms']:.3f}" if "ours_per_step_fwd_ms" in c else "-"
-            fma = f"{c['ours_fma_persistent_fwd_ms']:.3f}" if "ours_fma_persistent_fwd_ms" in c else "-"
+            def ms(key):
+                return f"{c[key]:.3f}" if key in c else "-"
+
             prediction = c.get("predicted") or {}
             model = (f"{c['ours_fwd_us_per_step']:.2f} / {prediction['fwd_us_per_step']:.2f} ({prediction['kernel']})"
                      if "fwd_us_per_step" in prediction else "-")
-            lines.append(f"| {name} | {tf32} | {c['ours_fwd_ms']:.3f} | {fma} | {per_step} | {c['cudnn_fwd_ms']:.3f} | "
-                         f"{c['speedup_fwd']:.2f}x | {c['ours_fwdbwd_ms']:.3f} | {c['cudnn_fwdbwd_ms']:.3f} | "
-                         f"{c['speedup_fwdbwd']:.2f}x | {c['rel_diff_vs_cudnn']:.1e} | {model} |")
+            model_fwdbwd = (f"{c['ours_fwdbwd_ms'] * 1e3 / c['T']:.2f} / {prediction['fwd_bwd_us_per_step']:.2f} "
+                            f"({prediction.get('backward_kernel', '?')})" if "fwd_bwd_us_per_step" in prediction else "-")
+            lines.append(f"| {name} | {tf32} | {c['ours_fwd_ms']:.3f} | {ms('ours_fma_persistent_fwd_ms')} | "
+                         f"{ms('ours_per_step_fwd_ms')} | {c['cudnn_fwd_ms']:.3f} | "
+                         f"{c['speedup_fwd']:.2f}x | {c['ours_fwdbwd_ms']:.3f} | {ms('ours_fma_persistent_fwdbwd_ms')} | "
+                         f"{ms('ours_per_step_fwdbwd_ms')} | {c['cudnn_fwdbwd_ms']:.3f} | "
+                         f"{c['speedup_fwdbwd']:.2f}x | {c['rel_diff_vs_cudnn']:.1e} | {model} | {model_fwdbwd} |")
         if bench.get("skipped"):
             lines.append(f"\nout of budget, not timed: {', '.join(bench['skipped'])}")
         for key, value in bench.get("peaks", {}).items():

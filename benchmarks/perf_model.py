@@ -6,7 +6,7 @@ run (benchmarks/gpu_check.sh prints the measured figures beside these) tells us 
 
     python benchmarks/perf_model.py            # the table
     python benchmarks/perf_model.py --json     # the same as JSON (gpu_check.sh keeps it)
-    python benchmarks/perf_model.py --emulate  # also run each forward kernel for 2 steps in the
+    python benchmarks/perf_model.py --emulate  # also run each kernel, forward and backward, for 2 steps in the
                                                # SIMT emulator (lstm_fused._simt) on a virtual
                                                # H100 and print what it counted per step and block
 
@@ -38,6 +38,7 @@ CLOCK_GHZ = 1.755
 L2_CYCLES = 260
 SHARED_CYCLES = 30
 MMA_CYCLES = 32
+L2_BYTES_PER_US = 5.5e6  # H100 L2 read bandwidth, ~5.5 TB/s (Chips and Cheese's H100 article; est. for H200)
 GRID_SYNC_US = 1.0
 LAUNCH_US = 5.0
 SMS, SHARED_OPTIN = 132, 227 * 1024
@@ -120,13 +121,71 @@ def per_step_kernel_step(B, H, dtype):
     return max(device, LAUNCH_US), dict(blocks=blocks, k_tiles=tiles, launches=1)
 
 
-def backward_step(B, H, dtype):
-    """The backward today: a pointwise kernel and a cuBLAS GEMM (dG_t W_hh) launched per step:
-    host-bound at small batches."""
+def per_step_backward_step(B, H, dtype):
+    """The per-step backward (where no persistent plan fits): a pointwise kernel and a cuBLAS GEMM
+    (dG_t W_hh) launched per step: host-bound at small batches."""
     es = element_bytes(dtype)
     gemm_flops = 2 * B * 4 * H * H
     gemm_us = gemm_flops / (400e12 if es == 2 else 50e12) * 1e6 + us(3 * L2_CYCLES)
     return max(2 * LAUNCH_US, gemm_us + 2.0), dict(launches=2)
+
+
+def backward_plan(B, H, dtype, tensor_core):
+    es = element_bytes(dtype)
+    fields = ("usable", "units", "blocks", "m_rows", "n_cols", "n_tiles", "chunks", "k_split", "row_stride",
+              "shared_bytes")
+    values = torch.ops.lstm_fused._persistent_backward_plan(H, B, es, 4, tensor_core, SMS, SHARED_OPTIN)
+    return dict(zip(fields, values))
+
+
+def tc_persistent_backward_step(B, H, dtype):
+    """lstm_persistent_backward_kernel, tensor-core product: per step every block reads all of
+    dG_{t+1} ([B, 4H], written by every block before the barrier) from L2 by 16-byte lane loads,
+    two mma.sync per 64-byte chunk into two accumulators, the pointwise backward of its pairs
+    (inputs loaded before the product), then grid.sync. dG is read once per block, so the step
+    moves blocks x B x 4H elements through L2: at B=16 H=768 bf16, 128 x 98 KB = 12.6 MB."""
+    es = element_bytes(dtype)
+    p = backward_plan(B, H, dtype, True)
+    if not p["usable"]:
+        return None
+    m_tiles = p["m_rows"] // 16
+    jobs_per_warp = math.ceil(p["n_tiles"] * p["k_split"] / 8)
+    chunks_per_job = math.ceil(p["chunks"] / p["k_split"])
+    per_job = m_tiles * max(chunks_per_job * MMA_CYCLES,  # each chunk adds one mma to each of two chains
+                            load_rounds(2 * chunks_per_job) * L2_CYCLES)  # 2 A loads per chunk, L2 latency
+    latency = jobs_per_warp * per_job + L2_CYCLES
+    l2_bytes = p["blocks"] * B * 4 * H * es
+    bandwidth = l2_bytes / L2_BYTES_PER_US
+    pointwise = p["k_split"] * SHARED_CYCLES + 150 + L2_CYCLES  # partials, the cell's backward, the dG stores
+    counts = dict(blocks=p["blocks"], units_per_block=p["units"], n_tiles=p["n_tiles"], k_split=p["k_split"],
+                  chunks=p["chunks"], shared_bytes=p["shared_bytes"],
+                  mma_per_warp_per_step=jobs_per_warp * m_tiles * chunks_per_job * 2,  # two per chunk
+                  mma_per_block_per_step=p["n_tiles"] * p["k_split"] * m_tiles * chunks_per_job * 2,
+                  l2_bytes_per_step=l2_bytes, grid_syncs=1, block_barriers=1)
+    return max(us(latency), bandwidth) + us(pointwise + 40) + GRID_SYNC_US, counts
+
+
+def fma_persistent_backward_step(B, H, dtype):
+    """lstm_persistent_backward_kernel, FMA product: a warp per (row, unit) pair, lanes over
+    K = 4H with a 5-level shuffle reduction; every pair re-reads its row of dG from L2."""
+    p = backward_plan(B, H, dtype, False)
+    if not p["usable"]:
+        return None
+    pairs_per_warp = math.ceil(B * p["units"] / 8)
+    k_per_lane = math.ceil(4 * H / 32)
+    per_pair = load_rounds(k_per_lane) * L2_CYCLES + 5 * 30 + k_per_lane * 4
+    pointwise = 150 + L2_CYCLES
+    counts = dict(blocks=p["blocks"], units_per_block=p["units"], pairs_per_warp=pairs_per_warp, grid_syncs=1)
+    return us(pairs_per_warp * per_pair + pointwise) + GRID_SYNC_US, counts
+
+
+def backward_gemms_per_step(B, I, H, dtype, allow_tf32):
+    """The GEMMs after the backward loop (dW_ih, dW_hh with the bias, dx), per step of the
+    sequence: 2 B 4H (I + H) + 2 B 4H I flops at cuBLAS's rate (est.: 400 TFLOP/s for bf16 / fp16
+    and TF32 at these sizes, 50 for FP32)."""
+    flops = 2 * B * 4 * H * (I + H) + 2 * B * 4 * H * I
+    rate = 400e12 if tensor_cores(dtype, allow_tf32) else 50e12
+    return flops / rate * 1e6
 
 
 def predict(B, T, I, H, dtype, allow_tf32=True):
@@ -145,7 +204,19 @@ def predict(B, T, I, H, dtype, allow_tf32=True):
         forward = per_step_kernel_step(B, H, base)
         row["kernel"] = "lstm_forward_step_kernel"
     row["fwd_us_per_step"], row["counts"] = forward
-    row["bwd_us_per_step"] = backward_step(B, H, base)[0]
+    backward = None
+    if tensor_cores(dtype, allow_tf32):
+        backward = tc_persistent_backward_step(B, H, base)
+        row["backward_kernel"] = "lstm_persistent_tc_backward_kernel"
+    if backward is None:
+        backward = fma_persistent_backward_step(B, H, base)
+        row["backward_kernel"] = "lstm_persistent_backward_kernel"
+    if backward is None:
+        backward = per_step_backward_step(B, H, base)
+        row["backward_kernel"] = "lstm_backward_pointwise_kernel + cuBLAS"
+    row["bwd_loop_us_per_step"], row["backward_counts"] = backward
+    row["bwd_gemms_us_per_step"] = backward_gemms_per_step(B, I, H, dtype, allow_tf32)
+    row["bwd_us_per_step"] = row["bwd_loop_us_per_step"] + row["bwd_gemms_us_per_step"]
     row["fwd_bwd_us_per_step"] = row["fwd_us_per_step"] + row["bwd_us_per_step"]
     cudnn = CUDNN_US_PER_STEP.get((B, H, "fp16"))
     row["cudnn_fwd_us_per_step"], row["cudnn_fwd_bwd_us_per_step"] = cudnn if cudnn else (None, None)
@@ -174,8 +245,12 @@ def emulated_counts(B, H, dtype, steps=2, I=8):
         make = lambda *shape: (torch.randn(*shape, generator=gen) * 0.3).to(torch_dtype)  # noqa: E731
         args = [make(steps, B, I), make(B, H), make(B, H), make(4 * H, I), make(4 * H, H), make(4 * H), make(4 * H)]
         simt.reset_counters()
-        simt.lstm_layer_forward(*args, None, None, False)
+        y, h_n, c_n, reserve = simt.lstm_layer_forward(*args, None, None, False)
         counts = dict(zip(COUNTER_NAMES, simt.counters()))
+        simt.reset_counters()
+        grads = [make(*y.shape), make(*h_n.shape), make(*c_n.shape)]
+        simt.lstm_layer_backward(*grads, *args[:5], None, y, reserve, None, False)
+        backward = dict(zip(COUNTER_NAMES, simt.counters()))
     finally:
         matmul.fp32_precision = previous
     blocks_per_step = counts["blocks"] / (counts["launches"] if counts["launches"] > 1 else 1)
@@ -188,6 +263,10 @@ def emulated_counts(B, H, dtype, steps=2, I=8):
         "warp_collective_lane_arrivals_per_step_block": counts["warp_collectives"] / per,
         **{f"{name}_per_step_block": counts[name] / per for name in ("mma", "ldmatrix", "cp_async")},
         "grid_barriers_per_step": counts["grid_barriers"] / steps,
+        # the backward op: its kernels, then the GEMMs (ATen on the CPU here: no launches)
+        "backward_launches": backward["launches"],
+        "backward_mma_per_step_block": backward["mma"] / (steps * max(backward["blocks"] / max(backward["launches"], 1), 1)),
+        "backward_grid_barriers_per_step": backward["grid_barriers"] / steps,
     }
 
 
@@ -203,17 +282,19 @@ def main():
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print("| B | T | I | H | dtype | forward kernel | fwd us/step | fwd+bwd us/step | cuDNN fwd / fwd+bwd |")
-    print("|---:|---:|---:|---:|---|---|---:|---:|---|")
+    print("| B | T | I | H | dtype | forward kernel | backward kernel | fwd us/step | bwd loop + GEMMs us/step "
+          "| fwd+bwd us/step | cuDNN fwd / fwd+bwd |")
+    print("|---:|---:|---:|---:|---|---|---|---:|---:|---:|---|")
     for r in rows:
         cudnn = (f"{r['cudnn_fwd_us_per_step']:.2f} / {r['cudnn_fwd_bwd_us_per_step']:.2f} (fp16)"
                  if r["cudnn_fwd_us_per_step"] else "no public figure")
-        print(f"| {r['B']} | {r['T']} | {r['I']} | {r['H']} | {r['dtype']} | {r['kernel']} | "
-              f"{r['fwd_us_per_step']:.2f} | {r['fwd_bwd_us_per_step']:.2f} | {cudnn} |")
+        print(f"| {r['B']} | {r['T']} | {r['I']} | {r['H']} | {r['dtype']} | {r['kernel']} | {r['backward_kernel']} | "
+              f"{r['fwd_us_per_step']:.2f} | {r['bwd_loop_us_per_step']:.2f} + {r['bwd_gemms_us_per_step']:.2f} | "
+              f"{r['fwd_bwd_us_per_step']:.2f} | {cudnn} |")
     for r in rows:
         if "emulated" in r:
-            print(f"emulated B={r['B']} H={r['H']} {r['dtype']}: model counts {r['counts']}; "
-                  f"emulator per step and block {r['emulated']}")
+            print(f"emulated B={r['B']} H={r['H']} {r['dtype']}: model counts {r['counts']}, backward "
+                  f"{r['backward_counts']}; emulator per step and block {r['emulated']}")
 
 
 if __name__ == "__main__":
