@@ -134,7 +134,7 @@ def backward_plan(B, H, dtype, tensor_core):
     es = element_bytes(dtype)
     fields = ("usable", "units", "blocks", "m_rows", "n_cols", "n_tiles", "chunks", "k_split", "row_stride",
               "shared_bytes")
-    values = torch.ops.lstm_fused._persistent_backward_plan(H, B, es, 4, tensor_core, SMS, SHARED_OPTIN)
+    values = torch.ops.lstm_fused._persistent_product_plan(H, B, 1, 4 * H, es, 4, tensor_core, SMS, SHARED_OPTIN)
     return dict(zip(fields, values))
 
 

@@ -73,21 +73,23 @@ inline PersistentTcPlan plan_persistent_tc_layer(int64_t hidden, int64_t batch, 
   return plan;
 }
 
-// The persistent backward kernel (csrc/cuda/lstm_persistent_backward_kernel.cuh). Block j owns
-// hidden units [j*U, j*U + U): their pointwise backward, and their columns of dh_{t-1} =
-// dG_t W_hh, for which it keeps W_hh's columns of its units (all 4H rows, K = 4H) in shared
-// memory and reads every row's dG_t (written by all blocks before the step's grid barrier).
-// Products: FP32/FP64 FMAs (a warp per (row, unit) pair, lanes over K), or mma.sync on tensor
-// cores (bf16 / fp16 m16n8k16, TF32 m16n8k8) with M = batch rows, N = U, K = 4H split over warps.
-constexpr int64_t kPersistentBackwardThreads = 256;
+// The product-generic persistent kernels (csrc/cuda/persistent_recurrent.cuh): the LSTM
+// backward, the GRU forward and backward. Block j owns hidden units [j*U, j*U + U): their
+// pointwise work, and N = columns_per_unit * U columns of each step's product A W^T, with K the
+// product's depth; W's rows for those columns stay in shared memory. Products: FP32/FP64 FMAs
+// (a warp per (row, column), lanes over K), or mma.sync (bf16 / fp16 m16n8k16, TF32 m16n8k8)
+// with M = batch rows, N columns, K split over the warps.
+//   LSTM backward: columns_per_unit 1, K = 4H; GRU forward: 3, K = H; GRU backward: 1, K = 3H.
+constexpr int64_t kPersistentProductThreads = 256;
 
-struct PersistentBackwardPlan {
+struct PersistentProductPlan {
   bool usable = false;
   int64_t units_per_block = 0;  // U
   int64_t blocks = 0;
   int64_t m_rows = 0;      // rows of the partial sums: B (FMA) or 16 * ceil(B / 16) (tensor cores)
-  int64_t n_cols = 0;      // columns of the W slice and the partial sums: U (FMA) or 8 * n_tiles
-  int64_t n_tiles = 0;     // tensor cores: ceil(U / 8)
+  int64_t n_cols = 0;      // columns of the W slice and the partial sums: columns_per_unit * U (FMA),
+                           // rounded up to whole n8 tiles (tensor cores)
+  int64_t n_tiles = 0;     // tensor cores: n_cols / 8
   int64_t chunks = 0;      // tensor cores: K in chunks of 64 bytes per row (two mma.sync each)
   int64_t k_split = 0;     // K ranges per n tile (tensor cores), so that 8 warps share small N; 1 for FMA
   int64_t row_stride = 0;  // elements per shared row of the W slice
@@ -96,30 +98,34 @@ struct PersistentBackwardPlan {
 
 // element_bytes: the weights' dtype; acc_bytes: the accumulator's (4, or 8 for float64);
 // tensor_cores: the mma.sync product (bf16, fp16, TF32) instead of FMAs.
-inline PersistentBackwardPlan plan_persistent_backward_layer(int64_t hidden, int64_t batch, int64_t element_bytes,
-                                                             int64_t acc_bytes, bool tensor_cores, int64_t sm_count,
-                                                             int64_t max_shared_bytes) {
-  PersistentBackwardPlan plan;
-  if (hidden <= 0 || batch <= 0 || sm_count <= 0 || element_bytes <= 0 || acc_bytes <= 0) return plan;
+inline PersistentProductPlan plan_persistent_product_layer(int64_t hidden, int64_t batch, int64_t columns_per_unit,
+                                                           int64_t depth, int64_t element_bytes, int64_t acc_bytes,
+                                                           bool tensor_cores, int64_t sm_count,
+                                                           int64_t max_shared_bytes) {
+  PersistentProductPlan plan;
+  if (hidden <= 0 || batch <= 0 || sm_count <= 0 || element_bytes <= 0 || acc_bytes <= 0 || columns_per_unit <= 0 ||
+      depth <= 0) {
+    return plan;
+  }
   const auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-  const int64_t K = 4 * hidden;
   plan.units_per_block = ceil_div(hidden, sm_count);
   plan.blocks = ceil_div(hidden, plan.units_per_block);
+  const int64_t columns = columns_per_unit * plan.units_per_block;
   if (tensor_cores) {
     const int64_t chunk = 64 / element_bytes;  // columns per 64-byte chunk: 4 lanes x 16 bytes
-    plan.chunks = ceil_div(K, chunk);
+    plan.chunks = ceil_div(depth, chunk);
     // A row stride of 64 bytes mod 128: the 8 lanes of each LDS.128 phase (two rows, four
     // 16-byte columns) hit 8 distinct 16-byte bank groups.
     const int64_t row_bytes = plan.chunks * 64;
     plan.row_stride = (row_bytes % 128 == 0 ? row_bytes + 64 : row_bytes) / element_bytes;
-    plan.n_tiles = ceil_div(plan.units_per_block, 8);
+    plan.n_tiles = ceil_div(columns, 8);
     plan.n_cols = 8 * plan.n_tiles;
     plan.m_rows = 16 * ceil_div(batch, 16);
-    const int64_t warps = kPersistentBackwardThreads / 32;
+    const int64_t warps = kPersistentProductThreads / 32;
     plan.k_split = std::max<int64_t>(1, std::min<int64_t>(plan.chunks, warps / plan.n_tiles));
   } else {
-    plan.row_stride = K;
-    plan.n_cols = plan.units_per_block;
+    plan.row_stride = depth;
+    plan.n_cols = columns;
     plan.m_rows = batch;
     plan.k_split = 1;
   }

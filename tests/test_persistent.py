@@ -105,12 +105,14 @@ def test_tensor_core_plan_at_the_goal_configs():
     assert not tc_plan(1024, 64, 4, sms=16, shared=99 * 1024)["usable"]  # 64 units per block: too big
 
 
-def backward_plan(hidden, batch, element_bytes, tensor_cores, sms=H100_SMS, shared=H100_SHARED, acc_bytes=None):
+def backward_plan(hidden, batch, element_bytes, tensor_cores, sms=H100_SMS, shared=H100_SHARED, acc_bytes=None,
+                  columns_per_unit=1, depth=None):
+    """plan_persistent_product_layer; by default the LSTM backward's (N = U, K = 4H)."""
     fields = ("usable", "units", "blocks", "m_rows", "n_cols", "n_tiles", "chunks", "k_split", "row_stride",
               "shared_bytes")
     acc = acc_bytes or (8 if element_bytes == 8 else 4)
-    values = torch.ops.lstm_fused._persistent_backward_plan(hidden, batch, element_bytes, acc, tensor_cores, sms,
-                                                            shared)
+    values = torch.ops.lstm_fused._persistent_product_plan(hidden, batch, columns_per_unit, depth or 4 * hidden,
+                                                           element_bytes, acc, tensor_cores, sms, shared)
     return dict(zip(fields, values))
 
 

@@ -176,20 +176,20 @@ using BackwardResult =
     c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>>;
 
 // A product kind as a type, for the generic dispatch lambda below.
-template <BackwardProduct kProduct>
-using ProductTag = std::integral_constant<BackwardProduct, kProduct>;
+template <PersistentProduct kProduct>
+using ProductTag = std::integral_constant<PersistentProduct, kProduct>;
 
-template <typename scalar_t, typename acc_t, BackwardProduct kProduct>
-BackwardResult run_persistent_backward(const PersistentBackwardPlan& plan, const gpu::DeviceInfo& device,
+template <typename scalar_t, typename acc_t, PersistentProduct kProduct>
+BackwardResult run_persistent_backward(const PersistentProductPlan& plan, const gpu::DeviceInfo& device,
                                        const LayerSizes& s, const Tensor& grad_y, const Tensor& grad_h_n,
                                        const Tensor& grad_c_n, const Tensor& x, const Tensor& h0, const Tensor& c0,
                                        const Tensor& w_ih, const Tensor& w_hh, const Tensor& y, const Tensor& reserve,
                                        bool padded, bool reverse, const WantedGradients& wanted) {
   auto* kernel = &lstm_persistent_backward_kernel<scalar_t, acc_t, kProduct>;
   const char* name =
-      kProduct == BackwardProduct::kFma ? "lstm_persistent_backward_kernel" : "lstm_persistent_tc_backward_kernel";
+      kProduct == PersistentProduct::kFma ? "lstm_persistent_backward_kernel" : "lstm_persistent_tc_backward_kernel";
   gpu::allow_dynamic_shared(kernel, x.device(), plan.shared_bytes);
-  if (gpu::max_active_blocks_per_sm(kernel, x.device(), kPersistentBackwardThreads, plan.shared_bytes) *
+  if (gpu::max_active_blocks_per_sm(kernel, x.device(), kPersistentProductThreads, plan.shared_bytes) *
           device.sm_count <
       plan.blocks) {
     return c10::nullopt;
@@ -214,15 +214,9 @@ BackwardResult run_persistent_backward(const PersistentBackwardPlan& plan, const
   args.T = static_cast<int>(s.seq_len);
   args.B = static_cast<int>(s.batch);
   args.H = static_cast<int>(s.hidden_size);
-  args.units_per_block = static_cast<int>(plan.units_per_block);
-  args.m_rows = static_cast<int>(plan.m_rows);
-  args.n_cols = static_cast<int>(plan.n_cols);
-  args.n_tiles = static_cast<int>(plan.n_tiles);
-  args.chunks = static_cast<int>(plan.chunks);
-  args.k_split = static_cast<int>(plan.k_split);
-  args.row_stride = static_cast<int>(plan.row_stride);
   args.reverse = reverse;
-  if (!gpu::launch_cooperative(name, kernel, dim3(plan.blocks), dim3(kPersistentBackwardThreads), plan.shared_bytes,
+  args.shape = product_shape(plan);
+  if (!gpu::launch_cooperative(name, kernel, dim3(plan.blocks), dim3(kPersistentProductThreads), plan.shared_bytes,
                                args)) {
     return c10::nullopt;
   }
@@ -244,10 +238,10 @@ BackwardResult lstm_layer_backward_persistent(const LayerSizes& s, const Tensor&
   const auto run = [&](auto scalar, auto acc, auto product) -> BackwardResult {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);
-    constexpr BackwardProduct kProduct = decltype(product)::value;
-    const PersistentBackwardPlan plan =
-        plan_persistent_backward_layer(s.hidden_size, s.batch, sizeof(scalar_t), sizeof(acc_t),
-                                       kProduct != BackwardProduct::kFma, device.sm_count, device.max_shared_optin);
+    constexpr PersistentProduct kProduct = decltype(product)::value;
+    const PersistentProductPlan plan = plan_persistent_product_layer(
+        s.hidden_size, s.batch, 1, 4 * s.hidden_size, sizeof(scalar_t), sizeof(acc_t),
+        kProduct != PersistentProduct::kFma, device.sm_count, device.max_shared_optin);
     if (!plan.usable) return c10::nullopt;
     return run_persistent_backward<scalar_t, acc_t, kProduct>(plan, device, s, grad_y, grad_h_n, grad_c_n, x, h0,
                                                               c0, w_ih, w_hh, y, reserve, padded, reverse, wanted);
@@ -257,13 +251,13 @@ BackwardResult lstm_layer_backward_persistent(const LayerSizes& s, const Tensor&
       BackwardResult result;
       switch (*format) {
         case TensorCoreFormat::kBFloat16:
-          result = run(c10::BFloat16(), float(), ProductTag<BackwardProduct::kBFloat16>());
+          result = run(c10::BFloat16(), float(), ProductTag<PersistentProduct::kBFloat16>());
           break;
         case TensorCoreFormat::kHalf:
-          result = run(c10::Half(), float(), ProductTag<BackwardProduct::kHalf>());
+          result = run(c10::Half(), float(), ProductTag<PersistentProduct::kHalf>());
           break;
         case TensorCoreFormat::kTF32:
-          result = run(float(), float(), ProductTag<BackwardProduct::kTF32>());
+          result = run(float(), float(), ProductTag<PersistentProduct::kTF32>());
           break;
       }
       if (result) return result;
@@ -271,7 +265,7 @@ BackwardResult lstm_layer_backward_persistent(const LayerSizes& s, const Tensor&
   }
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_backward_persistent",
                                          [&]() -> BackwardResult {
-    return run(scalar_t(), at::opmath_type<scalar_t>(), ProductTag<BackwardProduct::kFma>());
+    return run(scalar_t(), at::opmath_type<scalar_t>(), ProductTag<PersistentProduct::kFma>());
   });
 }
 

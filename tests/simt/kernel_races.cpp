@@ -93,14 +93,14 @@ void run_tensor_core(std::mt19937& gen, const char* what) {
 
 // The persistent backward kernel: 4 SMs give 4 blocks of 10 units; B=20 spans two m tiles on the
 // tensor-core product; rows that take part change from step to step (lengths).
-template <typename scalar_t, BackwardProduct kProduct>
+template <typename scalar_t, PersistentProduct kProduct>
 void run_backward(std::mt19937& gen, const char* what) {
   const int B = 20, H = 40, T = 3;
   simt::Device device = simt::device();
   device.sm_count = 4;
   simt::set_device(device);
-  const PersistentBackwardPlan plan = plan_persistent_backward_layer(
-      H, B, sizeof(scalar_t), sizeof(float), kProduct != BackwardProduct::kFma, 4, 227 * 1024);
+  const PersistentProductPlan plan = plan_persistent_product_layer(
+      H, B, 1, 4 * H, sizeof(scalar_t), sizeof(float), kProduct != PersistentProduct::kFma, 4, 227 * 1024);
   if (!plan.usable) {
     std::fprintf(stderr, "the backward plan refused H=%d B=%d (%s)\n", H, B, what);
     ++failures;
@@ -115,13 +115,11 @@ void run_backward(std::mt19937& gen, const char* what) {
   for (int b = 0; b < B; ++b) lengths[b] = b < 3 ? 3 : (b < 17 ? 2 : 1);
   PersistentLstmBackwardArgs<scalar_t, float> args{
       w_hh.data(), gates.data(), cells.data(), c0.data(), grad_y.data(), d_gates.data(), dh_state.data(),
-      dc_state.data(), grad_h0.data(), active_rows.data(), lengths.data(), T, B, H, int(plan.units_per_block),
-      int(plan.m_rows), int(plan.n_cols), int(plan.n_tiles), int(plan.chunks), int(plan.k_split),
-      int(plan.row_stride), false};
+      dc_state.data(), grad_h0.data(), active_rows.data(), lengths.data(), T, B, H, false, product_shape(plan)};
   const auto kernel = &lstm_persistent_backward_kernel<scalar_t, float, kProduct>;
   expect(simt::set_max_dynamic_shared(kernel, plan.shared_bytes), "set_max_dynamic_shared");
   expect(simt::launch_cooperative("lstm_persistent_backward_kernel", kernel, dim3(plan.blocks),
-                                  dim3(kPersistentBackwardThreads), plan.shared_bytes, args),
+                                  dim3(kPersistentProductThreads), plan.shared_bytes, args),
          what);
 }
 
@@ -196,9 +194,9 @@ int main() {
   run_tensor_core<BFloat16Bits, TensorCoreFormat::kBFloat16>(gen, "bf16");
   run_tensor_core<float, TensorCoreFormat::kTF32>(gen, "tf32");
   // The persistent backward kernel: FMA, and the tensor-core product (16-byte lane loads) in bf16 and TF32.
-  run_backward<float, BackwardProduct::kFma>(gen, "backward fma");
-  run_backward<BFloat16Bits, BackwardProduct::kBFloat16>(gen, "backward bf16");
-  run_backward<float, BackwardProduct::kTF32>(gen, "backward tf32");
+  run_backward<float, PersistentProduct::kFma>(gen, "backward fma");
+  run_backward<BFloat16Bits, PersistentProduct::kBFloat16>(gen, "backward bf16");
+  run_backward<float, PersistentProduct::kTF32>(gen, "backward tf32");
   std::printf("%d launch failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
