@@ -365,40 +365,123 @@ run_lstm_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at:
   return g.gradients(s, x, h0, w_ih, y, reverse, wanted);
 }
 
+// The buffers of one GRU forward pass, set up before its time loop (the per-step loop below, or a
+// device's whole-sequence kernel) and turned into the op's outputs after it.
+struct GruForwardBuffers {
+  at::Tensor reserve;       // the op's reserve output
+  GruReserve r;             // its views
+  at::Tensor y;             // [T, B, H]
+  at::Tensor input_bias;    // [3H] b_ih, undefined without biases
+  at::Tensor hidden_bias;   // [3H] b_hh, likewise
+  at::Tensor h_buffers[2];  // [B, H] the ping-pong hidden states (init_hidden_buffers)
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs(const LayerSizes& s, bool reverse) const {
+    return {y, final_hidden(h_buffers, s, reverse), reserve};
+  }
+};
+
+inline GruForwardBuffers begin_gru_forward(const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0,
+                                           const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                                           const c10::optional<at::Tensor>& b_hh, bool padded) {
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
+  GruForwardBuffers f;
+  f.reserve = layer_buffer({gru_reserve_numel(s)}, x.options(), padded);
+  f.r = split_gru_reserve(f.reserve, s);
+  f.y = layer_buffer({T, B, H}, x.options(), padded);
+  // The input projection of every step in one GEMM; the steps add the biases (b_hn must stay
+  // apart anyway: it sits inside r * (.)).
+  at::Tensor gates_2d = f.r.gates.view({T * B, 3 * H});
+  at::mm_out(gates_2d, x.reshape({T * B, s.input_size}), w_ih.t());
+  if (s.has_bias) {
+    f.input_bias = b_ih->contiguous();
+    f.hidden_bias = b_hh->contiguous();
+  }
+  init_hidden_buffers(f.h_buffers, h0);
+  return f;
+}
+
 template <typename scalar_t, typename StepFn>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_gru_layer_forward(
     const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
     const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh, bool padded, bool reverse,
     StepFn&& step) {
-  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
-  at::Tensor reserve = layer_buffer({gru_reserve_numel(s)}, x.options(), padded);
-  const GruReserve r = split_gru_reserve(reserve, s);
-  at::Tensor y = layer_buffer({T, B, H}, x.options(), padded);
-
-  // The input projection of every step in one GEMM; the steps add the biases (b_hn must stay
-  // apart anyway: it sits inside r * (.)).
-  at::Tensor gates_2d = r.gates.view({T * B, 3 * H});
-  at::mm_out(gates_2d, x.reshape({T * B, s.input_size}), w_ih.t());
-  const at::Tensor input_bias = s.has_bias ? b_ih->contiguous() : at::Tensor();
-  const at::Tensor hidden_bias = s.has_bias ? b_hh->contiguous() : at::Tensor();
-
-  at::Tensor h_buffers[2];
-  init_hidden_buffers(h_buffers, h0);
-  scalar_t* h_ptr[2] = {h_buffers[0].data_ptr<scalar_t>(), h_buffers[1].data_ptr<scalar_t>()};
+  const int64_t B = s.batch, H = s.hidden_size;
+  GruForwardBuffers f = begin_gru_forward(s, x, h0, w_ih, b_ih, b_hh, padded);
+  scalar_t* h_ptr[2] = {f.h_buffers[0].data_ptr<scalar_t>(), f.h_buffers[1].data_ptr<scalar_t>()};
   GruForwardStep<scalar_t> fs;
-  fs.input_bias = s.has_bias ? input_bias.data_ptr<scalar_t>() : nullptr;
-  fs.hidden_bias = s.has_bias ? hidden_bias.data_ptr<scalar_t>() : nullptr;
+  fs.input_bias = s.has_bias ? f.input_bias.data_ptr<scalar_t>() : nullptr;
+  fs.hidden_bias = s.has_bias ? f.hidden_bias.data_ptr<scalar_t>() : nullptr;
   for_each_active_step(s, reverse, [&](int64_t index, int64_t t, int64_t rows) {
     fs.t = t;
     fs.rows = rows;
     fs.h_prev = h_ptr[index % 2];
-    fs.gates = r.gates.data_ptr<scalar_t>() + t * B * 3 * H;
-    fs.hidden_n_proj = r.hidden_n_proj.data_ptr<scalar_t>() + t * B * H;
-    fs.h_out = y.data_ptr<scalar_t>() + t * B * H;
+    fs.gates = f.r.gates.data_ptr<scalar_t>() + t * B * 3 * H;
+    fs.hidden_n_proj = f.r.hidden_n_proj.data_ptr<scalar_t>() + t * B * H;
+    fs.h_out = f.y.data_ptr<scalar_t>() + t * B * H;
     fs.h_next = h_ptr[(index + 1) % 2];
     step(fs);
   });
-  return {y, final_hidden(h_buffers, s, reverse), reserve};
+  return f.outputs(s, reverse);
+}
+
+// The buffers of one GRU backward pass, set up before its time loop (the per-step loop below, or
+// a device's own loop) and turned into the op's gradients after it.
+struct GruBackwardBuffers {
+  GruReserve r;              // views of the forward's reserve
+  at::Tensor d_input_gates;  // [T, B, 3H] the gradients of x W_ih^T + b_ih of every step
+  // h_{t-1} of every row at step t is y's previous step, or h0 at the first step, except for a
+  // reverse row shorter than T, which starts from h0 at its own last step (and y is zero there):
+  // only then is h_{t-1} gathered into a [T, B, H] buffer; otherwise it is read where it is.
+  bool gathered = false;
+  at::Tensor h_prev;         // [T, B, H] when gathered
+  at::Tensor y;              // contiguous y
+  at::Tensor h0;             // contiguous h0
+  at::Tensor dh;             // [B, H] grad_h_n in, the gradient of h0 out
+  at::Tensor grad_y;         // contiguous grad_y
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradients(
+      const LayerSizes& s, const at::Tensor& x, const at::Tensor& w_ih, bool reverse,
+      const WantedGradients& wanted) const {
+    const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
+    const at::Tensor d_input_2d = d_input_gates.view({T * B, 3 * H});
+    auto [grad_x, grad_w_ih] = input_gradients(d_input_2d, w_ih, x, wanted);
+    if (!wanted.weights) return {grad_x, dh, grad_w_ih, unwanted(x), unwanted(x), unwanted(x)};
+    const at::Tensor grad_b_ih = d_input_2d.sum(0);
+    // d_input_gates is no longer needed as such: its n column times r turns it into the gradients
+    // of h W_hh^T + b_hh, in place.
+    d_input_2d.narrow(1, 2 * H, H).mul_(r.gates.view({T * B, 3 * H}).narrow(1, 0, H));
+    at::Tensor grad_w_hh;
+    if (gathered) {
+      grad_w_hh = at::mm(d_input_2d.t(), h_prev.view({T * B, H}));
+    } else if (T > 0) {
+      // The step that starts from h0, then the T - 1 steps whose h_{t-1} is a step of y.
+      const int64_t first = reverse ? T - 1 : 0;
+      grad_w_hh = at::mm(d_input_gates[first].t(), h0);
+      const at::Tensor d_rest = d_input_gates.narrow(0, reverse ? 0 : 1, T - 1).reshape({(T - 1) * B, 3 * H});
+      const at::Tensor y_rest = y.narrow(0, reverse ? 1 : 0, T - 1).reshape({(T - 1) * B, H});
+      grad_w_hh.addmm_(d_rest.t(), y_rest);
+    } else {
+      grad_w_hh = at::zeros({3 * H, H}, x.options());
+    }
+    return {grad_x, dh, grad_w_ih, grad_w_hh, grad_b_ih, d_input_2d.sum(0)};
+  }
+};
+
+inline GruBackwardBuffers begin_gru_backward(const LayerSizes& s, const at::Tensor& grad_y,
+                                             const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& h0,
+                                             const at::Tensor& y, const at::Tensor& reserve, bool padded,
+                                             bool reverse) {
+  const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
+  GruBackwardBuffers g;
+  g.r = split_gru_reserve(reserve, s);
+  g.d_input_gates = layer_buffer({T, B, 3 * H}, x.options(), padded);
+  g.gathered = reverse && padded;
+  if (g.gathered) g.h_prev = gather_previous_hidden(y, h0, s, reverse);
+  g.y = y.contiguous();
+  g.h0 = h0.contiguous();
+  g.dh = grad_h_n.clone(at::MemoryFormat::Contiguous);
+  g.grad_y = grad_y.contiguous();
+  return g;
 }
 
 template <typename scalar_t, typename StepFn>
@@ -408,62 +491,32 @@ run_gru_layer_backward(const LayerSizes& s, const at::Tensor& grad_y, const at::
                        const at::Tensor& y, const at::Tensor& reserve, bool padded, bool reverse,
                        const WantedGradients& wanted, StepFn&& step) {
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
-  const GruReserve r = split_gru_reserve(reserve, s);
-  at::Tensor d_input_gates = layer_buffer({T, B, 3 * H}, x.options(), padded);
+  GruBackwardBuffers g = begin_gru_backward(s, grad_y, grad_h_n, x, h0, y, reserve, padded, reverse);
   // The gradients of h W_hh^T + b_hh are d_input_gates' in the r and z columns and d_n * r in the
   // n column. Each step writes its own into one [B, 3H] scratch for the recurrent product, and
   // after the loop d_input_gates becomes them in place, instead of a second [T, B, 3H] buffer
   // (at B=128, H=512: 27 MB less at the peak).
   at::Tensor d_hidden_step = at::empty({B, 3 * H}, x.options());
-  // h_{t-1} of every row at step t is y's previous step, or h0 at the first step, except for a
-  // reverse row shorter than T, which starts from h0 at its own last step (and y is zero there):
-  // only then is h_{t-1} gathered into a [T, B, H] buffer; otherwise it is read where it is.
-  const bool gathered = reverse && padded;
-  const at::Tensor h_prev = gathered ? gather_previous_hidden(y, h0, s, reverse) : at::Tensor();
-  const at::Tensor y_c = y.contiguous(), h0_c = h0.contiguous();
   const auto h_prev_at = [&](int64_t t) -> const scalar_t* {
-    if (gathered) return h_prev.data_ptr<scalar_t>() + t * B * H;
+    if (g.gathered) return g.h_prev.data_ptr<scalar_t>() + t * B * H;
     const int64_t prev = reverse ? t + 1 : t - 1;
-    return prev < 0 || prev >= T ? h0_c.data_ptr<scalar_t>() : y_c.data_ptr<scalar_t>() + prev * B * H;
+    return prev < 0 || prev >= T ? g.h0.data_ptr<scalar_t>() : g.y.data_ptr<scalar_t>() + prev * B * H;
   };
-  at::Tensor dh = grad_h_n.clone(at::MemoryFormat::Contiguous);
-  const at::Tensor grad_y_c = grad_y.contiguous();
 
   GruBackwardStep<scalar_t> bs;
-  bs.dh = dh.data_ptr<scalar_t>();
+  bs.dh = g.dh.data_ptr<scalar_t>();
   for_each_active_step(s, !reverse, [&](int64_t, int64_t t, int64_t rows) {
     bs.t = t;
     bs.rows = rows;
-    bs.gates = r.gates.data_ptr<scalar_t>() + t * B * 3 * H;
-    bs.hidden_n_proj = r.hidden_n_proj.data_ptr<scalar_t>() + t * B * H;
+    bs.gates = g.r.gates.data_ptr<scalar_t>() + t * B * 3 * H;
+    bs.hidden_n_proj = g.r.hidden_n_proj.data_ptr<scalar_t>() + t * B * H;
     bs.h_prev = h_prev_at(t);
-    bs.grad_y = grad_y_c.data_ptr<scalar_t>() + t * B * H;
-    bs.d_input_gates = d_input_gates.data_ptr<scalar_t>() + t * B * 3 * H;
+    bs.grad_y = g.grad_y.data_ptr<scalar_t>() + t * B * H;
+    bs.d_input_gates = g.d_input_gates.data_ptr<scalar_t>() + t * B * 3 * H;
     bs.d_hidden_gates = d_hidden_step.data_ptr<scalar_t>();
     step(bs);
   });
-
-  const at::Tensor d_input_2d = d_input_gates.view({T * B, 3 * H});
-  auto [grad_x, grad_w_ih] = input_gradients(d_input_2d, w_ih, x, wanted);
-  if (!wanted.weights) return {grad_x, dh, grad_w_ih, unwanted(x), unwanted(x), unwanted(x)};
-  const at::Tensor grad_b_ih = d_input_2d.sum(0);
-  // d_input_gates is no longer needed as such: its n column times r turns it into the gradients
-  // of h W_hh^T + b_hh, in place.
-  d_input_2d.narrow(1, 2 * H, H).mul_(r.gates.view({T * B, 3 * H}).narrow(1, 0, H));
-  at::Tensor grad_w_hh;
-  if (gathered) {
-    grad_w_hh = at::mm(d_input_2d.t(), h_prev.view({T * B, H}));
-  } else if (T > 0) {
-    // The step that starts from h0, then the T - 1 steps whose h_{t-1} is a step of y.
-    const int64_t first = reverse ? T - 1 : 0;
-    grad_w_hh = at::mm(d_input_gates[first].t(), h0_c);
-    const at::Tensor d_rest = d_input_gates.narrow(0, reverse ? 0 : 1, T - 1).reshape({(T - 1) * B, 3 * H});
-    const at::Tensor y_rest = y_c.narrow(0, reverse ? 1 : 0, T - 1).reshape({(T - 1) * B, H});
-    grad_w_hh.addmm_(d_rest.t(), y_rest);
-  } else {
-    grad_w_hh = at::zeros({3 * H, H}, x.options());
-  }
-  return {grad_x, dh, grad_w_ih, grad_w_hh, grad_b_ih, d_input_2d.sum(0)};
+  return g.gradients(s, x, w_ih, reverse, wanted);
 }
 
 }  // namespace lstm_fused

@@ -120,22 +120,27 @@ def backward_plan(hidden, batch, element_bytes, tensor_cores, sms=H100_SMS, shar
 @pytest.mark.parametrize("hidden", [1, 37, 40, 256, 512, 768, 1000, 1024])
 @pytest.mark.parametrize("batch", [1, 8, 16, 64])
 @pytest.mark.parametrize("element_bytes,tensor_cores", [(2, True), (4, True), (4, False), (8, False)])
-def test_backward_plan_covers_the_layer(sms, shared, hidden, batch, element_bytes, tensor_cores):
-    p = backward_plan(hidden, batch, element_bytes, tensor_cores, sms, shared)
+@pytest.mark.parametrize("kind", ["lstm-backward", "gru-forward", "gru-backward"])
+def test_product_plan_covers_the_layer(sms, shared, hidden, batch, element_bytes, tensor_cores, kind):
+    """plan_persistent_product_layer for each kernel that uses it: N = columns_per_unit * U, K."""
+    columns_per_unit, K = {"lstm-backward": (1, 4 * hidden), "gru-forward": (3, hidden),
+                           "gru-backward": (1, 3 * hidden)}[kind]
+    p = backward_plan(hidden, batch, element_bytes, tensor_cores, sms, shared, columns_per_unit=columns_per_unit,
+                      depth=K)
     acc = 8 if element_bytes == 8 else 4
     assert p["blocks"] <= sms and p["units"] * p["blocks"] >= hidden > p["units"] * (p["blocks"] - 1)
-    K = 4 * hidden
+    columns = columns_per_unit * p["units"]
     if tensor_cores:
         chunk = 64 // element_bytes  # four lanes x 16 bytes
         assert p["chunks"] * chunk >= K > (p["chunks"] - 1) * chunk
-        assert p["n_tiles"] * 8 == p["n_cols"] >= p["units"] > (p["n_tiles"] - 1) * 8
+        assert p["n_tiles"] * 8 == p["n_cols"] >= columns > (p["n_tiles"] - 1) * 8
         assert p["m_rows"] % 16 == 0 and p["m_rows"] >= batch > p["m_rows"] - 16
         assert p["row_stride"] >= p["chunks"] * chunk
         # 64 bytes mod 128 between rows: the 8 lanes of an LDS.128 phase hit distinct bank groups
         assert p["row_stride"] * element_bytes % 128 == 64
         assert 1 <= p["k_split"] <= p["chunks"] and (p["k_split"] == 1 or p["n_tiles"] * p["k_split"] <= 8)
     else:
-        assert (p["n_cols"], p["m_rows"], p["k_split"], p["row_stride"]) == (p["units"], batch, 1, K)
+        assert (p["n_cols"], p["m_rows"], p["k_split"], p["row_stride"]) == (columns, batch, 1, K)
     assert p["shared_bytes"] == (p["n_cols"] * p["row_stride"] * element_bytes
                                  + p["k_split"] * p["m_rows"] * p["n_cols"] * acc)
     assert p["usable"] == (p["shared_bytes"] <= shared and batch * p["units"] <= 512)
@@ -152,3 +157,50 @@ def test_backward_plan_at_the_goal_configs():
     assert backward_plan(256, 64, 4, False)["usable"]  # packed B=64 H=256
     assert not backward_plan(1024, 256, 2, True)["usable"]  # B=256: 8 units x 256 rows, past 512 pairs
     assert not backward_plan(1024, 16, 4, True, sms=16, shared=99 * 1024)["usable"]  # 64 units: 1 MB of W
+
+
+def test_gru_plans_at_the_goal_configs():
+    gru_forward = dict(columns_per_unit=3, depth=768)
+    # B=16 H=768 bf16: 128 blocks of 6 units, 18 columns in 3 n tiles, K = 768 in 24 chunks split 2 ways
+    p = backward_plan(768, 16, 2, True, **gru_forward)
+    assert (p["usable"], p["units"], p["blocks"], p["n_tiles"], p["chunks"], p["k_split"]) == (1, 6, 128, 3, 24, 2)
+    assert backward_plan(768, 16, 4, True, **gru_forward)["usable"]  # TF32
+    assert backward_plan(768, 16, 2, True, depth=3 * 768)["usable"]  # the GRU backward, K = 3H
+    assert backward_plan(512, 64, 4, False, columns_per_unit=3, depth=512)["usable"]  # B=64 H=512 fp32 FMA
+    assert backward_plan(512, 64, 4, False, depth=3 * 512)["usable"]
+    assert not backward_plan(1024, 256, 2, True, columns_per_unit=3, depth=1024)["usable"]  # 2048 pairs
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the persistent kernels run on CUDA only; none here")
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_persistent_forward_and_backward_match_torch_nn(monkeypatch, cell, dtype, packed):
+    """Both persistent kernels (forward and backward; LSTM and GRU) and the per-step kernels,
+    against torch.nn in float64, through the modules and autograd: outputs and every gradient."""
+    torch.manual_seed(17)
+    reference = getattr(torch.nn, cell)(6, 40, num_layers=2, bidirectional=True).cuda().double()
+    x = torch.randn(9, 5, 6, device="cuda", dtype=torch.float64)
+    lengths = torch.tensor([9, 7, 7, 3, 1])
+    grad_out = torch.randn(9, 5, 80, device="cuda", dtype=torch.float64)
+
+    def run(module, x):
+        x = x.detach().requires_grad_()
+        inp = torch.nn.utils.rnn.pack_padded_sequence(x, lengths) if packed else x
+        out = module(inp)[0]
+        if packed:
+            out = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=9)[0]
+        grads = torch.autograd.grad((out.double() * grad_out).sum(), [x, *module.parameters()])
+        return [out, *grads]
+
+    expected = run(reference, x)
+    ours = getattr(lstm_fused, cell)(6, 40, num_layers=2, bidirectional=True).cuda()
+    ours.load_state_dict(reference.state_dict())
+    ours.to(dtype)
+    tolerance = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}[dtype]
+    for setting in ("1", "0"):
+        monkeypatch.setenv("LSTM_FUSED_PERSISTENT", setting)
+        for got, want in zip(run(ours, x.to(dtype)), expected):
+            scale = max(want.abs().max().item(), 1.0)
+            assert (got.double() - want).abs().max().item() <= tolerance * scale, setting

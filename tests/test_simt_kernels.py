@@ -173,20 +173,22 @@ def gru_reference_with_grads(args, lengths, reverse, grads, dtype):
     return [y, h], [next(found) if leaf is not None else None for leaf in leaves]
 
 
-def check_gru(args, lengths, reverse, grads, dtype):
+def check_gru(args, lengths, reverse, grads, dtype, bound_dtype=None):
+    """bound_dtype: as check_lstm's forward_bound_dtype (float16's error bounds TF32's)."""
+    bound_dtype = bound_dtype or dtype
     a = [t.to(dtype) if t is not None else None for t in args]
     y, h_n, reserve = SIMT.gru_layer_forward(*a, lengths, reverse)
     g = [t.to(dtype) for t in grads]
     back = SIMT.gru_layer_backward(g[0], g[1], a[0], a[1], a[2], a[3], y, reserve, lengths, reverse)
     exact_outs, exact_grads = gru_reference_with_grads(args, lengths, reverse, grads, torch.float64)
-    dtype_outs, dtype_grads = gru_reference_with_grads(args, lengths, reverse, grads, dtype)
+    dtype_outs, dtype_grads = gru_reference_with_grads(args, lengths, reverse, grads, bound_dtype)
     for name, ours, theirs, exact in zip(("y", "h_n"), (y, h_n), dtype_outs, exact_outs):
         assert ours.dtype == dtype and ours.shape == exact.shape, name
-        check_bounded(ours, theirs, exact, dtype, name)
+        check_bounded(ours, theirs, exact, bound_dtype, name)
     names = ("grad_x", "grad_h0", "grad_w_ih", "grad_w_hh", "grad_b_ih", "grad_b_hh")
     for name, ours, theirs, exact in zip(names, back, dtype_grads, exact_grads):
         if exact is not None:
-            check_bounded(ours, theirs, exact, dtype, name)
+            check_bounded(ours, theirs, exact, bound_dtype, name)
 
 
 # (T, B, I, H): B=11 is not a multiple of the 8 rows per block, H=40 not of the 32 units per
@@ -298,12 +300,39 @@ def test_lstm_with_projection_and_no_bias(dtype, use_lengths, reverse):
 @needs_simt
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("use_lengths,reverse", PATHS)
-def test_gru_kernels_match_the_float64_reference(monkeypatch, tmp_path, dtype, use_lengths, reverse):
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "per_step"])
+def test_gru_kernels_match_the_float64_reference(monkeypatch, device_of, tmp_path, dtype, use_lengths, reverse,
+                                                 persistent):
     report = tmp_path / "kernels.txt"
     monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
+    monkeypatch.setenv("LSTM_FUSED_PERSISTENT", "1" if persistent else "0")
+    device_of(4, 227 * 1024)  # 4 blocks of 10 units: 30 columns forward (4 n tiles on tensor cores)
     args, lengths, grads = gru_case(*SHAPE, bias=True, use_lengths=use_lengths, seed=4)
-    check_gru(args, lengths, reverse, grads, dtype)
-    assert {"gru_forward_step_kernel", "gru_backward_pointwise_kernel"} <= kernels_launched(report)
+    with matmul_tf32(False):
+        check_gru(args, lengths, reverse, grads, dtype)
+        expected = {persistent_kernel_for(dtype).replace("lstm", "gru"),
+                    persistent_backward_kernel_for(dtype).replace("lstm", "gru")}
+    launched = kernels_launched(report)
+    assert all((name in launched) == persistent for name in expected), launched
+    assert {"gru_forward_step_kernel", "gru_backward_pointwise_kernel"}.isdisjoint(launched) == persistent
+
+
+@needs_simt
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("sm_count,B,H,use_lengths,reverse", [
+    (4, 20, 37, True, False),   # 10 units: 30 columns in 4 n tiles; K = 37 and 111 end inside a chunk
+    (3, 33, 36, False, True),   # 12 units: 36 columns in 5 n tiles; B=33 in 3 m tiles
+    (132, 16, 64, True, True),  # the H100 plan: 64 blocks of one unit, K split over the 8 warps
+])
+def test_gru_tensor_core_persistent_kernels(monkeypatch, device_of, tmp_path, dtype, sm_count, B, H, use_lengths,
+                                            reverse):
+    report = tmp_path / "kernels.txt"
+    monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
+    device_of(sm_count, 227 * 1024)
+    args, lengths, grads = gru_case(4, B, 5, H, bias=True, use_lengths=use_lengths, seed=16)
+    with matmul_tf32(dtype == torch.float32):
+        check_gru(args, lengths, reverse, grads, dtype, bound_dtype=torch.float16 if dtype == torch.float32 else None)
+    assert {"gru_persistent_tc_forward_kernel", "gru_persistent_tc_backward_kernel"} <= kernels_launched(report)
 
 
 @needs_simt
@@ -336,9 +365,13 @@ def test_persistent_plan_falls_back_to_the_per_step_kernel(monkeypatch, device_o
     device_of(sm_count, shared, cooperative)
     args, lengths, grads = lstm_case(*SHAPE, proj=0, bias=True, use_lengths=False, seed=9)
     check_lstm(args, lengths, False, grads, torch.float32)
+    args, lengths, grads = gru_case(*SHAPE, bias=True, use_lengths=False, seed=9)
+    check_gru(args, lengths, False, grads, torch.float32)
     launched = kernels_launched(report)
-    assert not {"lstm_persistent_forward_kernel", "lstm_persistent_backward_kernel"} & launched, why
-    assert {"lstm_forward_step_kernel", "lstm_backward_pointwise_kernel"} <= launched, why
+    assert not {"lstm_persistent_forward_kernel", "lstm_persistent_backward_kernel", "gru_persistent_forward_kernel",
+                "gru_persistent_backward_kernel"} & launched, why
+    assert {"lstm_forward_step_kernel", "lstm_backward_pointwise_kernel", "gru_forward_step_kernel",
+            "gru_backward_pointwise_kernel"} <= launched, why
 
 
 @needs_simt
@@ -373,8 +406,8 @@ def test_every_cuda_kernel_runs_in_emulation(monkeypatch, device_of, tmp_path):
         args, lengths, grads = lstm_case(3, 5, 4, 9, proj=0, bias=True, use_lengths=True, seed=2)
         with matmul_tf32(False):
             run_simt_lstm(args, lengths, False, grads, dtype)
-    args, lengths, grads = gru_case(3, 5, 4, 9, bias=True, use_lengths=True, seed=2)
-    check_gru(args, lengths, False, grads, torch.float32)
+            gru_args, gru_lengths, gru_grads = gru_case(3, 5, 4, 9, bias=True, use_lengths=True, seed=2)
+            check_gru(gru_args, gru_lengths, False, gru_grads, dtype)
     in_sources = global_kernels_in_sources()
     assert in_sources, "no __global__ kernel found under csrc/: the pattern is out of date"
     missing = in_sources - kernels_launched(report)

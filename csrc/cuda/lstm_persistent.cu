@@ -9,14 +9,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
-#include <cstdlib>
-#include <cstring>
-#include <type_traits>
 
 #include "../layer_loops.h"
 #include "../persistent_plan.h"
 #include "gpu_runtime.h"
 #include "lstm_persistent.h"
+#include "persistent_host.h"
 #include "lstm_persistent_backward_kernel.cuh"
 #include "lstm_persistent_kernel.cuh"
 #include "lstm_persistent_tc_kernel.cuh"
@@ -47,25 +45,19 @@ void fill_persistent_args(PersistentLstmArgs<scalar_t, acc_t>& args, const Layer
   args.reverse = reverse;
 }
 
-enum class PersistentChoice { kOff, kFmaOnly, kAny };
-
-PersistentChoice persistent_choice() {
-  const char* setting = std::getenv("LSTM_FUSED_PERSISTENT");
-  if (setting == nullptr) return PersistentChoice::kAny;
-  if (std::strcmp(setting, "0") == 0) return PersistentChoice::kOff;
-  if (std::strcmp(setting, "fma") == 0) return PersistentChoice::kFmaOnly;
-  return PersistentChoice::kAny;
-}
-
-// The tensor-core format for x's dtype, or nullopt where the FMA kernel must run.
+// The tensor-core format for x's dtype (persistent_host.h's rule), or nullopt where the FMA kernel must run.
 c10::optional<TensorCoreFormat> tensor_core_format(at::ScalarType dtype) {
-  if (dtype == at::kBFloat16) return TensorCoreFormat::kBFloat16;
-  if (dtype == at::kHalf) return TensorCoreFormat::kHalf;
-  // The precision setting, not the legacy allowTF32CuBLAS(), which throws once a user has set
-  // TF32 through the newer API (torch.backends.cuda.matmul.fp32_precision) alone.
-  if (dtype == at::kFloat && at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
-                                 at::Float32Precision::TF32) {
-    return TensorCoreFormat::kTF32;
+  const c10::optional<PersistentProduct> product = tensor_core_product(dtype);
+  if (!product) return c10::nullopt;
+  switch (*product) {
+    case PersistentProduct::kBFloat16:
+      return TensorCoreFormat::kBFloat16;
+    case PersistentProduct::kHalf:
+      return TensorCoreFormat::kHalf;
+    case PersistentProduct::kTF32:
+      return TensorCoreFormat::kTF32;
+    case PersistentProduct::kFma:
+      break;
   }
   return c10::nullopt;
 }
@@ -82,10 +74,7 @@ ForwardResult run_persistent(const char* name, void (*kernel)(Args), int64_t thr
                              const LayerSizes& s, const Tensor& x, const Tensor& h0, const Tensor& c0,
                              const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
                              const c10::optional<Tensor>& b_hh, bool padded, bool reverse, AddOwn&& add_own) {
-  gpu::allow_dynamic_shared(kernel, x.device(), shared_bytes);
-  if (gpu::max_active_blocks_per_sm(kernel, x.device(), threads, shared_bytes) * device.sm_count < blocks) {
-    return c10::nullopt;
-  }
+  if (!persistent_grid_fits(kernel, x.device(), device, threads, blocks, shared_bytes)) return c10::nullopt;
   LstmForwardBuffers<acc_t> f = begin_lstm_forward<acc_t>(s, x, h0, c0, w_ih, b_ih, b_hh, padded);
   // The rows that advance at each step: without lengths every row does, and the kernel needs no
   // table (nothing to copy to the device, so the call stays free of host-device traffic).
@@ -175,10 +164,6 @@ namespace {
 using BackwardResult =
     c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>>;
 
-// A product kind as a type, for the generic dispatch lambda below.
-template <PersistentProduct kProduct>
-using ProductTag = std::integral_constant<PersistentProduct, kProduct>;
-
 template <typename scalar_t, typename acc_t, PersistentProduct kProduct>
 BackwardResult run_persistent_backward(const PersistentProductPlan& plan, const gpu::DeviceInfo& device,
                                        const LayerSizes& s, const Tensor& grad_y, const Tensor& grad_h_n,
@@ -188,10 +173,7 @@ BackwardResult run_persistent_backward(const PersistentProductPlan& plan, const 
   auto* kernel = &lstm_persistent_backward_kernel<scalar_t, acc_t, kProduct>;
   const char* name =
       kProduct == PersistentProduct::kFma ? "lstm_persistent_backward_kernel" : "lstm_persistent_tc_backward_kernel";
-  gpu::allow_dynamic_shared(kernel, x.device(), plan.shared_bytes);
-  if (gpu::max_active_blocks_per_sm(kernel, x.device(), kPersistentProductThreads, plan.shared_bytes) *
-          device.sm_count <
-      plan.blocks) {
+  if (!persistent_grid_fits(kernel, x.device(), device, kPersistentProductThreads, plan.blocks, plan.shared_bytes)) {
     return c10::nullopt;
   }
   LstmBackwardBuffers<acc_t> g = begin_lstm_backward<acc_t>(s, grad_y, grad_h_n, grad_c_n, x, c0, reserve, padded);
@@ -246,27 +228,7 @@ BackwardResult lstm_layer_backward_persistent(const LayerSizes& s, const Tensor&
     return run_persistent_backward<scalar_t, acc_t, kProduct>(plan, device, s, grad_y, grad_h_n, grad_c_n, x, h0,
                                                               c0, w_ih, w_hh, y, reserve, padded, reverse, wanted);
   };
-  if (choice == PersistentChoice::kAny && device.cc_major >= 8) {
-    if (const c10::optional<TensorCoreFormat> format = tensor_core_format(x.scalar_type())) {
-      BackwardResult result;
-      switch (*format) {
-        case TensorCoreFormat::kBFloat16:
-          result = run(c10::BFloat16(), float(), ProductTag<PersistentProduct::kBFloat16>());
-          break;
-        case TensorCoreFormat::kHalf:
-          result = run(c10::Half(), float(), ProductTag<PersistentProduct::kHalf>());
-          break;
-        case TensorCoreFormat::kTF32:
-          result = run(float(), float(), ProductTag<PersistentProduct::kTF32>());
-          break;
-      }
-      if (result) return result;
-    }
-  }
-  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_backward_persistent",
-                                         [&]() -> BackwardResult {
-    return run(scalar_t(), at::opmath_type<scalar_t>(), ProductTag<PersistentProduct::kFma>());
-  });
+  return run_with_product<BackwardResult>(x.scalar_type(), device, choice, run);
 }
 
 }  // namespace lstm_fused

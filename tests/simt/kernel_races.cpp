@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../../csrc/cuda/gru_kernels.cuh"
+#include "../../csrc/cuda/gru_persistent_kernels.cuh"
 #include "../../csrc/cuda/lstm_kernels.cuh"
 #include "../../csrc/cuda/lstm_persistent_backward_kernel.cuh"
 #include "../../csrc/cuda/lstm_persistent_kernel.cuh"
@@ -123,6 +124,50 @@ void run_backward(std::mt19937& gen, const char* what) {
          what);
 }
 
+// The persistent GRU kernels, forward and backward, on the same plans.
+template <typename scalar_t, PersistentProduct kProduct>
+void run_gru(std::mt19937& gen, const char* what) {
+  const int B = 20, H = 40, T = 3;
+  simt::Device device = simt::device();
+  device.sm_count = 4;
+  simt::set_device(device);
+  const bool tc = kProduct != PersistentProduct::kFma;
+  const PersistentProductPlan forward = plan_persistent_product_layer(H, B, 3, H, sizeof(scalar_t), 4, tc, 4, 227 * 1024);
+  const PersistentProductPlan backward =
+      plan_persistent_product_layer(H, B, 1, 3 * H, sizeof(scalar_t), 4, tc, 4, 227 * 1024);
+  if (!forward.usable || !backward.usable) {
+    std::fprintf(stderr, "the GRU plans refused H=%d B=%d (%s)\n", H, B, what);
+    ++failures;
+    return;
+  }
+  auto w_hh = random_as<scalar_t>(3 * H * H, gen), b_ih = random_as<scalar_t>(3 * H, gen);
+  auto b_hh = random_as<scalar_t>(3 * H, gen), gates = random_as<scalar_t>(T * B * 3 * H, gen);
+  auto h_even = random_as<scalar_t>(B * H, gen);
+  std::vector<scalar_t> h_odd(h_even), hidden_n_proj(T * B * H), y(T * B * H);
+  std::vector<int64_t> active_rows = {B, 17, 3}, lengths(B, 1);
+  for (int b = 0; b < B; ++b) lengths[b] = b < 3 ? 3 : (b < 17 ? 2 : 1);
+  typename GruForwardPolicy<scalar_t, float>::Args f{w_hh.data(), b_ih.data(), b_hh.data(), gates.data(),
+                                                     hidden_n_proj.data(), y.data(), h_even.data(), h_odd.data(),
+                                                     active_rows.data(), T, B, H, false, product_shape(forward)};
+  const auto forward_kernel = &gru_persistent_forward_kernel<scalar_t, float, kProduct>;
+  expect(simt::set_max_dynamic_shared(forward_kernel, forward.shared_bytes), "set_max_dynamic_shared");
+  expect(simt::launch_cooperative("gru_persistent_forward_kernel", forward_kernel, dim3(forward.blocks),
+                                  dim3(kPersistentProductThreads), forward.shared_bytes, f),
+         what);
+  auto grad_y = random_as<scalar_t>(T * B * H, gen), h0 = random_as<scalar_t>(B * H, gen);
+  auto dh_state = random_vector(B * H, gen);
+  std::vector<scalar_t> d_input(T * B * 3 * H), d_even(B * 3 * H), d_odd(B * 3 * H), grad_h0(B * H);
+  typename GruBackwardPolicy<scalar_t, float>::Args g{
+      w_hh.data(), gates.data(), hidden_n_proj.data(), y.data(), h0.data(), grad_y.data(), d_input.data(),
+      d_even.data(), d_odd.data(), dh_state.data(), grad_h0.data(), active_rows.data(), lengths.data(), T, B, H,
+      false, product_shape(backward)};
+  const auto backward_kernel = &gru_persistent_backward_kernel<scalar_t, float, kProduct>;
+  expect(simt::set_max_dynamic_shared(backward_kernel, backward.shared_bytes), "set_max_dynamic_shared");
+  expect(simt::launch_cooperative("gru_persistent_backward_kernel", backward_kernel, dim3(backward.blocks),
+                                  dim3(kPersistentProductThreads), backward.shared_bytes, g),
+         what);
+}
+
 }  // namespace lstm_fused
 
 int main() {
@@ -197,6 +242,8 @@ int main() {
   run_backward<float, PersistentProduct::kFma>(gen, "backward fma");
   run_backward<BFloat16Bits, PersistentProduct::kBFloat16>(gen, "backward bf16");
   run_backward<float, PersistentProduct::kTF32>(gen, "backward tf32");
+  run_gru<float, PersistentProduct::kFma>(gen, "gru fma");
+  run_gru<BFloat16Bits, PersistentProduct::kBFloat16>(gen, "gru bf16");
   std::printf("%d launch failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
