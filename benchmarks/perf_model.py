@@ -133,7 +133,7 @@ def per_step_backward_step(B, H, dtype):
 def backward_plan(B, H, dtype, tensor_core):
     es = element_bytes(dtype)
     fields = ("usable", "units", "blocks", "m_rows", "n_cols", "n_tiles", "chunks", "k_split", "row_stride",
-              "shared_bytes")
+              "stage_a", "shared_bytes")
     values = torch.ops.lstm_fused._persistent_product_plan(H, B, 1, 4 * H, es, 4, tensor_core, SMS, SHARED_OPTIN)
     return dict(zip(fields, values))
 

@@ -92,7 +92,9 @@ struct PersistentProductPlan {
   int64_t n_tiles = 0;     // tensor cores: n_cols / 8
   int64_t chunks = 0;      // tensor cores: K in chunks of 64 bytes per row (two mma.sync each)
   int64_t k_split = 0;     // K ranges per n tile (tensor cores), so that 8 warps share small N; 1 for FMA
-  int64_t row_stride = 0;  // elements per shared row of the W slice
+  int64_t row_stride = 0;  // elements per shared row of the W slice (and of staged A)
+  bool stage_a = false;    // tensor cores with several n tiles: A is staged in shared memory once per
+                           // step (every n tile reads it) instead of each job reading it from L2
   int64_t shared_bytes = 0;
 };
 
@@ -131,6 +133,11 @@ inline PersistentProductPlan plan_persistent_product_layer(int64_t hidden, int64
   }
   plan.shared_bytes =
       plan.n_cols * plan.row_stride * element_bytes + plan.k_split * plan.m_rows * plan.n_cols * acc_bytes;
+  const int64_t staged_bytes = plan.m_rows * plan.row_stride * element_bytes;
+  if (tensor_cores && plan.n_tiles > 1 && plan.shared_bytes + staged_bytes <= max_shared_bytes) {
+    plan.stage_a = true;
+    plan.shared_bytes += staged_bytes;
+  }
   plan.usable = plan.shared_bytes <= max_shared_bytes && batch * plan.units_per_block <= kPersistentMaxPairsPerBlock;
   return plan;
 }

@@ -109,7 +109,7 @@ def backward_plan(hidden, batch, element_bytes, tensor_cores, sms=H100_SMS, shar
                   columns_per_unit=1, depth=None):
     """plan_persistent_product_layer; by default the LSTM backward's (N = U, K = 4H)."""
     fields = ("usable", "units", "blocks", "m_rows", "n_cols", "n_tiles", "chunks", "k_split", "row_stride",
-              "shared_bytes")
+              "stage_a", "shared_bytes")
     acc = acc_bytes or (8 if element_bytes == 8 else 4)
     values = torch.ops.lstm_fused._persistent_product_plan(hidden, batch, columns_per_unit, depth or 4 * hidden,
                                                            element_bytes, acc, tensor_cores, sms, shared)
@@ -141,8 +141,11 @@ def test_product_plan_covers_the_layer(sms, shared, hidden, batch, element_bytes
         assert 1 <= p["k_split"] <= p["chunks"] and (p["k_split"] == 1 or p["n_tiles"] * p["k_split"] <= 8)
     else:
         assert (p["n_cols"], p["m_rows"], p["k_split"], p["row_stride"]) == (columns, batch, 1, K)
-    assert p["shared_bytes"] == (p["n_cols"] * p["row_stride"] * element_bytes
-                                 + p["k_split"] * p["m_rows"] * p["n_cols"] * acc)
+    unstaged = p["n_cols"] * p["row_stride"] * element_bytes + p["k_split"] * p["m_rows"] * p["n_cols"] * acc
+    staged = p["m_rows"] * p["row_stride"] * element_bytes
+    # A is staged exactly where several n tiles would read it and it fits
+    assert p["stage_a"] == (tensor_cores and p["n_tiles"] > 1 and unstaged + staged <= shared)
+    assert p["shared_bytes"] == unstaged + (staged if p["stage_a"] else 0)
     assert p["usable"] == (p["shared_bytes"] <= shared and batch * p["units"] <= 512)
 
 

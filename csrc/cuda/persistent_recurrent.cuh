@@ -20,8 +20,10 @@
 //      of a row of W (shared memory): four lanes cover a 64-byte chunk of K, the K of two mma.sync
 //      (m16n8k16 for bf16 / fp16, m16n8k8 for TF32). Within a chunk the K order is permuted (lane
 //      t holds columns [t*C/4, t*C/4 + C/4) of A and W alike), which leaves the sum unchanged and
-//      makes every operand one vector load: no ldmatrix and no staging of A, which each block
-//      reads once per step when N fits one n tile;
+//      makes every operand one vector load, and no ldmatrix. When N spans one n tile, every block
+//      reads each element of A once per step, straight from L2 into registers; with several n
+//      tiles the plan stages A in shared memory first (cp.async.cg), once per step, so that the
+//      n tiles' jobs share it;
 //   3. the policy finishes each pair from the column sums;
 //   4. grid.sync().
 // Free of ATen, so that nvcc and the SIMT emulator compile the same source.
@@ -41,12 +43,13 @@ enum class PersistentProduct : int { kFma = 0, kBFloat16 = 1, kHalf = 2, kTF32 =
 // The plan's partitioning of the product, as the kernels take it.
 struct ProductShape {
   int units_per_block, m_rows, n_cols, n_tiles, chunks, k_split, row_stride;  // plan_persistent_product_layer
+  bool stage_a;
 };
 
 inline ProductShape product_shape(const PersistentProductPlan& plan) {
   return {static_cast<int>(plan.units_per_block), static_cast<int>(plan.m_rows), static_cast<int>(plan.n_cols),
           static_cast<int>(plan.n_tiles),         static_cast<int>(plan.chunks), static_cast<int>(plan.k_split),
-          static_cast<int>(plan.row_stride)};
+          static_cast<int>(plan.row_stride),      plan.stage_a};
 }
 
 // The plan keeps B * U <= kPersistentMaxPairsPerBlock: each thread finishes at most this many pairs.
@@ -97,11 +100,33 @@ __device__ __forceinline__ Words16 load_a_words(const scalar_t* a_rows, int row,
   return out;
 }
 
+// Copies A's first `rows` rows (K columns, through L2) into a_s ([m_rows][row_stride], whose
+// columns past K stay zero from the kernel's start): 16-byte cp.async.cg where the rows allow it.
+template <typename scalar_t>
+__device__ __forceinline__ void stage_rows(scalar_t* a_s, const scalar_t* a_rows, int rows, int K, int stride) {
+  if (K * int(sizeof(scalar_t)) % 16 == 0 && reinterpret_cast<uintptr_t>(a_rows) % 16 == 0) {
+    const int chunks = K * int(sizeof(scalar_t)) / 16, per_chunk = 16 / int(sizeof(scalar_t));
+    for (int idx = threadIdx.x; idx < rows * chunks; idx += blockDim.x) {
+      const int b = idx / chunks, k = (idx % chunks) * per_chunk;
+      tc::cp_async_16(a_s + b * stride + k, a_rows + int64_t(b) * K + k);
+    }
+    tc::cp_async_commit();
+    tc::cp_async_wait<0>();
+  } else {
+    for (int idx = threadIdx.x; idx < rows * K; idx += blockDim.x) {
+      const int b = idx / K, k = idx % K;
+      a_s[b * stride + k] = load_uncached(a_rows + int64_t(b) * K + k);
+    }
+  }
+  __syncthreads();
+}
+
 // part[ks][b][n] (k_split slabs of [m_rows][N]) = the sum over slab ks's K range of
 // A[b, k] W_s[n, k], for b < rows (A's other rows count as zero). All threads of the block call it.
+// a_s: where the plan stages A (shape.stage_a), else null.
 template <typename scalar_t, typename acc_t, PersistentProduct kProduct>
 __device__ __forceinline__ void persistent_product(acc_t* part, const scalar_t* a_rows, int rows, int K,
-                                                   const scalar_t* w_s, const ProductShape& shape) {
+                                                   const scalar_t* w_s, scalar_t* a_s, const ProductShape& shape) {
   const int N = shape.n_cols, stride = shape.row_stride;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kPersistentProductThreads / 32;
   if constexpr (kProduct == PersistentProduct::kFma) {
@@ -118,6 +143,7 @@ __device__ __forceinline__ void persistent_product(acc_t* part, const scalar_t* 
   } else {
     constexpr int kChunk = 64 / int(sizeof(scalar_t));  // columns per chunk
     const bool vector_rows = K * int(sizeof(scalar_t)) % 16 == 0 && reinterpret_cast<uintptr_t>(a_rows) % 16 == 0;
+    if (a_s != nullptr) stage_rows(a_s, a_rows, rows, K, stride);
     const int g = lane >> 2, tq = lane & 3;
     const int jobs = shape.n_tiles * shape.k_split, m_tiles = shape.m_rows / 16;
     for (int job = warp; job < jobs; job += warps) {
@@ -129,8 +155,16 @@ __device__ __forceinline__ void persistent_product(acc_t* part, const scalar_t* 
         float acc0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int c = c_begin; c < c_end; ++c) {
           const int k = c * kChunk + tq * (kChunk / 4);
-          const Words16 a_lo = load_a_words(a_rows, mt * 16 + g, rows, k, K, vector_rows);
-          const Words16 a_hi = load_a_words(a_rows, mt * 16 + g + 8, rows, k, K, vector_rows);
+          Words16 a_lo, a_hi;
+          if (a_s != nullptr) {  // staged rows past `rows` hold older data: zeros instead
+            const Words16 zero{{0u, 0u, 0u, 0u}};
+            const int r = mt * 16 + g;
+            a_lo = r < rows ? *reinterpret_cast<const Words16*>(a_s + r * stride + k) : zero;
+            a_hi = r + 8 < rows ? *reinterpret_cast<const Words16*>(a_s + (r + 8) * stride + k) : zero;
+          } else {
+            a_lo = load_a_words(a_rows, mt * 16 + g, rows, k, K, vector_rows);
+            a_hi = load_a_words(a_rows, mt * 16 + g + 8, rows, k, K, vector_rows);
+          }
           const Words16 b = *reinterpret_cast<const Words16*>(w_row + c * kChunk);
           mma_chunk<kProduct>(acc0, acc1, a_lo, a_hi, b);
         }
@@ -174,9 +208,15 @@ __device__ __forceinline__ void persistent_recurrent_body(const typename Policy:
   LSTM_FUSED_DYNAMIC_SHARED(shared_raw);
   const ProductShape& shape = a.shape;
   const int U = shape.units_per_block, N = shape.n_cols, stride = shape.row_stride, K = Policy::k_size(a);
-  // [N][stride] W slice (zero past the units and K), then [k_split][m_rows][N] partial sums.
+  // [N][stride] W slice (zero past the units and K), [k_split][m_rows][N] partial sums, and where
+  // the plan says so [m_rows][stride] staged A (zero past K).
   scalar_t* w_s = reinterpret_cast<scalar_t*>(shared_raw);
   acc_t* part = reinterpret_cast<acc_t*>(w_s + int64_t(N) * stride);
+  scalar_t* a_s = shape.stage_a ? reinterpret_cast<scalar_t*>(part + int64_t(shape.k_split) * shape.m_rows * N)
+                                : nullptr;
+  if (a_s != nullptr) {
+    for (int64_t idx = threadIdx.x; idx < int64_t(shape.m_rows) * stride; idx += blockDim.x) a_s[idx] = scalar_t(0.0f);
+  }
   const int u0 = blockIdx.x * U;
   const int units = max(0, min(U, a.H - u0));
   // k slowest, n fastest: the global reads follow W_hh's rows where a column slice is wanted.
@@ -200,7 +240,7 @@ __device__ __forceinline__ void persistent_recurrent_body(const typename Policy:
     }
     // 2. The product.
     if (st.product_rows > 0) {
-      persistent_product<scalar_t, acc_t, kProduct>(part, st.a, st.product_rows, K, w_s, shape);
+      persistent_product<scalar_t, acc_t, kProduct>(part, st.a, st.product_rows, K, w_s, a_s, shape);
       __syncthreads();
     }
     // 3. The pointwise work of this thread's pairs.
