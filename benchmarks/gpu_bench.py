@@ -149,6 +149,26 @@ def persistent_tc_plan(B, H, dtype, device):
         return {"error": f"{type(error).__name__}: {error}"}
 
 
+def product_plans(cell, B, H, dtype, device):
+    """The product-generic persistent kernels' plans on this device (plan_persistent_product_layer):
+    the LSTM backward, the GRU forward and backward, with the product the dtype gets."""
+    if device != "cuda":
+        return None
+    try:
+        props = torch.cuda.get_device_properties(0)
+        fields = ("usable", "units_per_block", "blocks", "m_rows", "n_cols", "n_tiles", "chunks", "k_split",
+                  "row_stride", "stage_a", "shared_bytes")
+        es = torch.empty((), dtype=dtype).element_size()
+        acc = 8 if dtype == torch.float64 else 4
+        kernels = {"lstm": {"backward": (1, 4 * H)}, "gru": {"forward": (3, H), "backward": (1, 3 * H)}}[cell]
+        return {name: dict(zip(fields, torch.ops.lstm_fused._persistent_product_plan(
+                    H, B, columns, depth, es, acc, tensor_cores_chosen(dtype), props.multi_processor_count,
+                    props.shared_memory_per_block_optin)))
+                for name, (columns, depth) in kernels.items()}
+    except Exception as error:  # the op's signature may change; the timing does not depend on it
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
 def tensor_cores_chosen(dtype):
     """What csrc/cuda/lstm_persistent.cu picks: tensor cores for the half types, and for float32
     when TF32 is allowed for matmuls."""
@@ -157,13 +177,13 @@ def tensor_cores_chosen(dtype):
     return dtype in (torch.bfloat16, torch.float16) or (dtype == torch.float32 and tf32)
 
 
-def predicted(B, T, I, H, dtype_name, packed):
+def predicted(cell, B, T, I, H, dtype_name, packed):
     """benchmarks/perf_model.py's prediction for this config, beside the measurement."""
     try:
         import perf_model
 
         name = dtype_name + ("-tf32" if dtype_name == "fp32" and tensor_cores_chosen(torch.float32) else "")
-        row = perf_model.predict(B, T, I, H, name)
+        row = (perf_model.predict if cell == "lstm" else perf_model.predict_gru)(B, T, I, H, name)
         return {key: row[key] for key in ("kernel", "backward_kernel", "fwd_us_per_step", "bwd_us_per_step",
                                           "fwd_bwd_us_per_step")}
     except Exception as error:  # the model is advisory: it must not cost the measurement
@@ -216,17 +236,24 @@ def bench_config(spec, tf32, device, measure):
         model.train()
         result[f"{label}_fwd_ms"] = measure(forward(model))
         result[f"{label}_fwdbwd_ms"] = measure(forward_backward(model))
-    if cell == "lstm":
-        result["persistent_plan"] = persistent_plan(B, H, dtype, device)
-        result["persistent_tc_plan"] = persistent_tc_plan(B, H, dtype, device)
-        # The other kernels too, for comparison: the FMA persistent one where the tensor-core one
-        # runs, and the per-step kernels where any persistent one does.
-        # Forward and forward + backward (the persistent backward kernel against the per-step
-        # pointwise kernel + cuBLAS loop) under each setting.
+    if cell in ("lstm", "gru"):
+        result["product_plans"] = product_plans(cell, B, H, dtype, device)
+        if cell == "lstm":
+            result["persistent_plan"] = persistent_plan(B, H, dtype, device)
+            result["persistent_tc_plan"] = persistent_tc_plan(B, H, dtype, device)
+            persistent = (result["persistent_plan"] or {}).get("usable")
+            tensor_core = (result["persistent_tc_plan"] or {}).get("usable") and tensor_cores_chosen(dtype)
+        else:
+            plans = result["product_plans"] or {}
+            persistent = (plans.get("forward") or {}).get("usable")
+            tensor_core = persistent and tensor_cores_chosen(dtype)
+        # The other kernels too, for comparison, forward and forward + backward: the FMA products
+        # where tensor cores run, and the per-step kernels (the backward's pointwise kernel +
+        # cuBLAS loop) where any persistent kernel does.
         variants = []
-        if (result["persistent_tc_plan"] or {}).get("usable") and tensor_cores_chosen(dtype):
+        if tensor_core:
             variants.append(("ours_fma_persistent", "fma"))
-        if (result["persistent_plan"] or {}).get("usable") or variants:
+        if persistent or variants:
             variants.append(("ours_per_step", "0"))
         for key, setting in variants:
             os.environ["LSTM_FUSED_PERSISTENT"] = setting
@@ -235,7 +262,7 @@ def bench_config(spec, tf32, device, measure):
                 result[f"{key}_fwdbwd_ms"] = measure(forward_backward(ours))
             finally:
                 del os.environ["LSTM_FUSED_PERSISTENT"]
-        result["predicted"] = predicted(B, T, I, H, dtype_name, packed)
+        result["predicted"] = predicted(cell, B, T, I, H, dtype_name, packed)
     gates = 4 if cell.startswith("lstm") else 3
     steps = T if packed is None else float(lengths.float().mean())  # packed: the real work only
     result["ours_fwd_tflops"] = matrix_flops(B, steps, I, H, gates) / (result["ours_fwd_ms"] * 1e-3) / 1e12

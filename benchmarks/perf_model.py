@@ -130,60 +130,86 @@ def per_step_backward_step(B, H, dtype):
     return max(2 * LAUNCH_US, gemm_us + 2.0), dict(launches=2)
 
 
-def backward_plan(B, H, dtype, tensor_core):
+def product_plan(B, H, dtype, tensor_core, columns_per_unit, depth):
     es = element_bytes(dtype)
     fields = ("usable", "units", "blocks", "m_rows", "n_cols", "n_tiles", "chunks", "k_split", "row_stride",
               "stage_a", "shared_bytes")
-    values = torch.ops.lstm_fused._persistent_product_plan(H, B, 1, 4 * H, es, 4, tensor_core, SMS, SHARED_OPTIN)
+    values = torch.ops.lstm_fused._persistent_product_plan(H, B, columns_per_unit, depth, es, 4, tensor_core, SMS,
+                                                           SHARED_OPTIN)
     return dict(zip(fields, values))
 
 
-def tc_persistent_backward_step(B, H, dtype):
-    """lstm_persistent_backward_kernel, tensor-core product: per step every block reads all of
-    dG_{t+1} ([B, 4H], written by every block before the barrier) from L2 by 16-byte lane loads,
-    two mma.sync per 64-byte chunk into two accumulators, the pointwise backward of its pairs
-    (inputs loaded before the product), then grid.sync. dG is read once per block, so the step
-    moves blocks x B x 4H elements through L2: at B=16 H=768 bf16, 128 x 98 KB = 12.6 MB."""
+# The product-generic persistent kernels (csrc/cuda/persistent_recurrent.cuh): N columns per
+# unit and K of each, by kernel.
+PRODUCT_KERNELS = {
+    "lstm_backward": (1, lambda H: 4 * H),
+    "gru_forward": (3, lambda H: H),
+    "gru_backward": (1, lambda H: 3 * H),
+}
+
+
+def tc_product_step(B, H, dtype, kernel):
+    """A product-generic persistent kernel on tensor cores: per step every block reads all of A
+    ([B, K], written by every block before the barrier) through L2, by 16-byte lane loads straight
+    into registers (one n tile: each element once per block) or staged once into shared memory by
+    cp.async (several n tiles); two mma.sync per 64-byte chunk into two accumulators; the pointwise
+    work of its pairs (inputs loaded before the product); grid.sync. The step moves
+    blocks x B x K elements through L2: the LSTM backward at B=16 H=768 bf16, 128 x 98 KB = 12.6 MB."""
     es = element_bytes(dtype)
-    p = backward_plan(B, H, dtype, True)
+    columns_per_unit, depth = PRODUCT_KERNELS[kernel]
+    K = depth(H)
+    p = product_plan(B, H, dtype, True, columns_per_unit, K)
     if not p["usable"]:
         return None
     m_tiles = p["m_rows"] // 16
     jobs_per_warp = math.ceil(p["n_tiles"] * p["k_split"] / 8)
     chunks_per_job = math.ceil(p["chunks"] / p["k_split"])
-    per_job = m_tiles * max(chunks_per_job * MMA_CYCLES,  # each chunk adds one mma to each of two chains
-                            load_rounds(2 * chunks_per_job) * L2_CYCLES)  # 2 A loads per chunk, L2 latency
-    latency = jobs_per_warp * per_job + L2_CYCLES
-    l2_bytes = p["blocks"] * B * 4 * H * es
+    if p["stage_a"]:
+        stage = load_rounds(math.ceil(B * K * es / 16 / 256)) * L2_CYCLES + 40  # cp.async, then a barrier
+        per_job = m_tiles * (chunks_per_job * MMA_CYCLES + SHARED_CYCLES)
+    else:
+        stage = 0
+        per_job = m_tiles * max(chunks_per_job * MMA_CYCLES,  # each chunk adds one mma to each of two chains
+                                load_rounds(2 * chunks_per_job) * L2_CYCLES)  # 2 A loads per chunk, L2 latency
+    latency = stage + jobs_per_warp * per_job + L2_CYCLES
+    l2_bytes = p["blocks"] * B * K * es * (1 if p["stage_a"] else p["n_tiles"])
     bandwidth = l2_bytes / L2_BYTES_PER_US
-    pointwise = p["k_split"] * SHARED_CYCLES + 150 + L2_CYCLES  # partials, the cell's backward, the dG stores
+    pointwise = p["k_split"] * SHARED_CYCLES + 150 + L2_CYCLES  # partials, the cell, the stores
     counts = dict(blocks=p["blocks"], units_per_block=p["units"], n_tiles=p["n_tiles"], k_split=p["k_split"],
-                  chunks=p["chunks"], shared_bytes=p["shared_bytes"],
+                  chunks=p["chunks"], stage_a=bool(p["stage_a"]), shared_bytes=p["shared_bytes"],
                   mma_per_warp_per_step=jobs_per_warp * m_tiles * chunks_per_job * 2,  # two per chunk
                   mma_per_block_per_step=p["n_tiles"] * p["k_split"] * m_tiles * chunks_per_job * 2,
-                  l2_bytes_per_step=l2_bytes, grid_syncs=1, block_barriers=1)
+                  l2_bytes_per_step=l2_bytes, grid_syncs=1)
     return max(us(latency), bandwidth) + us(pointwise + 40) + GRID_SYNC_US, counts
 
 
-def fma_persistent_backward_step(B, H, dtype):
-    """lstm_persistent_backward_kernel, FMA product: a warp per (row, unit) pair, lanes over
-    K = 4H with a 5-level shuffle reduction; every pair re-reads its row of dG from L2."""
-    p = backward_plan(B, H, dtype, False)
+def fma_product_step(B, H, dtype, kernel):
+    """A product-generic persistent kernel on FMAs: a warp per (row, column) pair, lanes over K
+    with a 5-level shuffle reduction; every pair re-reads its row of A from L2."""
+    columns_per_unit, depth = PRODUCT_KERNELS[kernel]
+    K = depth(H)
+    p = product_plan(B, H, dtype, False, columns_per_unit, K)
     if not p["usable"]:
         return None
-    pairs_per_warp = math.ceil(B * p["units"] / 8)
-    k_per_lane = math.ceil(4 * H / 32)
+    pairs_per_warp = math.ceil(B * p["n_cols"] / 8)
+    k_per_lane = math.ceil(K / 32)
     per_pair = load_rounds(k_per_lane) * L2_CYCLES + 5 * 30 + k_per_lane * 4
     pointwise = 150 + L2_CYCLES
     counts = dict(blocks=p["blocks"], units_per_block=p["units"], pairs_per_warp=pairs_per_warp, grid_syncs=1)
     return us(pairs_per_warp * per_pair + pointwise) + GRID_SYNC_US, counts
 
 
-def backward_gemms_per_step(B, I, H, dtype, allow_tf32):
+def gru_per_step_forward(B, H, dtype):
+    """gru_forward_step_kernel: the LSTM per-step kernel's shape with 3 gates, one launch per step."""
+    time, counts = per_step_kernel_step(B, H, dtype)
+    return time * 3 / 4 if time > LAUNCH_US else time, counts
+
+
+def backward_gemms_per_step(B, I, H, dtype, allow_tf32, gates):
     """The GEMMs after the backward loop (dW_ih, dW_hh with the bias, dx), per step of the
-    sequence: 2 B 4H (I + H) + 2 B 4H I flops at cuBLAS's rate (est.: 400 TFLOP/s for bf16 / fp16
+    sequence: 2 B gH (I + H) + 2 B gH I flops at cuBLAS's rate (est.: 400 TFLOP/s for bf16 / fp16
     and TF32 at these sizes, 50 for FP32)."""
-    flops = 2 * B * 4 * H * (I + H) + 2 * B * 4 * H * I
+    flops = 2 * B * gates * H * (I + H) + 2 * B * gates * H * I
     rate = 400e12 if tensor_cores(dtype, allow_tf32) else 50e12
     return flops / rate * 1e6
 
@@ -206,20 +232,49 @@ def predict(B, T, I, H, dtype, allow_tf32=True):
     row["fwd_us_per_step"], row["counts"] = forward
     backward = None
     if tensor_cores(dtype, allow_tf32):
-        backward = tc_persistent_backward_step(B, H, base)
+        backward = tc_product_step(B, H, base, "lstm_backward")
         row["backward_kernel"] = "lstm_persistent_tc_backward_kernel"
     if backward is None:
-        backward = fma_persistent_backward_step(B, H, base)
+        backward = fma_product_step(B, H, base, "lstm_backward")
         row["backward_kernel"] = "lstm_persistent_backward_kernel"
     if backward is None:
         backward = per_step_backward_step(B, H, base)
         row["backward_kernel"] = "lstm_backward_pointwise_kernel + cuBLAS"
     row["bwd_loop_us_per_step"], row["backward_counts"] = backward
-    row["bwd_gemms_us_per_step"] = backward_gemms_per_step(B, I, H, dtype, allow_tf32)
+    row["bwd_gemms_us_per_step"] = backward_gemms_per_step(B, I, H, dtype, allow_tf32, gates=4)
     row["bwd_us_per_step"] = row["bwd_loop_us_per_step"] + row["bwd_gemms_us_per_step"]
     row["fwd_bwd_us_per_step"] = row["fwd_us_per_step"] + row["bwd_us_per_step"]
     cudnn = CUDNN_US_PER_STEP.get((B, H, "fp16"))
     row["cudnn_fwd_us_per_step"], row["cudnn_fwd_bwd_us_per_step"] = cudnn if cudnn else (None, None)
+    return row
+
+
+def predict_gru(B, T, I, H, dtype, allow_tf32=True):
+    """The same for the GRU layer: its persistent forward and backward kernels, or the per-step ones."""
+    base = dtype.split("-")[0]
+    if base == "fp32" and "tf32" not in dtype:
+        allow_tf32 = False
+    row = dict(cell="gru", B=B, T=T, I=I, H=H, dtype=dtype)
+    for direction, per_step in (("forward", gru_per_step_forward), ("backward", per_step_backward_step)):
+        found = None
+        if tensor_cores(dtype, allow_tf32):
+            found = tc_product_step(B, H, base, f"gru_{direction}")
+            name = f"gru_persistent_tc_{direction}_kernel"
+        if found is None:
+            found = fma_product_step(B, H, base, f"gru_{direction}")
+            name = f"gru_persistent_{direction}_kernel"
+        if found is None:
+            found = per_step(B, H, base)
+            name = "gru_forward_step_kernel" if direction == "forward" else "gru_backward_pointwise_kernel + cuBLAS"
+        row["kernel" if direction == "forward" else "backward_kernel"] = name
+        if direction == "forward":
+            row["fwd_us_per_step"], row["counts"] = found
+        else:
+            row["bwd_loop_us_per_step"], row["backward_counts"] = found
+    row["bwd_gemms_us_per_step"] = backward_gemms_per_step(B, I, H, dtype, allow_tf32, gates=3)
+    row["bwd_us_per_step"] = row["bwd_loop_us_per_step"] + row["bwd_gemms_us_per_step"]
+    row["fwd_bwd_us_per_step"] = row["fwd_us_per_step"] + row["bwd_us_per_step"]
+    row["cudnn_fwd_us_per_step"] = row["cudnn_fwd_bwd_us_per_step"] = None  # no public GRU figure found
     return row
 
 
@@ -276,19 +331,20 @@ def main():
     parser.add_argument("--emulate", action="store_true")
     args = parser.parse_args()
     rows = [predict(*config) for config in GOAL_CONFIGS]
+    gru_rows = [predict_gru(*config) for config in GOAL_CONFIGS]
     if args.emulate:
         for row in rows:
             row["emulated"] = emulated_counts(row["B"], row["H"], row["dtype"])
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows + gru_rows, indent=1))
         return
-    print("| B | T | I | H | dtype | forward kernel | backward kernel | fwd us/step | bwd loop + GEMMs us/step "
+    print("| cell | B | T | I | H | dtype | forward kernel | backward kernel | fwd us/step | bwd loop + GEMMs us/step "
           "| fwd+bwd us/step | cuDNN fwd / fwd+bwd |")
-    print("|---:|---:|---:|---:|---|---|---|---:|---:|---:|---|")
-    for r in rows:
+    print("|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---|")
+    for r in rows + gru_rows:
         cudnn = (f"{r['cudnn_fwd_us_per_step']:.2f} / {r['cudnn_fwd_bwd_us_per_step']:.2f} (fp16)"
                  if r["cudnn_fwd_us_per_step"] else "no public figure")
-        print(f"| {r['B']} | {r['T']} | {r['I']} | {r['H']} | {r['dtype']} | {r['kernel']} | {r['backward_kernel']} | "
+        print(f"| {r.get('cell', 'lstm')} | {r['B']} | {r['T']} | {r['I']} | {r['H']} | {r['dtype']} | {r['kernel']} | {r['backward_kernel']} | "
               f"{r['fwd_us_per_step']:.2f} | {r['bwd_loop_us_per_step']:.2f} + {r['bwd_gemms_us_per_step']:.2f} | "
               f"{r['fwd_bwd_us_per_step']:.2f} | {cudnn} |")
     for r in rows:
