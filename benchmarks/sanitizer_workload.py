@@ -1,9 +1,10 @@
 """The workload that benchmarks/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck):
 small enough to finish there in well under a minute, shaped to reach every CUDA kernel.
 
-- the persistent LSTM kernel (no projection, B * ceil(H / SMs) within its plan in
-  csrc/persistent_plan.h): one unit per block (H=40) and several (H=300, 3 units per block on an
-  H100/H200's 132 SMs), with lengths and reverse;
+- the persistent kernels, LSTM and GRU, forward and backward (no projection, B * ceil(H / SMs)
+  within their plans in csrc/persistent_plan.h): one unit per block (H=40, H=70) and several
+  (H=300, 3 units per block on an H100/H200's 132 SMs: the GRU forward's 9 columns in two n tiles,
+  A staged in shared memory), with lengths and reverse;
 - the per-step kernels on shapes that span several blocks in both grid dimensions with ragged
   edges (H=70: 3 blocks of 32 units; B=19: 3 blocks of 8 rows), with lengths, reverse and a
   projection, LSTM and GRU, and the cells;
@@ -53,6 +54,10 @@ CASES = {
                                          6, 19, "random", "fp32", True),
     "gru-multiblock-2layers-bf16": ("GRU", dict(input_size=7, hidden_size=70, num_layers=2), 4, 19, None, "bf16", True),
     "gru-multiblock-fp64": ("GRU", dict(input_size=7, hidden_size=70), 4, 19, None, "fp64", True),
+    "gru-persistent-3units-packed-bidir-bf16": ("GRU", dict(input_size=5, hidden_size=300, bidirectional=True),
+                                                5, 6, "random", "bf16", True),
+    "gru-per-step-multiblock-packed-bidir-fp32": ("GRU", dict(input_size=7, hidden_size=70, bidirectional=True),
+                                                  6, 19, "random", "fp32", False),
     "lstmcell-multiblock-fp32": ("LSTMCell", dict(input_size=7, hidden_size=70), 3, 19, None, "fp32", True),
     "grucell-multiblock-fp32": ("GRUCell", dict(input_size=7, hidden_size=70), 3, 19, None, "fp32", True),
 }
