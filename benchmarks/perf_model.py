@@ -121,6 +121,19 @@ def per_step_kernel_step(B, H, dtype):
     return max(device, LAUNCH_US), dict(blocks=blocks, k_tiles=tiles, launches=1)
 
 
+def gemm_step(B, H, dtype, gates=4, tensor_core=True):
+    """The per-step path's GEMM form (use_gemm_step in csrc/cuda/recurrent_step.cuh: >= 32 rows and
+    >= 64 x 256 rows x units): cuBLAS for h_{t-1} W_hh^T (est. 400 TFLOP/s for bf16 / fp16 / TF32, 50
+    for FP32) and one pointwise kernel, two launches per step: host-bound below ~10 us."""
+    gemm_us = 2 * B * gates * H * H / (400e12 if tensor_core else 50e12) * 1e6
+    device = gemm_us + us(3 * L2_CYCLES)
+    return max(device, 2 * LAUNCH_US), dict(launches=2, gemm_us=gemm_us)
+
+
+def uses_gemm_step(B, H):
+    return B >= 32 and B * H >= 64 * 256
+
+
 def per_step_backward_step(B, H, dtype):
     """The per-step backward (where no persistent plan fits): a pointwise kernel and a cuBLAS GEMM
     (dG_t W_hh) launched per step: host-bound at small batches."""
@@ -199,8 +212,11 @@ def fma_product_step(B, H, dtype, kernel):
     return us(pairs_per_warp * per_pair + pointwise) + GRID_SYNC_US, counts
 
 
-def gru_per_step_forward(B, H, dtype):
-    """gru_forward_step_kernel: the LSTM per-step kernel's shape with 3 gates, one launch per step."""
+def gru_per_step_forward(B, H, dtype, tensor_core):
+    """gru_forward_step_kernel (the LSTM per-step kernel's shape with 3 gates, one launch per
+    step), or the GEMM form for large steps."""
+    if uses_gemm_step(B, H):
+        return gemm_step(B, H, dtype, gates=3, tensor_core=tensor_core)
     time, counts = per_step_kernel_step(B, H, dtype)
     return time * 3 / 4 if time > LAUNCH_US else time, counts
 
@@ -226,6 +242,9 @@ def predict(B, T, I, H, dtype, allow_tf32=True):
     if forward is None:
         forward = fma_persistent_step(B, H, base)
         row["kernel"] = "lstm_persistent_forward_kernel"
+    if forward is None and uses_gemm_step(B, H):
+        forward = gemm_step(B, H, base, tensor_core=tensor_cores(dtype, allow_tf32))
+        row["kernel"] = "cuBLAS + lstm_forward_pointwise_kernel"
     if forward is None:
         forward = per_step_kernel_step(B, H, base)
         row["kernel"] = "lstm_forward_step_kernel"
@@ -264,8 +283,9 @@ def predict_gru(B, T, I, H, dtype, allow_tf32=True):
             found = fma_product_step(B, H, base, f"gru_{direction}")
             name = f"gru_persistent_{direction}_kernel"
         if found is None:
-            found = per_step(B, H, base)
-            name = "gru_forward_step_kernel" if direction == "forward" else "gru_backward_pointwise_kernel + cuBLAS"
+            found = per_step(B, H, base, tensor_cores(dtype, allow_tf32)) if direction == "forward" else per_step(B, H, base)
+            name = (("cuBLAS + gru_forward_pointwise_kernel" if uses_gemm_step(B, H) else "gru_forward_step_kernel")
+                    if direction == "forward" else "gru_backward_pointwise_kernel + cuBLAS")
         row["kernel" if direction == "forward" else "backward_kernel"] = name
         if direction == "forward":
             row["fwd_us_per_step"], row["counts"] = found

@@ -8,6 +8,8 @@ small enough to finish there in well under a minute, shaped to reach every CUDA 
 - the per-step kernels on shapes that span several blocks in both grid dimensions with ragged
   edges (H=70: 3 blocks of 32 units; B=19: 3 blocks of 8 rows), with lengths, reverse and a
   projection, LSTM and GRU, and the cells;
+- the per-step path's GEMM form (B=64, H=256, persistent kernels off: cuBLAS + one pointwise
+  kernel per step), LSTM and GRU;
 - forward and backward of each, float32, float64 and the half types.
 
 Each case is checked against torch.nn in float64 on the CPU (relative error norms), so a wrong
@@ -58,6 +60,8 @@ CASES = {
                                                 5, 6, "random", "bf16", True),
     "gru-per-step-multiblock-packed-bidir-fp32": ("GRU", dict(input_size=7, hidden_size=70, bidirectional=True),
                                                   6, 19, "random", "fp32", False),
+    "lstm-gemm-step-bf16": ("LSTM", dict(input_size=7, hidden_size=256), 3, 64, None, "bf16", False),
+    "gru-gemm-step-packed-fp32": ("GRU", dict(input_size=7, hidden_size=256), 3, 64, "random", "fp32", False),
     "lstmcell-multiblock-fp32": ("LSTMCell", dict(input_size=7, hidden_size=70), 3, 19, None, "fp32", True),
     "grucell-multiblock-fp32": ("GRUCell", dict(input_size=7, hidden_size=70), 3, 19, None, "fp32", True),
 }

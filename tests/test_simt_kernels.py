@@ -290,6 +290,48 @@ def test_tensor_core_kernel_needs_sm80(monkeypatch, tmp_path):
 
 
 @needs_simt
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("use_lengths,reverse", PATHS)
+def test_gemm_step_path(monkeypatch, tmp_path, cell, dtype, use_lengths, reverse):
+    """The large-step form of the per-step path (LSTM_FUSED_STEP=gemm): h_{t-1} W_hh^T by the GEMM
+    (ATen's on the CPU here, cuBLAS on a GPU) and one pointwise kernel per step."""
+    report = tmp_path / "kernels.txt"
+    monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
+    monkeypatch.setenv("LSTM_FUSED_PERSISTENT", "0")
+    monkeypatch.setenv("LSTM_FUSED_STEP", "gemm")
+    with matmul_tf32(False):
+        if cell == "lstm":
+            args, lengths, grads = lstm_case(*SHAPE, proj=0, bias=True, use_lengths=use_lengths, seed=18)
+            check_lstm(args, lengths, reverse, grads, dtype)
+        else:
+            args, lengths, grads = gru_case(*SHAPE, bias=True, use_lengths=use_lengths, seed=18)
+            check_gru(args, lengths, reverse, grads, dtype)
+    launched = kernels_launched(report)
+    assert f"{cell}_forward_pointwise_kernel" in launched and f"{cell}_forward_step_kernel" not in launched
+
+
+@needs_simt
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("B,H,gemm", [(32, 512, True), (11, 40, False), (64, 200, False)])
+def test_large_steps_take_the_gemm_by_default(monkeypatch, tmp_path, cell, B, H, gemm):
+    """Without a persistent plan, steps of >= 32 rows and >= 64 x 256 rows x units take the GEMM."""
+    report = tmp_path / "kernels.txt"
+    monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
+    monkeypatch.setenv("LSTM_FUSED_PERSISTENT", "0")
+    monkeypatch.delenv("LSTM_FUSED_STEP", raising=False)
+    if cell == "lstm":
+        args, lengths, grads = lstm_case(2, B, 3, H, proj=0, bias=True, use_lengths=False, seed=19)
+        run_simt_lstm(args, lengths, False, grads, torch.float32)
+    else:
+        args, lengths, grads = gru_case(2, B, 3, H, bias=True, use_lengths=False, seed=19)
+        check_gru(args, lengths, False, grads, torch.float32)
+    launched = kernels_launched(report)
+    assert (f"{cell}_forward_pointwise_kernel" in launched) == gemm
+    assert (f"{cell}_forward_step_kernel" in launched) == (not gemm)
+
+
+@needs_simt
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("use_lengths,reverse", [(False, False), (True, True)])
 def test_lstm_with_projection_and_no_bias(dtype, use_lengths, reverse):
@@ -401,8 +443,10 @@ def test_every_cuda_kernel_runs_in_emulation(monkeypatch, device_of, tmp_path):
     report = tmp_path / "kernels.txt"
     monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
     device_of(4, 227 * 1024)
-    for setting, dtype in (("1", torch.bfloat16), ("1", torch.float32), ("0", torch.float32)):
+    for setting, step, dtype in (("1", "fused", torch.bfloat16), ("1", "fused", torch.float32),
+                                 ("0", "fused", torch.float32), ("0", "gemm", torch.float32)):
         monkeypatch.setenv("LSTM_FUSED_PERSISTENT", setting)
+        monkeypatch.setenv("LSTM_FUSED_STEP", step)
         args, lengths, grads = lstm_case(3, 5, 4, 9, proj=0, bias=True, use_lengths=True, seed=2)
         with matmul_tf32(False):
             run_simt_lstm(args, lengths, False, grads, dtype)

@@ -3,7 +3,8 @@
 // cooperative launch for the whole time loop, on tensor cores for bf16 / fp16 and TF32) when
 // their plan fits the device, under the LSTM's rules (persistent_host.h). Otherwise, forward, per
 // step, one kernel: the recurrent product h_{t-1} W_hh^T for the block's hidden units across the
-// three gates (recurrent_step.cuh), b_hh, and the gate and state update; backward, per step: one
+// three gates (recurrent_step.cuh), b_hh, and the gate and state update, or for large steps
+// (use_gemm_step) cuBLAS for the product and one pointwise kernel; backward, per step: one
 // pointwise kernel, then cuBLAS for dG_h W_hh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -152,10 +153,23 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(const Tensor& x, const
   }
   const Tensor w_hh_c = w_hh.contiguous();
   const int H = static_cast<int>(s.hidden_size);
+  // The large-step path's h_{t-1} W_hh^T (use_gemm_step), made once for the layer when a step may want it.
+  const Tensor hidden_proj = use_gemm_step(s.batch, s.hidden_size) ? at::empty({s.batch, 3 * s.hidden_size}, x.options())
+                                                                  : Tensor();
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gru_layer_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     return run_gru_layer_forward<scalar_t>(
         s, x, h0, w_ih, b_ih, b_hh, lengths.has_value(), reverse, [&](const GruForwardStep<scalar_t>& step) {
+          if (hidden_proj.defined() && use_gemm_step(step.rows, H)) {
+            Tensor hp = hidden_proj.narrow(0, 0, step.rows);
+            at::mm_out(hp, at::from_blob(const_cast<scalar_t*>(step.h_prev), {step.rows, s.hidden_size}, x.options()),
+                       w_hh_c.t());
+            gpu::launch("gru_forward_pointwise_kernel", &gru_forward_pointwise_kernel<scalar_t, acc_t>,
+                        pointwise_blocks(step.rows * s.hidden_size), kPointwiseThreads, 0, step.h_prev,
+                        hp.data_ptr<scalar_t>(), step.input_bias, step.hidden_bias, step.gates, step.hidden_n_proj,
+                        step.h_out, step.h_next, static_cast<int>(step.rows), H);
+            return;
+          }
           gpu::launch("gru_forward_step_kernel", &gru_forward_step_kernel<scalar_t, acc_t>, step_grid(H, step.rows),
                       kStepThreads, 0, step.h_prev, w_hh_c.data_ptr<scalar_t>(), step.input_bias,
                       step.hidden_bias, step.gates, step.hidden_n_proj, step.h_out, step.h_next,

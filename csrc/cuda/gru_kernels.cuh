@@ -48,6 +48,43 @@ __global__ void __launch_bounds__(kStepThreads)
   h_next[k] = static_cast<scalar_t>(h);
 }
 
+// One forward step's pointwise work where cuBLAS has computed h_{t-1} W_hh^T into hidden_proj
+// (the large-step path, recurrent_step.cuh): one thread per (row, unit).
+template <typename scalar_t, typename acc_t>
+__global__ void gru_forward_pointwise_kernel(const scalar_t* __restrict__ h_prev,       // [rows, H]
+                                             const scalar_t* __restrict__ hidden_proj,  // [rows, 3H]
+                                             const scalar_t* __restrict__ b_ih,         // [3H] or null
+                                             const scalar_t* __restrict__ b_hh,         // [3H] or null (with b_ih)
+                                             scalar_t* __restrict__ gates,              // [rows, 3H]
+                                             scalar_t* __restrict__ hidden_n_proj,      // [rows, H]
+                                             scalar_t* __restrict__ h_out,              // [rows, H]
+                                             scalar_t* __restrict__ h_next,             // [rows, H]
+                                             int rows, int H) {
+  const int64_t index = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (index >= (int64_t)rows * H) return;
+  const int64_t row = index / H, unit = index % H;
+  const scalar_t* hp = hidden_proj + row * 3 * H;
+  scalar_t* g = gates + row * 3 * H;
+  acc_t hidden[3], input[3];
+#pragma unroll
+  for (int gate = 0; gate < 3; ++gate) {
+    hidden[gate] = static_cast<acc_t>(hp[gate * H + unit]);
+    input[gate] = static_cast<acc_t>(g[gate * H + unit]);
+    if (b_hh != nullptr) {
+      hidden[gate] += static_cast<acc_t>(b_hh[gate * H + unit]);
+      input[gate] += static_cast<acc_t>(b_ih[gate * H + unit]);
+    }
+  }
+  acc_t h;
+  gru_cell_forward<acc_t>(input[0], input[1], input[2], hidden[0], hidden[1], hidden[2],
+                          static_cast<acc_t>(h_prev[index]), h);
+#pragma unroll
+  for (int gate = 0; gate < 3; ++gate) g[gate * H + unit] = static_cast<scalar_t>(input[gate]);
+  hidden_n_proj[index] = static_cast<scalar_t>(hidden[2]);
+  h_out[index] = static_cast<scalar_t>(h);
+  h_next[index] = static_cast<scalar_t>(h);
+}
+
 // One thread per (row, unit): see GruBackwardStep for the tensors.
 template <typename scalar_t, typename acc_t>
 __global__ void gru_backward_pointwise_kernel(const scalar_t* __restrict__ gates,          // [rows, 3H]

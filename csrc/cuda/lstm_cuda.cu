@@ -4,7 +4,9 @@
 // Forward: the persistent kernel (lstm_persistent.cu) when the plan allows it; otherwise per
 // step, one kernel does the recurrent product h_{t-1} W_hh^T, the biases, the
 // activations and the cell update together: each block owns a slice of hidden units across all four gates and a
-// tile of batch rows, so the update needs nothing from other blocks. The input projection of all
+// tile of batch rows, so the update needs nothing from other blocks. Large steps (use_gemm_step,
+// recurrent_step.cuh) take cuBLAS for the product, on tensor cores where the dtype allows, and
+// one pointwise kernel for the rest. The input projection of all
 // steps is one cuBLAS GEMM before the loop (layer_loops.h).
 // Backward: the persistent kernel (lstm_persistent.cu) when the plan allows it; otherwise per
 // step, one pointwise kernel gives the gate gradients, and cuBLAS the product dG_t W_hh that
@@ -48,6 +50,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cuda(
     return run_lstm_layer_forward<scalar_t, acc_t>(
         s, x, h0, c0, w_ih, b_ih, b_hh, w_hr, lengths.has_value(), reverse,
         [&](const LstmForwardStep<scalar_t, acc_t>& step) {
+          if (use_gemm_step(step.rows, H)) {
+            Tensor gates = rows_view(step.gates, step.rows, 4 * s.hidden_size, x);
+            gates.addmm_(rows_view(step.h_prev, step.rows, s.output_size, x), w_hh_c.t());
+            gpu::launch("lstm_forward_pointwise_kernel", &lstm_forward_pointwise_kernel<scalar_t, acc_t>,
+                        pointwise_blocks(step.rows * s.hidden_size), kPointwiseThreads, 0, step.gates, step.bias,
+                        step.c_state, step.cells, step.h_out, step.h_next, static_cast<int>(step.rows), H);
+            return;
+          }
           gpu::launch("lstm_forward_step_kernel", &lstm_forward_step_kernel<scalar_t, acc_t>,
                       step_grid(H, step.rows), kStepThreads, 0, step.h_prev, w_hh_c.data_ptr<scalar_t>(),
                       step.gates, step.bias, step.c_state, step.cells, step.h_out, step.h_next,

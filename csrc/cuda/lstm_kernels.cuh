@@ -34,6 +34,24 @@ __global__ void __launch_bounds__(kStepThreads)
                    h_next == nullptr ? nullptr : h_next + k);
 }
 
+// One forward step's pointwise work where cuBLAS has added h_{t-1} W_hh^T to the input projection
+// in `gates` (the large-step path, recurrent_step.cuh): one thread per (row, unit).
+template <typename scalar_t, typename acc_t>
+__global__ void lstm_forward_pointwise_kernel(scalar_t* __restrict__ gates,        // [rows, 4H] both products in
+                                              const scalar_t* __restrict__ bias,  // [4H] or null
+                                              acc_t* __restrict__ c_state,        // [rows, H]
+                                              scalar_t* __restrict__ cells,       // [rows, H]
+                                              scalar_t* __restrict__ h_out,       // [rows, H]
+                                              scalar_t* __restrict__ h_next,      // [rows, H] or null
+                                              int rows, int H) {
+  const int64_t index = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (index >= (int64_t)rows * H) return;
+  const int row = static_cast<int>(index / H), unit = static_cast<int>(index % H);
+  acc_t none[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  lstm_finish_unit(none, gates + (int64_t)row * 4 * H, bias, unit, H, c_state + index, cells + index, h_out + index,
+                   h_next == nullptr ? nullptr : h_next + index);
+}
+
 // One backward step's pointwise work over `rows` rows of time step t: one thread per (row, unit).
 // lengths is null when every row has all T steps (no copy of lengths to the device then).
 template <typename scalar_t, typename acc_t>

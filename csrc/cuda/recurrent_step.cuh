@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "device_compat.cuh"
 
@@ -58,6 +60,22 @@ __device__ __forceinline__ void block_recurrent_product(const scalar_t* __restri
     }
     __syncthreads();
   }
+}
+
+// The per-step path's two forms: the fused kernel above (one launch; its K-tile loop is FMAs),
+// or cuBLAS for h_{t-1} W_hh^T (tensor cores for bf16 / fp16, and TF32 where allowed) and one
+// pointwise kernel. The GEMM form from this many rows x hidden units of a step on (est.: the
+// fused kernel's blocks then outnumber the SMs several times over, and its serial K tiles
+// dominate; benchmarks/NOTES.md); LSTM_FUSED_STEP=fused|gemm chooses one everywhere (tests,
+// measurements).
+constexpr int64_t kGemmStepMinRows = 32;
+constexpr int64_t kGemmStepMinWork = 64 * 256;
+
+inline bool use_gemm_step(int64_t rows, int64_t H) {
+  const char* setting = std::getenv("LSTM_FUSED_STEP");
+  if (setting != nullptr && std::strcmp(setting, "gemm") == 0) return true;
+  if (setting != nullptr && std::strcmp(setting, "fused") == 0) return false;
+  return rows >= kGemmStepMinRows && rows * H >= kGemmStepMinWork;
 }
 
 inline dim3 step_grid(int64_t H, int64_t rows) {

@@ -185,6 +185,10 @@ int main() {
                         0, h_prev.data(), w_hh.data(), gates.data(), bias.data(), c_state.data(), cells.data(),
                         h_out.data(), h_next.data(), B, H, H),
            "lstm_forward_step_kernel");
+    expect(simt::launch("lstm_forward_pointwise_kernel", &lstm_forward_pointwise_kernel<float, float>,
+                        dim3(pointwise_blocks(B * H)), dim3(kPointwiseThreads), 0, gates.data(), bias.data(),
+                        c_state.data(), cells.data(), h_out.data(), h_next.data(), B, H),
+           "lstm_forward_pointwise_kernel");
     auto all_cells = random_vector(T * B * H, gen), c0 = random_vector(B * H, gen);
     auto d_cell_out = random_vector(B * H, gen), grad_y = random_vector(B * H, gen);
     std::vector<float> d_gates(B * 4 * H);
@@ -204,6 +208,12 @@ int main() {
                         h_prev.data(), w_hh.data(), b_ih.data(), b_hh.data(), gates.data(), hidden_n_proj.data(),
                         h_out.data(), h_next.data(), B, H),
            "gru_forward_step_kernel");
+    auto hidden_proj = random_vector(B * 3 * H, gen);
+    expect(simt::launch("gru_forward_pointwise_kernel", &gru_forward_pointwise_kernel<float, float>,
+                        dim3(pointwise_blocks(B * H)), dim3(kPointwiseThreads), 0, h_prev.data(), hidden_proj.data(),
+                        b_ih.data(), b_hh.data(), gates.data(), hidden_n_proj.data(), h_out.data(), h_next.data(),
+                        B, H),
+           "gru_forward_pointwise_kernel");
     auto grad_y = random_vector(B * H, gen), dh = random_vector(B * H, gen);
     std::vector<float> d_input(B * 3 * H), d_hidden(B * 3 * H);
     expect(simt::launch("gru_backward_pointwise_kernel", &gru_backward_pointwise_kernel<float, float>,
