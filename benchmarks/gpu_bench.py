@@ -118,7 +118,8 @@ def matrix_flops(B, steps, I, H, gates):
 
 
 def persistent_plan(B, H, dtype, device):
-    """The persistent kernel's plan on this device (csrc/persistent_plan.h), or why none."""
+    """The FMA persistent LSTM forward's plan on this device (plan_persistent_product_layer with
+    N = 4U, K = H), or why none."""
     if device != "cuda":
         return None
     try:
@@ -126,9 +127,11 @@ def persistent_plan(B, H, dtype, device):
         shared = getattr(props, "shared_memory_per_block_optin", None)
         if shared is None:
             return {"error": "torch gives no shared_memory_per_block_optin"}
-        usable, units, blocks, shared_bytes = torch.ops.lstm_fused._persistent_plan(
-            H, H, B, 4, torch.empty((), dtype=dtype).element_size(), props.multi_processor_count, shared)
-        return {"usable": bool(usable), "units_per_block": units, "blocks": blocks, "shared_bytes": shared_bytes}
+        es = torch.empty((), dtype=dtype).element_size()
+        values = torch.ops.lstm_fused._persistent_product_plan(
+            H, B, 4, H, es, 8 if es == 8 else 4, False, props.multi_processor_count, shared)
+        return {"usable": bool(values[0]), "units_per_block": values[1], "blocks": values[2],
+                "shared_bytes": values[-1]}
     except Exception as error:  # the op's signature may change; the timing does not depend on it
         return {"error": f"{type(error).__name__}: {error}"}
 

@@ -1,7 +1,7 @@
 """A performance model of the CUDA kernels: predicted microseconds per step on an H100/H200, for
 the goal configs of issue 17, beside cuDNN's published figure. Nothing here is measured: it turns
 each kernel's per-step work (from the same plan functions the kernels use, torch.ops.lstm_fused.
-_persistent_tc_plan / _persistent_plan) into time with published latencies, so that the first GPU
+_persistent_tc_plan / _persistent_product_plan) into time with published latencies, so that the first GPU
 run (benchmarks/gpu_check.sh prints the measured figures beside these) tells us where it is wrong.
 
     python benchmarks/perf_model.py            # the table
@@ -96,20 +96,6 @@ def tc_persistent_step(B, H, dtype):
     return us(stage + chain + cell + barriers) + GRID_SYNC_US, counts
 
 
-def fma_persistent_step(B, H, dtype):
-    """lstm_persistent_forward_kernel: per step each warp walks its (row, unit) pairs one after
-    the other, re-reading h_{t-1} from L2 for each, with a 5-level shuffle reduction per gate and
-    lane 0 finishing the cell (benchmarks/NOTES.md, correction of session 6)."""
-    es = element_bytes(dtype)
-    usable, units, blocks, shared = torch.ops.lstm_fused._persistent_plan(H, H, B, 4, es, SMS, SHARED_OPTIN)
-    if not usable:
-        return None
-    pairs_per_warp = math.ceil(B * units / 8)
-    per_pair = load_rounds(math.ceil(H / 32)) * L2_CYCLES + 4 * 5 * 30 + 4 * math.ceil(H / 32) * 4 + 300
-    counts = dict(blocks=blocks, units_per_block=units, pairs_per_warp=pairs_per_warp, grid_syncs=1)
-    return us(pairs_per_warp * per_pair) + GRID_SYNC_US, counts
-
-
 def per_step_kernel_step(B, H, dtype):
     """lstm_forward_step_kernel: ceil(H/32) x ceil(B/8) blocks, K in tiles of 32, each tile's 17
     loads per thread serialised (a run-time-strided loop), one launch per step."""
@@ -155,6 +141,7 @@ def product_plan(B, H, dtype, tensor_core, columns_per_unit, depth):
 # The product-generic persistent kernels (csrc/cuda/persistent_recurrent.cuh): N columns per
 # unit and K of each, by kernel.
 PRODUCT_KERNELS = {
+    "lstm_forward": (4, lambda H: H),  # FMA only: the tensor-core LSTM forward is its own kernel
     "lstm_backward": (1, lambda H: 4 * H),
     "gru_forward": (3, lambda H: H),
     "gru_backward": (1, lambda H: 3 * H),
@@ -197,19 +184,32 @@ def tc_product_step(B, H, dtype, kernel):
 
 
 def fma_product_step(B, H, dtype, kernel):
-    """A product-generic persistent kernel on FMAs: a warp per (row, column) pair, lanes over K
-    with a 5-level shuffle reduction; every pair re-reads its row of A from L2."""
+    """A product-generic persistent kernel on FMAs: 4 x 4 register tiles (rows x columns) per
+    warp, lanes over K, so each k costs 8 loads for 16 FMAs; A from shared memory where the plan
+    stages it (several column tiles), else from L2; 16 values reduced over the warp per tile."""
+    es = element_bytes(dtype)
     columns_per_unit, depth = PRODUCT_KERNELS[kernel]
     K = depth(H)
     p = product_plan(B, H, dtype, False, columns_per_unit, K)
     if not p["usable"]:
         return None
-    pairs_per_warp = math.ceil(B * p["n_cols"] / 8)
-    k_per_lane = math.ceil(K / 32)
-    per_pair = load_rounds(k_per_lane) * L2_CYCLES + 5 * 30 + k_per_lane * 4
-    pointwise = 150 + L2_CYCLES
-    counts = dict(blocks=p["blocks"], units_per_block=p["units"], pairs_per_warp=pairs_per_warp, grid_syncs=1)
-    return us(pairs_per_warp * per_pair + pointwise) + GRID_SYNC_US, counts
+    tiles_per_warp = math.ceil(math.ceil(B / 4) * math.ceil(p["n_cols"] / 4) * p["k_split"] / 8)
+    k_per_lane = math.ceil(K / p["k_split"] / 32)
+    # 8 loads and 16 FMAs per k: ~24 issue slots, two warps per scheduler (est.)
+    compute = k_per_lane * 48
+    if p["stage_a"]:
+        stage = load_rounds(math.ceil(B * K * es / 16 / 256)) * L2_CYCLES + 40
+        per_tile = compute
+    else:
+        stage = 0
+        per_tile = max(compute, load_rounds(4 * k_per_lane) * L2_CYCLES)
+    reduction = 5 * 30 + 80 * 2
+    pointwise = p["k_split"] * SHARED_CYCLES + 150 + L2_CYCLES
+    l2_bytes = p["blocks"] * B * K * es * (1 if p["stage_a"] else math.ceil(p["n_cols"] / 4))
+    counts = dict(blocks=p["blocks"], units_per_block=p["units"], jobs_per_warp=tiles_per_warp, k_split=p["k_split"],
+                  stage_a=bool(p["stage_a"]), shared_bytes=p["shared_bytes"], l2_bytes_per_step=l2_bytes, grid_syncs=1)
+    latency = us(stage + tiles_per_warp * (per_tile + reduction) + pointwise)
+    return max(latency, l2_bytes / L2_BYTES_PER_US + us(pointwise)) + GRID_SYNC_US, counts
 
 
 def gru_per_step_forward(B, H, dtype, tensor_core):
@@ -240,7 +240,7 @@ def predict(B, T, I, H, dtype, allow_tf32=True):
         forward = tc_persistent_step(B, H, base)
         row["kernel"] = "lstm_persistent_tc_forward_kernel"
     if forward is None:
-        forward = fma_persistent_step(B, H, base)
+        forward = fma_product_step(B, H, base, "lstm_forward")
         row["kernel"] = "lstm_persistent_forward_kernel"
     if forward is None and uses_gemm_step(B, H):
         forward = gemm_step(B, H, base, tensor_core=tensor_cores(dtype, allow_tf32))

@@ -1,4 +1,4 @@
-// lstm_fused::_persistent_plan, _persistent_tc_plan and _persistent_product_plan: the persistent kernels'
+// lstm_fused::_persistent_tc_plan and _persistent_product_plan: the persistent kernels'
 // partitioning rules (persistent_plan.h),
 // exposed so that tests check it on machines without a GPU.
 #include <torch/library.h>
@@ -9,13 +9,6 @@
 
 namespace lstm_fused {
 namespace {
-
-std::vector<int64_t> persistent_plan_op(int64_t hidden, int64_t recurrent_size, int64_t batch, int64_t gates,
-                                        int64_t element_bytes, int64_t sm_count, int64_t max_shared_bytes) {
-  const PersistentPlan plan = plan_persistent_layer(hidden, recurrent_size, batch, gates, element_bytes, sm_count,
-                                                    max_shared_bytes);
-  return {plan.usable ? 1 : 0, plan.units_per_block, plan.blocks, plan.shared_bytes};
-}
 
 std::vector<int64_t> persistent_tc_plan_op(int64_t hidden, int64_t batch, int64_t element_bytes, int64_t sm_count,
                                            int64_t max_shared_bytes) {
@@ -43,10 +36,6 @@ TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("_persistent_product_plan(int hidden, int batch, int columns_per_unit, int depth, int element_bytes, "
         "int acc_bytes, bool tensor_cores, int sm_count, int max_shared_bytes) -> int[]",
         &persistent_product_plan_op);
-  // -> [usable, units_per_block, blocks, shared_bytes]
-  m.def("_persistent_plan(int hidden, int recurrent_size, int batch, int gates, int element_bytes, "
-        "int sm_count, int max_shared_bytes) -> int[]",
-        &persistent_plan_op);
 }
 
 }  // namespace lstm_fused

@@ -1,39 +1,19 @@
-// How the persistent whole-sequence GPU kernel (csrc/cuda/lstm_persistent.cu) splits one layer
-// across the chip, and whether it can. Plain host C++, so that the rule is tested without a GPU
-// (the lstm_fused::_persistent_plan op exposes it).
+// How the persistent whole-sequence GPU kernels (csrc/cuda/lstm_persistent.cu, gru_cuda.cu) split
+// one layer across the chip, and whether they can. Plain host C++ (and the layout helpers host and
+// device), so that the rules are tested without a GPU (the lstm_fused::_persistent_tc_plan and
+// _persistent_product_plan ops expose them).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 
+#include "cell_math.h"
+
 namespace lstm_fused {
 
-constexpr int64_t kPersistentThreads = 256;  // 8 warps; a warp computes one (row, unit) pair at a time
-// Above this many (row, unit) pairs per block, each warp loops over so many pairs per step that
-// the per-step kernel's wider grid is predicted to win (benchmarks/NOTES.md; to be measured).
+// Above this many (row, unit) pairs per block, each thread finishes more than two pairs per step
+// and the per-step path's wider grid is predicted to win (benchmarks/NOTES.md; to be measured).
 constexpr int64_t kPersistentMaxPairsPerBlock = 512;
-
-struct PersistentPlan {
-  bool usable = false;
-  int64_t units_per_block = 0;  // hidden units per block; their rows of W_hh (all gates) stay in shared memory
-  int64_t blocks = 0;           // at most one per SM: all must be resident for the grid-wide barrier
-  int64_t shared_bytes = 0;     // the block's slice of W_hh
-};
-
-// hidden: H; recurrent_size: the width of h (P); gates: 4 (LSTM); element_bytes: sizeof the
-// weights' dtype; sm_count and max_shared_bytes: the device's multiprocessors and the opt-in
-// shared memory per block.
-inline PersistentPlan plan_persistent_layer(int64_t hidden, int64_t recurrent_size, int64_t batch, int64_t gates,
-                                            int64_t element_bytes, int64_t sm_count, int64_t max_shared_bytes) {
-  PersistentPlan plan;
-  if (hidden <= 0 || recurrent_size <= 0 || batch <= 0 || sm_count <= 0) return plan;
-  plan.units_per_block = (hidden + sm_count - 1) / sm_count;
-  plan.blocks = (hidden + plan.units_per_block - 1) / plan.units_per_block;
-  plan.shared_bytes = gates * plan.units_per_block * recurrent_size * element_bytes;
-  plan.usable = plan.shared_bytes <= max_shared_bytes &&
-                batch * plan.units_per_block <= kPersistentMaxPairsPerBlock;
-  return plan;
-}
 
 // The tensor-core persistent kernel (csrc/cuda/lstm_persistent_tc_kernel.cuh): bf16 / fp16, or
 // float32 as TF32 when allowed.
@@ -81,6 +61,7 @@ inline PersistentTcPlan plan_persistent_tc_layer(int64_t hidden, int64_t batch, 
 // with M = batch rows, N columns, K split over the warps.
 //   LSTM backward: columns_per_unit 1, K = 4H; GRU forward: 3, K = H; GRU backward: 1, K = 3H.
 constexpr int64_t kPersistentProductThreads = 256;
+constexpr int64_t kPersistentFmaTile = 4;  // the FMA product's register tile: 4 rows x 4 columns per warp
 
 struct PersistentProductPlan {
   bool usable = false;
@@ -93,10 +74,22 @@ struct PersistentProductPlan {
   int64_t chunks = 0;      // tensor cores: K in chunks of 64 bytes per row (two mma.sync each)
   int64_t k_split = 0;     // K ranges per n tile (tensor cores), so that 8 warps share small N; 1 for FMA
   int64_t row_stride = 0;  // elements per shared row of the W slice (and of staged A)
-  bool stage_a = false;    // tensor cores with several n tiles: A is staged in shared memory once per
-                           // step (every n tile reads it) instead of each job reading it from L2
+  bool stage_a = false;    // several n tiles (tensor cores) or FMA column tiles: A is staged in shared
+                           // memory once per step (every tile reads it) instead of each reading it from L2
   int64_t shared_bytes = 0;
 };
+
+// The shared-memory layout of the product kernels: the W slice, the partial sums, then staged A,
+// each region starting 16-byte aligned (the kernels compute the same offsets).
+// (Host and device: the kernels call them; LSTM_FUSED_HOST_DEVICE is cell_math.h's.)
+LSTM_FUSED_HOST_DEVICE int64_t round_up_16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+LSTM_FUSED_HOST_DEVICE int64_t persistent_weight_bytes(int64_t n_cols, int64_t row_stride, int64_t element_bytes) {
+  return round_up_16(n_cols * row_stride * element_bytes);
+}
+LSTM_FUSED_HOST_DEVICE int64_t persistent_partial_bytes(int64_t k_split, int64_t m_rows, int64_t n_cols,
+                                                        int64_t acc_bytes) {
+  return round_up_16(k_split * m_rows * n_cols * acc_bytes);
+}
 
 // element_bytes: the weights' dtype; acc_bytes: the accumulator's (4, or 8 for float64);
 // tensor_cores: the mma.sync product (bf16, fp16, TF32) instead of FMAs.
@@ -129,12 +122,16 @@ inline PersistentProductPlan plan_persistent_product_layer(int64_t hidden, int64
     plan.row_stride = depth;
     plan.n_cols = columns;
     plan.m_rows = batch;
-    plan.k_split = 1;
+    // K ranges per register tile when the tiles alone would leave warps idle (small B x N)
+    const int64_t warps = kPersistentProductThreads / 32;
+    const int64_t tiles = ceil_div(batch, kPersistentFmaTile) * ceil_div(columns, kPersistentFmaTile);
+    plan.k_split = std::max<int64_t>(1, std::min<int64_t>(warps / tiles, ceil_div(depth, 32)));
   }
-  plan.shared_bytes =
-      plan.n_cols * plan.row_stride * element_bytes + plan.k_split * plan.m_rows * plan.n_cols * acc_bytes;
+  plan.shared_bytes = persistent_weight_bytes(plan.n_cols, plan.row_stride, element_bytes) +
+                      persistent_partial_bytes(plan.k_split, plan.m_rows, plan.n_cols, acc_bytes);
   const int64_t staged_bytes = plan.m_rows * plan.row_stride * element_bytes;
-  if (tensor_cores && plan.n_tiles > 1 && plan.shared_bytes + staged_bytes <= max_shared_bytes) {
+  const bool several_tiles = tensor_cores ? plan.n_tiles > 1 : plan.n_cols > kPersistentFmaTile;
+  if (several_tiles && plan.shared_bytes + staged_bytes <= max_shared_bytes) {
     plan.stage_a = true;
     plan.shared_bytes += staged_bytes;
   }

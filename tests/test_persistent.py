@@ -12,16 +12,18 @@ from lstm_fused.reference import lstm_layer_reference
 H100_SMS, H100_SHARED = 132, 227 * 1024
 
 
-def plan(hidden, batch, element_bytes, sms=H100_SMS, shared=H100_SHARED, recurrent=None):
-    usable, units, blocks, shared_bytes = torch.ops.lstm_fused._persistent_plan(
-        hidden, recurrent or hidden, batch, 4, element_bytes, sms, shared)
-    return bool(usable), units, blocks, shared_bytes
+def plan(hidden, batch, element_bytes, sms=H100_SMS, shared=H100_SHARED):
+    """The FMA persistent LSTM forward's plan: the product plan with N = 4U columns and K = H."""
+    values = torch.ops.lstm_fused._persistent_product_plan(hidden, batch, 4, hidden, element_bytes,
+                                                           8 if element_bytes == 8 else 4, False, sms, shared)
+    return bool(values[0]), values[1], values[2], values[-1]
 
 
 def test_plan_spreads_hidden_units_over_the_multiprocessors():
     usable, units, blocks, shared_bytes = plan(768, 16, 4)
     assert (units, blocks) == (6, 128)  # ceil(768 / 132) units per block, one block per SM at most
-    assert shared_bytes == 4 * 6 * 768 * 4
+    # the W_hh slice (24 rows of 768), the partial sums (16 x 24), h_{t-1} staged (16 x 768)
+    assert shared_bytes == 4 * 6 * 768 * 4 + 16 * 24 * 4 + 16 * 768 * 4
     assert usable
     for hidden in (1, 7, 131, 132, 133, 1000, 4096):
         _, units, blocks, _ = plan(hidden, 1, 2)
@@ -140,11 +142,17 @@ def test_product_plan_covers_the_layer(sms, shared, hidden, batch, element_bytes
         assert p["row_stride"] * element_bytes % 128 == 64
         assert 1 <= p["k_split"] <= p["chunks"] and (p["k_split"] == 1 or p["n_tiles"] * p["k_split"] <= 8)
     else:
-        assert (p["n_cols"], p["m_rows"], p["k_split"], p["row_stride"]) == (columns, batch, 1, K)
-    unstaged = p["n_cols"] * p["row_stride"] * element_bytes + p["k_split"] * p["m_rows"] * p["n_cols"] * acc
+        assert (p["n_cols"], p["m_rows"], p["row_stride"]) == (columns, batch, K)
+        tiles = -(-batch // 4) * -(-columns // 4)  # 4 x 4 register tiles
+        assert p["k_split"] == max(1, min(8 // tiles, -(-K // 32)))  # K split only to fill idle warps
+    def up16(n):  # each shared region starts 16-byte aligned
+        return (n + 15) // 16 * 16
+
+    unstaged = up16(p["n_cols"] * p["row_stride"] * element_bytes) + up16(p["k_split"] * p["m_rows"] * p["n_cols"] * acc)
     staged = p["m_rows"] * p["row_stride"] * element_bytes
     # A is staged exactly where several n tiles would read it and it fits
-    assert p["stage_a"] == (tensor_cores and p["n_tiles"] > 1 and unstaged + staged <= shared)
+    several_tiles = p["n_tiles"] > 1 if tensor_cores else p["n_cols"] > 4  # the FMA product's 4-column tiles
+    assert p["stage_a"] == (several_tiles and unstaged + staged <= shared)
     assert p["shared_bytes"] == unstaged + (staged if p["stage_a"] else 0)
     assert p["usable"] == (p["shared_bytes"] <= shared and batch * p["units"] <= 512)
 

@@ -9,6 +9,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <type_traits>
+
 
 #include "../layer_loops.h"
 #include "../persistent_plan.h"
@@ -26,9 +28,9 @@ using at::Tensor;
 
 // The arguments both persistent kernels take, pointing into the forward's buffers. active_rows is
 // undefined without lengths (the kernels then advance every row).
-template <typename scalar_t, typename acc_t>
-void fill_persistent_args(PersistentLstmArgs<scalar_t, acc_t>& args, const LayerSizes& s, LstmForwardBuffers<acc_t>& f,
-                          const Tensor& w_hh, const Tensor& active_rows, int64_t units_per_block, bool reverse) {
+template <typename scalar_t, typename acc_t, typename Args>
+void fill_persistent_args(Args& args, const LayerSizes& s, LstmForwardBuffers<acc_t>& f, const Tensor& w_hh,
+                          const Tensor& active_rows, bool reverse) {
   args.w_hh = w_hh.data_ptr<scalar_t>();
   args.bias = s.has_bias ? f.bias.template data_ptr<scalar_t>() : nullptr;
   args.gates = f.r.gates.template data_ptr<scalar_t>();
@@ -41,7 +43,6 @@ void fill_persistent_args(PersistentLstmArgs<scalar_t, acc_t>& args, const Layer
   args.T = static_cast<int>(s.seq_len);
   args.B = static_cast<int>(s.batch);
   args.H = static_cast<int>(s.hidden_size);
-  args.units_per_block = static_cast<int>(units_per_block);
   args.reverse = reverse;
 }
 
@@ -68,9 +69,9 @@ using ForwardResult = c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>>;
 // is resident (the grid barrier needs it) before any buffer is made, set up the forward's buffers,
 // fill the arguments both kernels take (add_own adds the kernel's own), launch. nullopt: the
 // caller takes another path.
-template <typename acc_t, typename Args, typename AddOwn>
+template <typename scalar_t, typename acc_t, typename Args, typename AddOwn>
 ForwardResult run_persistent(const char* name, void (*kernel)(Args), int64_t threads, int64_t blocks,
-                             int64_t shared_bytes, int64_t units_per_block, const gpu::DeviceInfo& device,
+                             int64_t shared_bytes, const gpu::DeviceInfo& device,
                              const LayerSizes& s, const Tensor& x, const Tensor& h0, const Tensor& c0,
                              const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
                              const c10::optional<Tensor>& b_hh, bool padded, bool reverse, AddOwn&& add_own) {
@@ -80,8 +81,8 @@ ForwardResult run_persistent(const char* name, void (*kernel)(Args), int64_t thr
   // table (nothing to copy to the device, so the call stays free of host-device traffic).
   const Tensor active_rows = padded ? host_to_device(s.active_rows, x.device()) : Tensor();
   const Tensor w = w_hh.contiguous();
-  Args args;
-  fill_persistent_args(args, s, f, w, active_rows, units_per_block, reverse);
+  std::remove_const_t<std::remove_reference_t<Args>> args;
+  fill_persistent_args<scalar_t>(args, s, f, w, active_rows, reverse);
   add_own(args);
   if (!gpu::launch_cooperative(name, kernel, dim3(blocks), dim3(threads), shared_bytes, args)) {
     return c10::nullopt;  // the device refused the grid after all: the per-step path recomputes it
@@ -94,10 +95,11 @@ ForwardResult run_tensor_core_kernel(const LayerSizes& s, const PersistentTcPlan
                                      const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
                                      const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
                                      const c10::optional<Tensor>& b_hh, bool padded, bool reverse) {
-  return run_persistent<float>(
+  return run_persistent<scalar_t, float>(
       "lstm_persistent_tc_forward_kernel", &lstm_persistent_tc_forward_kernel<scalar_t, kFormat>,
-      kPersistentTcThreads, plan.blocks, plan.shared_bytes, plan.units_per_block, device, s, x, h0, c0, w_ih, w_hh,
+      kPersistentTcThreads, plan.blocks, plan.shared_bytes, device, s, x, h0, c0, w_ih, w_hh,
       b_ih, b_hh, padded, reverse, [&](PersistentLstmTcArgs<scalar_t>& args) {
+        args.units_per_block = static_cast<int>(plan.units_per_block);
         args.m_tiles = static_cast<int>(plan.m_tiles);
         args.n_tiles = static_cast<int>(plan.n_tiles);
         args.k_tiles = static_cast<int>(plan.k_tiles);
@@ -145,17 +147,18 @@ c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> lstm_layer_forward_per
       return whole;
     }
   }
-  const PersistentPlan plan = plan_persistent_layer(s.hidden_size, s.hidden_size, s.batch, 4, x.element_size(),
-                                                    device.sm_count, device.max_shared_optin);
-  if (!plan.usable) return c10::nullopt;
-
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_forward_persistent",
                                          [&]() -> Result {
     using acc_t = at::opmath_type<scalar_t>;
-    return run_persistent<acc_t>("lstm_persistent_forward_kernel", &lstm_persistent_forward_kernel<scalar_t, acc_t>,
-                                 kPersistentThreads, plan.blocks, plan.shared_bytes, plan.units_per_block, device, s,
-                                 x, h0, c0, w_ih, w_hh, b_ih, b_hh, padded, reverse,
-                                 [](PersistentLstmArgs<scalar_t, acc_t>&) {});
+    const PersistentProductPlan plan =
+        plan_persistent_product_layer(s.hidden_size, s.batch, 4, s.hidden_size, sizeof(scalar_t), sizeof(acc_t),
+                                      /*tensor_cores=*/false, device.sm_count, device.max_shared_optin);
+    if (!plan.usable) return c10::nullopt;
+    return run_persistent<scalar_t, acc_t>(
+        "lstm_persistent_forward_kernel", &lstm_persistent_forward_kernel<scalar_t, acc_t>,
+        kPersistentProductThreads, plan.blocks, plan.shared_bytes, device, s, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+        padded, reverse,
+        [&](typename LstmForwardPolicy<scalar_t, acc_t>::Args& args) { args.shape = product_shape(plan); });
   });
 }
 

@@ -1,10 +1,7 @@
-// Device code of the persistent LSTM forward kernel (host side: lstm_persistent.cu), first
-// version: one cooperative launch runs the whole sequence. Each block owns a slice of hidden
-// units across the four gates and keeps those rows of W_hh in shared memory for every step; per
-// step, each warp computes one (row, unit) pair at a time (lanes split the recurrent dimension,
-// a shuffle reduction joins them), finishes the cell (lstm_unit.cuh), writes h_t to a ping-pong
-// buffer in global memory, and the grid meets at one barrier. No tensor cores yet: FP32 FMAs
-// (FP64 for float64). Free of ATen, so that nvcc and the SIMT emulator compile the same source.
+// Device code of the persistent LSTM forward kernels (host side: lstm_persistent.cu): the
+// arguments both take (PersistentLstmArgs, which the tensor-core kernel extends), and the FMA
+// forward, a policy of the product-generic skeleton. Free of ATen, so that nvcc and the SIMT
+// emulator compile the same source.
 #pragma once
 
 #include <cstdint>
@@ -12,6 +9,7 @@
 #include "../persistent_plan.h"
 #include "device_compat.cuh"
 #include "lstm_unit.cuh"
+#include "persistent_recurrent.cuh"
 
 namespace lstm_fused {
 
@@ -30,54 +28,82 @@ struct PersistentLstmArgs {
   bool reverse;
 };
 
+// The FMA persistent forward: the product-generic skeleton (persistent_recurrent.cuh) with this
+// policy. Block j owns hidden units [j*U, j*U + U) across the four gates: N = 4U columns of
+// h_{t-1} W_hh^T (K = H), whose W_hh rows stay in shared memory; per step the input projection
+// and biases of each pair are loaded first, the product runs on register-tiled FMAs (h_{t-1}
+// staged in shared memory once per step when N spans several tiles), each pair's cell
+// (cell_math.h) writes the gates, c, y and h_t (ping-pong), and the grid meets at one barrier.
+// (The tensor-core forward, lstm_persistent_tc_kernel.cuh, is its own kernel: ldmatrix operands.)
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kPersistentThreads)
-    lstm_persistent_forward_kernel(const PersistentLstmArgs<scalar_t, acc_t> a) {
-  LSTM_FUSED_DYNAMIC_SHARED(shared_raw);
-  // Row (gate * U + u) holds W_hh row (gate * H + u0 + u): lanes read consecutive k, no conflicts.
-  scalar_t* w_slice = reinterpret_cast<scalar_t*>(shared_raw);
-  const int U = a.units_per_block, H = a.H, B = a.B;
-  const int u0 = blockIdx.x * U;
-  const int units = max(0, min(U, H - u0));
-  for (int64_t idx = threadIdx.x; idx < int64_t(4) * U * H; idx += blockDim.x) {
-    const int row = static_cast<int>(idx / H), k = static_cast<int>(idx % H);
-    const int gate = row / U, u = row % U;
-    w_slice[idx] = u < units ? a.w_hh[int64_t(gate * H + u0 + u) * H + k] : scalar_t(0);
-  }
-  __syncthreads();
+struct LstmForwardPolicy {
+  struct Args {
+    const scalar_t* w_hh;        // [4H, H]
+    const scalar_t* bias;        // [4H] b_ih + b_hh, or null
+    scalar_t* gates;             // [T, B, 4H] input projection in, activated gates out
+    acc_t* c_state;              // [B, H]
+    scalar_t* cells;             // [T, B, H]
+    scalar_t* y;                 // [T, B, H]
+    scalar_t* h_even;            // [B, H] ping-pong pair, both h0 at the start
+    scalar_t* h_odd;
+    const int64_t* active_rows;  // [T] or null: all B
+    int T, B, H;
+    bool reverse;
+    ProductShape shape;
+  };
+  struct Inputs {
+    acc_t v[4];  // the input projection plus the bias, per gate
+  };
 
-  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  for (int step = 0; step < a.T; ++step) {
-    const int t = a.reverse ? a.T - 1 - step : step;
-    const int rows = a.active_rows == nullptr ? B : static_cast<int>(a.active_rows[t]);
-    // Named members, not an array indexed at run time: that would move the parameters to the stack.
-    const scalar_t* h_prev = step % 2 == 0 ? a.h_even : a.h_odd;
-    scalar_t* h_next = step % 2 == 0 ? a.h_odd : a.h_even;
-    for (int pair = warp; pair < rows * units; pair += warps) {
-      const int b = pair / units, u = pair % units;
-      acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-      const scalar_t* h_row = h_prev + int64_t(b) * H;
-      for (int k = lane; k < H; k += 32) {
-        const acc_t h = static_cast<acc_t>(load_uncached(h_row + k));
-#pragma unroll
-        for (int gate = 0; gate < 4; ++gate) acc[gate] += h * static_cast<acc_t>(w_slice[(gate * U + u) * H + k]);
-      }
-#pragma unroll
-      for (int gate = 0; gate < 4; ++gate) {
-#pragma unroll
-        for (int offset = 16; offset > 0; offset /= 2) acc[gate] += __shfl_down_sync(0xffffffffu, acc[gate], offset);
-      }
-      if (lane == 0) {
-        const int unit = u0 + u;
-        const int64_t k = int64_t(b) * H + unit;
-        const int64_t tk = int64_t(t) * B * H + k;
-        lstm_finish_unit(acc, a.gates + (int64_t(t) * B + b) * 4 * H, a.bias, unit, H, a.c_state + k, a.cells + tk,
-                         a.y + tk, h_next + k);
-      }
-    }
-    grid.sync();  // every h_t is written before any block reads it as h_{t-1}
+  __device__ static int k_size(const Args& a) { return a.H; }
+  __device__ static int iterations(const Args& a) { return a.T; }
+  // W slice row n = gate * U + u: W_hh row gate * H + u0 + u.
+  __device__ static scalar_t weight(const Args& a, int n, int k, int u0, int units) {
+    const int U = a.shape.units_per_block, gate = n / U, u = n % U;
+    return gate < 4 && u < units ? a.w_hh[int64_t(gate * a.H + u0 + u) * a.H + k] : scalar_t(0.0f);
   }
+  __device__ static ProductStep<scalar_t> step(const Args& a, int i) {
+    ProductStep<scalar_t> st;
+    st.t = a.reverse ? a.T - 1 - i : i;
+    st.rows = a.active_rows == nullptr ? a.B : static_cast<int>(a.active_rows[st.t]);
+    st.product_rows = st.rows;
+    st.a = i % 2 == 0 ? a.h_even : a.h_odd;
+    return st;
+  }
+  __device__ static void load(const Args& a, const ProductStep<scalar_t>& st, int b, int unit, Inputs& in) {
+    const scalar_t* g_row = a.gates + (int64_t(st.t) * a.B + b) * 4 * a.H;
+#pragma unroll
+    for (int gate = 0; gate < 4; ++gate) {
+      in.v[gate] = static_cast<acc_t>(g_row[gate * a.H + unit]) +
+                   (a.bias != nullptr ? static_cast<acc_t>(a.bias[gate * a.H + unit]) : acc_t(0));
+    }
+  }
+  template <typename Sums>
+  __device__ static void finish(const Args& a, const ProductStep<scalar_t>& st, int i, int b, int u, int unit,
+                                const Inputs& in, const Sums& sums) {
+    if (b >= st.rows) return;
+    const int H = a.H, U = a.shape.units_per_block;
+    acc_t pre[4];
+#pragma unroll
+    for (int gate = 0; gate < 4; ++gate) pre[gate] = sums(b, gate * U + u) + in.v[gate];
+    const int64_t k = int64_t(b) * H + unit, tk = int64_t(st.t) * a.B * H + k;
+    acc_t c, h;
+    lstm_cell_forward<acc_t>(pre[0], pre[1], pre[2], pre[3], a.c_state[k], c, h);
+    scalar_t* g_row = a.gates + (int64_t(st.t) * a.B + b) * 4 * H;
+#pragma unroll
+    for (int gate = 0; gate < 4; ++gate) g_row[gate * H + unit] = static_cast<scalar_t>(pre[gate]);
+    a.c_state[k] = c;
+    a.cells[tk] = static_cast<scalar_t>(c);
+    a.y[tk] = static_cast<scalar_t>(h);
+    (i % 2 == 0 ? a.h_odd : a.h_even)[k] = static_cast<scalar_t>(h);
+  }
+  __device__ static void end(const Args&, int, int) {}
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kPersistentProductThreads)
+    lstm_persistent_forward_kernel(const typename LstmForwardPolicy<scalar_t, acc_t>::Args a) {
+  persistent_recurrent_body<LstmForwardPolicy<scalar_t, acc_t>, scalar_t, acc_t, PersistentProduct::kFma>(a);
 }
 
 }  // namespace lstm_fused

@@ -52,6 +52,10 @@ inline ProductShape product_shape(const PersistentProductPlan& plan) {
           static_cast<int>(plan.row_stride),      plan.stage_a};
 }
 
+// The FMA product's register tile (rows x columns per warp); persistent_plan.h stages A for FMAs
+// when N spans more than one such tile.
+constexpr int kFmaTile = static_cast<int>(kPersistentFmaTile);
+
 // The plan keeps B * U <= kPersistentMaxPairsPerBlock: each thread finishes at most this many pairs.
 constexpr int kProductPairsPerThread = static_cast<int>(kPersistentMaxPairsPerBlock / kPersistentProductThreads);
 
@@ -130,15 +134,57 @@ __device__ __forceinline__ void persistent_product(acc_t* part, const scalar_t* 
   const int N = shape.n_cols, stride = shape.row_stride;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kPersistentProductThreads / 32;
   if constexpr (kProduct == PersistentProduct::kFma) {
-    for (int pair = warp; pair < rows * N; pair += warps) {
-      const int b = pair / N, n = pair % N;
-      const scalar_t* a_row = a_rows + int64_t(b) * K;
-      const scalar_t* w_row = w_s + int64_t(n) * stride;
-      acc_t acc = acc_t(0);
-      for (int k = lane; k < K; k += 32) acc += static_cast<acc_t>(load_uncached(a_row + k)) * static_cast<acc_t>(w_row[k]);
+    // Register tiles of kFmaTile x kFmaTile (rows x columns) per warp, lanes over K (consecutive
+    // lanes, consecutive k: conflict-free shared reads, coalesced global ones): each k costs 8
+    // loads for 16 FMAs. A from shared memory where the plan staged it (several column tiles),
+    // else from L2.
+    if (a_s != nullptr) stage_rows(a_s, a_rows, rows, K, stride);
+    // Jobs: (tile, K range); the plan splits K where the tiles alone leave warps idle.
+    const int row_tiles = (rows + kFmaTile - 1) / kFmaTile, col_tiles = (N + kFmaTile - 1) / kFmaTile;
+    const int tiles = row_tiles * col_tiles;
+    for (int job = warp; job < tiles * shape.k_split; job += warps) {
+      const int tile = job % tiles, ks = job / tiles;
+      const int r0 = (tile / col_tiles) * kFmaTile, c0 = (tile % col_tiles) * kFmaTile;
+      const int k_begin = ks * K / shape.k_split, k_end = (ks + 1) * K / shape.k_split;
+      acc_t acc[kFmaTile][kFmaTile];
 #pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
-      if (lane == 0) part[b * N + n] = acc;
+      for (int r = 0; r < kFmaTile; ++r) {
+#pragma unroll
+        for (int c = 0; c < kFmaTile; ++c) acc[r][c] = acc_t(0);
+      }
+      for (int k = k_begin + lane; k < k_end; k += 32) {
+        acc_t av[kFmaTile], wv[kFmaTile];
+#pragma unroll
+        for (int r = 0; r < kFmaTile; ++r) {
+          const int b = r0 + r;
+          av[r] = b >= rows ? acc_t(0)
+                  : static_cast<acc_t>(a_s != nullptr ? a_s[int64_t(b) * stride + k] : load_uncached(a_rows + int64_t(b) * K + k));
+        }
+#pragma unroll
+        for (int c = 0; c < kFmaTile; ++c) wv[c] = c0 + c < N ? static_cast<acc_t>(w_s[int64_t(c0 + c) * stride + k]) : acc_t(0);
+#pragma unroll
+        for (int r = 0; r < kFmaTile; ++r) {
+#pragma unroll
+          for (int c = 0; c < kFmaTile; ++c) acc[r][c] += av[r] * wv[c];
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kFmaTile; ++r) {
+#pragma unroll
+        for (int c = 0; c < kFmaTile; ++c) {
+#pragma unroll
+          for (int offset = 16; offset > 0; offset /= 2) acc[r][c] += __shfl_down_sync(0xffffffffu, acc[r][c], offset);
+        }
+      }
+      if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < kFmaTile; ++r) {
+#pragma unroll
+          for (int c = 0; c < kFmaTile; ++c) {
+            if (r0 + r < rows && c0 + c < N) part[(int64_t(ks) * shape.m_rows + r0 + r) * N + c0 + c] = acc[r][c];
+          }
+        }
+      }
     }
   } else {
     constexpr int kChunk = 64 / int(sizeof(scalar_t));  // columns per chunk
@@ -210,9 +256,13 @@ __device__ __forceinline__ void persistent_recurrent_body(const typename Policy:
   const int U = shape.units_per_block, N = shape.n_cols, stride = shape.row_stride, K = Policy::k_size(a);
   // [N][stride] W slice (zero past the units and K), [k_split][m_rows][N] partial sums, and where
   // the plan says so [m_rows][stride] staged A (zero past K).
+  // Each region starts 16-byte aligned (persistent_plan.h's layout).
   scalar_t* w_s = reinterpret_cast<scalar_t*>(shared_raw);
-  acc_t* part = reinterpret_cast<acc_t*>(w_s + int64_t(N) * stride);
-  scalar_t* a_s = shape.stage_a ? reinterpret_cast<scalar_t*>(part + int64_t(shape.k_split) * shape.m_rows * N)
+  const int64_t part_offset = persistent_weight_bytes(N, stride, sizeof(scalar_t));
+  acc_t* part = reinterpret_cast<acc_t*>(shared_raw + part_offset);
+  scalar_t* a_s = shape.stage_a ? reinterpret_cast<scalar_t*>(
+                                      shared_raw + part_offset +
+                                      persistent_partial_bytes(shape.k_split, shape.m_rows, N, sizeof(acc_t)))
                                 : nullptr;
   if (a_s != nullptr) {
     for (int64_t idx = threadIdx.x; idx < int64_t(shape.m_rows) * stride; idx += blockDim.x) a_s[idx] = scalar_t(0.0f);

@@ -221,11 +221,12 @@ int main() {
                         h_prev.data(), grad_y.data(), dh.data(), d_input.data(), d_hidden.data(), B, H),
            "gru_backward_pointwise_kernel");
   }
-  {  // the persistent forward kernel on a 4-SM virtual device: 4 blocks of 10 units, T grid barriers
+  {  // the FMA persistent forward on a 4-SM virtual device: 4 blocks of 10 units (40 columns: h staged), T grid barriers
     simt::Device device = simt::device();
     device.sm_count = 4;
     simt::set_device(device);
-    const PersistentPlan plan = plan_persistent_layer(H, H, B, 4, sizeof(float), 4, 227 * 1024);
+    const PersistentProductPlan plan =
+        plan_persistent_product_layer(H, B, 4, H, sizeof(float), sizeof(float), false, 4, 227 * 1024);
     if (!plan.usable) {
       std::fprintf(stderr, "the persistent plan refused H=%d B=%d\n", H, B);
       return 1;
@@ -235,13 +236,13 @@ int main() {
     auto h_even = random_vector(B * H, gen);
     std::vector<float> h_odd(h_even), cells(T * B * H), y(T * B * H);
     std::vector<int64_t> active_rows = {B, 7, 2};
-    PersistentLstmArgs<float, float> args{w_hh.data(), bias.data(), gates.data(), c_state.data(), cells.data(),
-                                          y.data(), h_even.data(), h_odd.data(), active_rows.data(),
-                                          T, B, H, static_cast<int>(plan.units_per_block), true};
+    LstmForwardPolicy<float, float>::Args args{w_hh.data(), bias.data(), gates.data(), c_state.data(),
+                                               cells.data(), y.data(), h_even.data(), h_odd.data(),
+                                               active_rows.data(), T, B, H, true, product_shape(plan)};
     const auto kernel = &lstm_persistent_forward_kernel<float, float>;
     expect(simt::set_max_dynamic_shared(kernel, plan.shared_bytes), "set_max_dynamic_shared");
     expect(simt::launch_cooperative("lstm_persistent_forward_kernel", kernel, dim3(plan.blocks),
-                                    dim3(kPersistentThreads), plan.shared_bytes, args),
+                                    dim3(kPersistentProductThreads), plan.shared_bytes, args),
            "lstm_persistent_forward_kernel");
   }
   // The tensor-core persistent kernel, bf16 (ldmatrix operands, cp.async staging) and TF32 (lane
