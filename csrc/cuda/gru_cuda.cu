@@ -72,15 +72,9 @@ GruForwardResult gru_forward_persistent(const LayerSizes& s, const Tensor& x, co
     args.h_even = f.h_buffers[0].data_ptr<scalar_t>();
     args.h_odd = f.h_buffers[1].data_ptr<scalar_t>();
     args.active_rows = active_rows.defined() ? active_rows.data_ptr<int64_t>() : nullptr;
-    args.T = static_cast<int>(s.seq_len);
-    args.B = static_cast<int>(s.batch);
-    args.H = static_cast<int>(s.hidden_size);
-    args.reverse = reverse;
-    args.shape = product_shape(plan);
-    const char* name =
-        kProduct == PersistentProduct::kFma ? "gru_persistent_forward_kernel" : "gru_persistent_tc_forward_kernel";
-    if (!gpu::launch_cooperative(name, kernel, dim3(plan.blocks), dim3(kPersistentProductThreads), plan.shared_bytes,
-                                 args)) {
+    set_loop_sizes(args, s, reverse, plan);
+    if (!launch_product_kernel<kProduct>("gru_persistent_forward_kernel", "gru_persistent_tc_forward_kernel", kernel,
+                                         plan, args)) {
       return c10::nullopt;
     }
     return f.outputs(s, reverse);
@@ -126,15 +120,9 @@ GruBackwardResult gru_backward_persistent(const LayerSizes& s, const Tensor& gra
     args.grad_h0 = g.dh.data_ptr<scalar_t>();
     args.active_rows = active_rows.defined() ? active_rows.data_ptr<int64_t>() : nullptr;
     args.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
-    args.T = static_cast<int>(s.seq_len);
-    args.B = static_cast<int>(s.batch);
-    args.H = static_cast<int>(s.hidden_size);
-    args.reverse = reverse;
-    args.shape = product_shape(plan);
-    const char* name =
-        kProduct == PersistentProduct::kFma ? "gru_persistent_backward_kernel" : "gru_persistent_tc_backward_kernel";
-    if (!gpu::launch_cooperative(name, kernel, dim3(plan.blocks), dim3(kPersistentProductThreads), plan.shared_bytes,
-                                 args)) {
+    set_loop_sizes(args, s, reverse, plan);
+    if (!launch_product_kernel<kProduct>("gru_persistent_backward_kernel", "gru_persistent_tc_backward_kernel", kernel,
+                                         plan, args)) {
       return c10::nullopt;
     }
     return g.gradients(s, x, w_ih, reverse, wanted);

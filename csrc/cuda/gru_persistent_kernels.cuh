@@ -24,10 +24,6 @@
 
 namespace lstm_fused {
 
-__device__ __forceinline__ int persistent_rows_at(const int64_t* active_rows, int B, int t) {
-  return active_rows == nullptr ? B : static_cast<int>(active_rows[t]);
-}
-
 template <typename scalar_t, typename acc_t>
 struct GruForwardPolicy {
   struct Args {
@@ -50,18 +46,11 @@ struct GruForwardPolicy {
 
   __device__ static int k_size(const Args& a) { return a.H; }
   __device__ static int iterations(const Args& a) { return a.T; }
-  // W slice row n = gate * U + u: W_hh row gate * H + u0 + u.
   __device__ static scalar_t weight(const Args& a, int n, int k, int u0, int units) {
-    const int U = a.shape.units_per_block, gate = n / U, u = n % U;
-    return gate < 3 && u < units ? a.w_hh[int64_t(gate * a.H + u0 + u) * a.H + k] : scalar_t(0.0f);
+    return gate_rows_weight(a.w_hh, 3, a.H, a.shape.units_per_block, n, k, u0, units);
   }
   __device__ static ProductStep<scalar_t> step(const Args& a, int i) {
-    ProductStep<scalar_t> st;
-    st.t = a.reverse ? a.T - 1 - i : i;
-    st.rows = persistent_rows_at(a.active_rows, a.B, st.t);
-    st.product_rows = st.rows;
-    st.a = i % 2 == 0 ? a.h_even : a.h_odd;
-    return st;
+    return forward_loop_step<scalar_t>(a.active_rows, a.T, a.B, a.reverse, a.h_even, a.h_odd, i);
   }
   __device__ static void load(const Args& a, const ProductStep<scalar_t>& st, int b, int unit, Inputs& in) {
     const int H = a.H;
@@ -121,20 +110,12 @@ struct GruBackwardPolicy {
 
   __device__ static int k_size(const Args& a) { return 3 * a.H; }
   __device__ static int iterations(const Args& a) { return a.T + 1; }
-  // W slice row n: W_hh's column u0 + n over its 3H rows.
   __device__ static scalar_t weight(const Args& a, int n, int k, int u0, int units) {
-    return n < units ? a.w_hh[int64_t(k) * a.H + u0 + n] : scalar_t(0.0f);
+    return column_weight(a.w_hh, a.H, n, k, u0, units);
   }
-  __device__ static int time_of(const Args& a, int index) { return a.reverse ? index : a.T - 1 - index; }
   __device__ static scalar_t* d_hidden(const Args& a, int i) { return i % 2 == 0 ? a.d_hidden_even : a.d_hidden_odd; }
   __device__ static ProductStep<scalar_t> step(const Args& a, int i) {
-    ProductStep<scalar_t> st;
-    st.t = i < a.T ? time_of(a, i) : -1;
-    st.rows = st.t < 0 ? 0 : persistent_rows_at(a.active_rows, a.B, st.t);
-    const int t_prev = i > 0 ? time_of(a, i - 1) : -1;
-    st.product_rows = t_prev < 0 ? 0 : persistent_rows_at(a.active_rows, a.B, t_prev);
-    st.a = t_prev < 0 ? nullptr : d_hidden(a, i - 1);
-    return st;
+    return backward_loop_step<scalar_t>(a.active_rows, a.T, a.B, a.reverse, i, i == 0 ? nullptr : d_hidden(a, i - 1));
   }
   __device__ static void load(const Args& a, const ProductStep<scalar_t>& st, int b, int unit, Inputs& in) {
     const int H = a.H;
@@ -152,8 +133,7 @@ struct GruBackwardPolicy {
                                 const Inputs& in, const Sums& sums) {
     const int H = a.H;
     const int64_t k = int64_t(b) * H + unit;
-    acc_t dh = a.dh_state[k];
-    if (b < st.product_rows) dh += sums(b, u);
+    acc_t dh = received_gradient(a.dh_state, k, st, b, u, sums);
     if (b < st.rows) {
       acc_t r = in.v[0], z = in.v[1], n = in.v[2], d_hn, dh_direct;
       gru_cell_backward<acc_t>(r, z, n, in.v[3], in.v[4], dh + in.v[5], d_hn, dh_direct);

@@ -174,8 +174,6 @@ BackwardResult run_persistent_backward(const PersistentProductPlan& plan, const 
                                        const Tensor& w_ih, const Tensor& w_hh, const Tensor& y, const Tensor& reserve,
                                        bool padded, bool reverse, const WantedGradients& wanted) {
   auto* kernel = &lstm_persistent_backward_kernel<scalar_t, acc_t, kProduct>;
-  const char* name =
-      kProduct == PersistentProduct::kFma ? "lstm_persistent_backward_kernel" : "lstm_persistent_tc_backward_kernel";
   if (!persistent_grid_fits(kernel, x.device(), device, kPersistentProductThreads, plan.blocks, plan.shared_bytes)) {
     return c10::nullopt;
   }
@@ -196,13 +194,9 @@ BackwardResult run_persistent_backward(const PersistentProductPlan& plan, const 
   args.grad_h0 = g.dh.template data_ptr<scalar_t>();
   args.active_rows = active_rows.defined() ? active_rows.data_ptr<int64_t>() : nullptr;
   args.lengths = g.lengths.defined() ? g.lengths.template data_ptr<int64_t>() : nullptr;
-  args.T = static_cast<int>(s.seq_len);
-  args.B = static_cast<int>(s.batch);
-  args.H = static_cast<int>(s.hidden_size);
-  args.reverse = reverse;
-  args.shape = product_shape(plan);
-  if (!gpu::launch_cooperative(name, kernel, dim3(plan.blocks), dim3(kPersistentProductThreads), plan.shared_bytes,
-                               args)) {
+  set_loop_sizes(args, s, reverse, plan);
+  if (!launch_product_kernel<kProduct>("lstm_persistent_backward_kernel", "lstm_persistent_tc_backward_kernel", kernel,
+                                       plan, args)) {
     return c10::nullopt;
   }
   return g.gradients(s, x, h0, w_ih, y, reverse, wanted);

@@ -44,22 +44,12 @@ struct LstmBackwardPolicy {
 
   __device__ static int k_size(const Args& a) { return 4 * a.H; }
   __device__ static int iterations(const Args& a) { return a.T + 1; }
-  // W slice row n: W_hh's column u0 + n over its 4H rows.
   __device__ static scalar_t weight(const Args& a, int n, int k, int u0, int units) {
-    return n < units ? a.w_hh[int64_t(k) * a.H + u0 + n] : scalar_t(0.0f);
+    return column_weight(a.w_hh, a.H, n, k, u0, units);
   }
-  __device__ static int rows_at(const Args& a, int t) {
-    return a.active_rows == nullptr ? a.B : static_cast<int>(a.active_rows[t]);
-  }
-  __device__ static int time_of(const Args& a, int index) { return a.reverse ? index : a.T - 1 - index; }
   __device__ static ProductStep<scalar_t> step(const Args& a, int i) {
-    ProductStep<scalar_t> st;
-    st.t = i < a.T ? time_of(a, i) : -1;
-    st.rows = st.t < 0 ? 0 : rows_at(a, st.t);
-    const int t_prev = i > 0 ? time_of(a, i - 1) : -1;
-    st.product_rows = t_prev < 0 ? 0 : rows_at(a, t_prev);
-    st.a = t_prev < 0 ? nullptr : a.d_gates + int64_t(t_prev) * a.B * 4 * a.H;
-    return st;
+    const int t_prev = i == 0 ? 0 : (a.reverse ? i - 1 : a.T - i);
+    return backward_loop_step(a.active_rows, a.T, a.B, a.reverse, i, a.d_gates + int64_t(t_prev) * a.B * 4 * a.H);
   }
   __device__ static void load(const Args& a, const ProductStep<scalar_t>& st, int b, int unit, Inputs& in) {
     const int H = a.H;
@@ -76,8 +66,7 @@ struct LstmBackwardPolicy {
                                 const Inputs& in, const Sums& sums) {
     const int H = a.H;
     const int64_t k = int64_t(b) * H + unit;
-    acc_t dh = a.dh_state[k];
-    if (b < st.product_rows) dh += sums(b, u);
+    acc_t dh = received_gradient(a.dh_state, k, st, b, u, sums);
     if (b < st.rows) {
       acc_t gi = in.v[0], gf = in.v[1], gg = in.v[2], go = in.v[3], dc = a.dc_state[k];
       lstm_cell_backward<acc_t>(gi, gf, gg, go, in.v[5], in.v[4], dh + in.v[6], dc);

@@ -57,18 +57,11 @@ struct LstmForwardPolicy {
 
   __device__ static int k_size(const Args& a) { return a.H; }
   __device__ static int iterations(const Args& a) { return a.T; }
-  // W slice row n = gate * U + u: W_hh row gate * H + u0 + u.
   __device__ static scalar_t weight(const Args& a, int n, int k, int u0, int units) {
-    const int U = a.shape.units_per_block, gate = n / U, u = n % U;
-    return gate < 4 && u < units ? a.w_hh[int64_t(gate * a.H + u0 + u) * a.H + k] : scalar_t(0.0f);
+    return gate_rows_weight(a.w_hh, 4, a.H, a.shape.units_per_block, n, k, u0, units);
   }
   __device__ static ProductStep<scalar_t> step(const Args& a, int i) {
-    ProductStep<scalar_t> st;
-    st.t = a.reverse ? a.T - 1 - i : i;
-    st.rows = a.active_rows == nullptr ? a.B : static_cast<int>(a.active_rows[st.t]);
-    st.product_rows = st.rows;
-    st.a = i % 2 == 0 ? a.h_even : a.h_odd;
-    return st;
+    return forward_loop_step<scalar_t>(a.active_rows, a.T, a.B, a.reverse, a.h_even, a.h_odd, i);
   }
   __device__ static void load(const Args& a, const ProductStep<scalar_t>& st, int b, int unit, Inputs& in) {
     const scalar_t* g_row = a.gates + (int64_t(st.t) * a.B + b) * 4 * a.H;

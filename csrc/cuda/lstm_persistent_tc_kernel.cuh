@@ -95,9 +95,6 @@ __global__ void __launch_bounds__(kPersistentTcThreads)
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int jobs = a.n_tiles * a.k_split;
-  // 16-byte copies need every row of h to start 16-byte aligned (the shared rows always do).
-  const bool vector_rows = H * int(sizeof(scalar_t)) % 16 == 0 &&
-                           (reinterpret_cast<uintptr_t>(a.h_even) | reinterpret_cast<uintptr_t>(a.h_odd)) % 16 == 0;
   for (int step = 0; step < a.T; ++step) {
     const int t = a.reverse ? a.T - 1 - step : step;
     const int rows = a.active_rows == nullptr ? B : static_cast<int>(a.active_rows[t]);
@@ -124,21 +121,7 @@ __global__ void __launch_bounds__(kPersistentTcThreads)
     // 2. Stage the rows that advance (other rows' sums are computed but never used). Other SMs
     // wrote h_{t-1}: it is read through L2 (L1 is not coherent across SMs), by 16-byte cp.async.cg
     // where the rows allow it.
-    if (vector_rows) {
-      const int chunks = H * int(sizeof(scalar_t)) / 16, per_chunk = 16 / int(sizeof(scalar_t));
-      for (int idx = threadIdx.x; idx < rows * chunks; idx += blockDim.x) {
-        const int b = idx / chunks, k = (idx % chunks) * per_chunk;
-        tc::cp_async_16(h_s + b * stride + k, h_prev + int64_t(b) * H + k);
-      }
-      tc::cp_async_commit();
-      tc::cp_async_wait<0>();
-    } else {
-      for (int idx = threadIdx.x; idx < rows * H; idx += blockDim.x) {
-        const int b = idx / H, k = idx % H;
-        h_s[b * stride + k] = load_uncached(h_prev + int64_t(b) * H + k);
-      }
-    }
-    __syncthreads();
+    stage_rows(h_s, h_prev, rows, H, stride);
 
     // 3. The product on tensor cores: job = (n tile, K range); each warp keeps its B operand
     // columns for all m tiles.

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "../layer_args.h"
 #include "gpu_runtime.h"
 #include "persistent_recurrent.cuh"
 
@@ -80,6 +81,25 @@ bool persistent_grid_fits(Kernel kernel, const at::Device& where, const gpu::Dev
                           int64_t blocks, int64_t shared_bytes) {
   gpu::allow_dynamic_shared(kernel, where, shared_bytes);
   return gpu::max_active_blocks_per_sm(kernel, where, threads, shared_bytes) * device.sm_count >= blocks;
+}
+
+// The loop sizes and the plan's shape, which every product kernel's arguments carry.
+template <typename Args>
+void set_loop_sizes(Args& args, const LayerSizes& s, bool reverse, const PersistentProductPlan& plan) {
+  args.T = static_cast<int>(s.seq_len);
+  args.B = static_cast<int>(s.batch);
+  args.H = static_cast<int>(s.hidden_size);
+  args.reverse = reverse;
+  args.shape = product_shape(plan);
+}
+
+// The cooperative launch of a product kernel, named by its product (the emulator's report and the
+// tests tell the FMA and tensor-core instances apart). false: the device refused the grid.
+template <PersistentProduct kProduct, typename Kernel, typename Args>
+bool launch_product_kernel(const char* fma_name, const char* tensor_core_name, Kernel kernel,
+                           const PersistentProductPlan& plan, const Args& args) {
+  return gpu::launch_cooperative(kProduct == PersistentProduct::kFma ? fma_name : tensor_core_name, kernel,
+                                 dim3(plan.blocks), dim3(kPersistentProductThreads), plan.shared_bytes, args);
 }
 
 }  // namespace lstm_fused

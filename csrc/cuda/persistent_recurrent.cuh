@@ -244,6 +244,64 @@ struct ProductStep {
   const scalar_t* a;      // A, [product_rows, K] rows of K
 };
 
+// Helpers the policies share.
+__device__ __forceinline__ int persistent_rows_at(const int64_t* active_rows, int B, int t) {
+  return active_rows == nullptr ? B : static_cast<int>(active_rows[t]);
+}
+
+// A forward loop: index i runs step t_i (backwards in time for a reverse direction), whose
+// product reads h_{t-1} from the ping-pong buffer of i's parity (both hold h0 at the start).
+template <typename scalar_t>
+__device__ __forceinline__ ProductStep<scalar_t> forward_loop_step(const int64_t* active_rows, int T, int B,
+                                                                   bool reverse, const scalar_t* h_even,
+                                                                   const scalar_t* h_odd, int i) {
+  ProductStep<scalar_t> st;
+  st.t = reverse ? T - 1 - i : i;
+  st.rows = persistent_rows_at(active_rows, B, st.t);
+  st.product_rows = st.rows;
+  st.a = i % 2 == 0 ? h_even : h_odd;
+  return st;
+}
+
+// A backward loop: index i runs the product of step t_{i-1} (its gradient reaches h_{t_i}), whose
+// A is a_prev, then the pointwise work of step t_i (processing order: backwards in time for a
+// forward direction); index T runs the last product alone (the gradient of h0).
+template <typename scalar_t>
+__device__ __forceinline__ ProductStep<scalar_t> backward_loop_step(const int64_t* active_rows, int T, int B,
+                                                                    bool reverse, int i, const scalar_t* a_prev) {
+  const auto time_of = [&](int index) { return reverse ? index : T - 1 - index; };
+  ProductStep<scalar_t> st;
+  st.t = i < T ? time_of(i) : -1;
+  st.rows = st.t < 0 ? 0 : persistent_rows_at(active_rows, B, st.t);
+  st.product_rows = i == 0 ? 0 : persistent_rows_at(active_rows, B, time_of(i - 1));
+  st.a = i == 0 ? nullptr : a_prev;
+  return st;
+}
+
+// W slice row n = gate * U + u of a forward product: W_hh row gate * H + u0 + u (zero past the units).
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t gate_rows_weight(const scalar_t* w_hh, int gates, int H, int U, int n, int k,
+                                                     int u0, int units) {
+  const int gate = n / U, u = n % U;
+  return gate < gates && u < units ? w_hh[int64_t(gate * H + u0 + u) * H + k] : scalar_t(0.0f);
+}
+
+// W slice row n of a backward product: W_hh's column u0 + n at row k (zero past the units).
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t column_weight(const scalar_t* w_hh, int H, int n, int k, int u0, int units) {
+  return n < units ? w_hh[int64_t(k) * H + u0 + n] : scalar_t(0.0f);
+}
+
+// A backward pair's gradient reaching h_t: what it carried (dh_state) plus, if the row took part
+// in the product's step, its column sum.
+template <typename acc_t, typename scalar_t, typename Sums>
+__device__ __forceinline__ acc_t received_gradient(const acc_t* dh_state, int64_t k, const ProductStep<scalar_t>& st,
+                                                   int b, int u, const Sums& sums) {
+  acc_t dh = dh_state[k];
+  if (b < st.product_rows) dh += sums(b, u);
+  return dh;
+}
+
 // The body of a kernel (each policy's __global__ kernel calls it, under its own name).
 // Policy (see the LSTM backward and GRU policies): Args (the kernel argument, with `shape`, B
 // and H), k_size(args) -> K, iterations(args), weight(args, n, k, u0, units) -> W_s[n][k] for
