@@ -158,7 +158,10 @@ c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> lstm_layer_forward_per
         "lstm_persistent_forward_kernel", &lstm_persistent_forward_kernel<scalar_t, acc_t>,
         kPersistentProductThreads, plan.blocks, plan.shared_bytes, device, s, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
         padded, reverse,
-        [&](typename LstmForwardPolicy<scalar_t, acc_t>::Args& args) { args.shape = product_shape(plan); });
+        [&](typename LstmForwardPolicy<scalar_t, acc_t>::Args& args) {
+          args.units_per_block = static_cast<int>(plan.units_per_block);
+          args.shape = product_shape(plan);
+        });
   });
 }
 

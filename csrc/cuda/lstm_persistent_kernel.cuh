@@ -37,18 +37,8 @@ struct PersistentLstmArgs {
 // (The tensor-core forward, lstm_persistent_tc_kernel.cuh, is its own kernel: ldmatrix operands.)
 template <typename scalar_t, typename acc_t>
 struct LstmForwardPolicy {
-  struct Args {
-    const scalar_t* w_hh;        // [4H, H]
-    const scalar_t* bias;        // [4H] b_ih + b_hh, or null
-    scalar_t* gates;             // [T, B, 4H] input projection in, activated gates out
-    acc_t* c_state;              // [B, H]
-    scalar_t* cells;             // [T, B, H]
-    scalar_t* y;                 // [T, B, H]
-    scalar_t* h_even;            // [B, H] ping-pong pair, both h0 at the start
-    scalar_t* h_odd;
-    const int64_t* active_rows;  // [T] or null: all B
-    int T, B, H;
-    bool reverse;
+  // The arguments both forward kernels take (units_per_block unused: the shape has it).
+  struct Args : PersistentLstmArgs<scalar_t, acc_t> {
     ProductShape shape;
   };
   struct Inputs {

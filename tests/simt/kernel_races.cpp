@@ -236,9 +236,10 @@ int main() {
     auto h_even = random_vector(B * H, gen);
     std::vector<float> h_odd(h_even), cells(T * B * H), y(T * B * H);
     std::vector<int64_t> active_rows = {B, 7, 2};
-    LstmForwardPolicy<float, float>::Args args{w_hh.data(), bias.data(), gates.data(), c_state.data(),
-                                               cells.data(), y.data(), h_even.data(), h_odd.data(),
-                                               active_rows.data(), T, B, H, true, product_shape(plan)};
+    LstmForwardPolicy<float, float>::Args args{{w_hh.data(), bias.data(), gates.data(), c_state.data(),
+                                                cells.data(), y.data(), h_even.data(), h_odd.data(),
+                                                active_rows.data(), T, B, H, int(plan.units_per_block), true},
+                                               product_shape(plan)};
     const auto kernel = &lstm_persistent_forward_kernel<float, float>;
     expect(simt::set_max_dynamic_shared(kernel, plan.shared_bytes), "set_max_dynamic_shared");
     expect(simt::launch_cooperative("lstm_persistent_forward_kernel", kernel, dim3(plan.blocks),
