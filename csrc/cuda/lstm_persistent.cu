@@ -1,10 +1,11 @@
 // Host side of the persistent LSTM kernels: whether a plan (persistent_plan.h) and the device
-// allow one, and its single cooperative launch. The backward kernel
-// (lstm_persistent_backward_kernel.cuh) runs the backward time loop the same way, on tensor cores
-// under the same dtype rule, and leaves the gradient GEMMs to layer_loops.h. Forward: Two kernels: the tensor-core one
+// allow one, and its single cooperative launch. Forward: the tensor-core kernel
 // (lstm_persistent_tc_kernel.cuh) for bfloat16 and float16, and for float32 when TF32 is allowed
-// (torch.backends.cuda.matmul.fp32_precision = "tf32", or the legacy allow_tf32); the FP32/FP64-FMA one (lstm_persistent_kernel.cuh)
-// otherwise. LSTM_FUSED_PERSISTENT=0 turns both off, =fma keeps the FMA kernel only.
+// (torch.backends.cuda.matmul.fp32_precision = "tf32", or the legacy allow_tf32); the FMA one
+// (lstm_persistent_kernel.cuh, a policy of persistent_recurrent.cuh) otherwise. Backward
+// (lstm_persistent_backward_kernel.cuh): the whole backward time loop the same way, on tensor
+// cores under the same dtype rule, leaving the gradient GEMMs to layer_loops.h.
+// LSTM_FUSED_PERSISTENT=0 turns them off, =fma keeps the FMA products only (persistent_host.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
