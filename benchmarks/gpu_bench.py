@@ -265,6 +265,25 @@ def bench_config(spec, tf32, device, measure):
                 result[f"{key}_fwdbwd_ms"] = measure(forward_backward(ours))
             finally:
                 del os.environ["LSTM_FUSED_PERSISTENT"]
+        # The tile sweep at the headline shape: fewer, wider blocks and other K splits
+        # (LSTM_FUSED_PERSISTENT_BLOCKS / _K_SPLIT, csrc/cuda/persistent_host.h), so that one GPU
+        # call shows which plan is best there.
+        if persistent and (B, H) == (16, 768) and device == "cuda":
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            result["sweep"] = {}
+            for blocks, k_split in ((None, 1), (None, 4), (sms // 2, None), (sms // 2, 2)):
+                label = f"blocks={blocks or sms},k_split={k_split or 'rule'}"
+                settings = {"LSTM_FUSED_PERSISTENT_BLOCKS": str(blocks) if blocks else None,
+                            "LSTM_FUSED_PERSISTENT_K_SPLIT": str(k_split) if k_split else None}
+                try:
+                    for key, value in settings.items():
+                        if value is not None:
+                            os.environ[key] = value
+                    result["sweep"][label] = {"fwd_ms": measure(forward(ours)),
+                                              "fwdbwd_ms": measure(forward_backward(ours))}
+                finally:
+                    for key in settings:
+                        os.environ.pop(key, None)
         result["predicted"] = predicted(cell, B, T, I, H, dtype_name, packed)
     gates = 4 if cell.startswith("lstm") else 3
     steps = T if packed is None else float(lengths.float().mean())  # packed: the real work only

@@ -139,6 +139,12 @@ def markdown(record):
                          f"{c['speedup_fwd']:.2f}x | {c['ours_fwdbwd_ms']:.3f} | {ms('ours_fma_persistent_fwdbwd_ms')} | "
                          f"{ms('ours_per_step_fwdbwd_ms')} | {c['cudnn_fwdbwd_ms']:.3f} | "
                          f"{c['speedup_fwdbwd']:.2f}x | {c['rel_diff_vs_cudnn']:.1e} | {model} | {model_fwdbwd} |")
+        sweeps = [(name, c["sweep"]) for name, c in bench["configs"].items() if c.get("sweep")]
+        if sweeps:
+            lines += ["", "Tile sweep (LSTM_FUSED_PERSISTENT_BLOCKS / _K_SPLIT), median ms, fwd / fwd+bwd:", ""]
+            for name, sweep in sweeps:
+                lines.append(f"- {name}: " + "; ".join(f"{label} {v['fwd_ms']:.3f} / {v['fwdbwd_ms']:.3f}"
+                                                       for label, v in sweep.items()))
         if bench.get("skipped"):
             lines.append(f"\nout of budget, not timed: {', '.join(bench['skipped'])}")
         for key, value in bench.get("peaks", {}).items():

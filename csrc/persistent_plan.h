@@ -34,8 +34,11 @@ struct PersistentTcPlan {
   int64_t shared_bytes = 0;     // W slice + h_{t-1} + the partial sums
 };
 
+// k_split_request > 0 asks for that many K ranges (clamped to the K tiles) instead of the rule's:
+// measurements sweep it (LSTM_FUSED_PERSISTENT_K_SPLIT, csrc/cuda/persistent_host.h).
 inline PersistentTcPlan plan_persistent_tc_layer(int64_t hidden, int64_t batch, int64_t element_bytes,
-                                                 int64_t sm_count, int64_t max_shared_bytes) {
+                                                 int64_t sm_count, int64_t max_shared_bytes,
+                                                 int64_t k_split_request = 0) {
   PersistentTcPlan plan;
   if (hidden <= 0 || batch <= 0 || sm_count <= 0 || element_bytes <= 0) return plan;
   const auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
@@ -46,6 +49,7 @@ inline PersistentTcPlan plan_persistent_tc_layer(int64_t hidden, int64_t batch, 
   plan.k_tiles = ceil_div(hidden, 16);
   const int64_t warps = kPersistentTcThreads / 32;
   plan.k_split = std::max<int64_t>(1, std::min<int64_t>(plan.k_tiles, warps / plan.n_tiles));
+  if (k_split_request > 0) plan.k_split = std::min<int64_t>(k_split_request, plan.k_tiles);
   plan.row_stride = 16 * plan.k_tiles + kPersistentTcPad;
   const int64_t columns = 4 * plan.units_per_block, rows = 16 * plan.m_tiles;
   plan.shared_bytes = (columns + rows) * plan.row_stride * element_bytes + plan.k_split * rows * columns * 4;
@@ -92,11 +96,12 @@ LSTM_FUSED_HOST_DEVICE int64_t persistent_partial_bytes(int64_t k_split, int64_t
 }
 
 // element_bytes: the weights' dtype; acc_bytes: the accumulator's (4, or 8 for float64);
-// tensor_cores: the mma.sync product (bf16, fp16, TF32) instead of FMAs.
+// tensor_cores: the mma.sync product (bf16, fp16, TF32) instead of FMAs; k_split_request > 0: that
+// many K ranges (clamped to the chunks, or to K / 32 for FMAs) instead of the rule's.
 inline PersistentProductPlan plan_persistent_product_layer(int64_t hidden, int64_t batch, int64_t columns_per_unit,
                                                            int64_t depth, int64_t element_bytes, int64_t acc_bytes,
                                                            bool tensor_cores, int64_t sm_count,
-                                                           int64_t max_shared_bytes) {
+                                                           int64_t max_shared_bytes, int64_t k_split_request = 0) {
   PersistentProductPlan plan;
   if (hidden <= 0 || batch <= 0 || sm_count <= 0 || element_bytes <= 0 || acc_bytes <= 0 || columns_per_unit <= 0 ||
       depth <= 0) {
@@ -118,6 +123,7 @@ inline PersistentProductPlan plan_persistent_product_layer(int64_t hidden, int64
     plan.m_rows = 16 * ceil_div(batch, 16);
     const int64_t warps = kPersistentProductThreads / 32;
     plan.k_split = std::max<int64_t>(1, std::min<int64_t>(plan.chunks, warps / plan.n_tiles));
+    if (k_split_request > 0) plan.k_split = std::min<int64_t>(k_split_request, plan.chunks);
   } else {
     plan.row_stride = depth;
     plan.n_cols = columns;
@@ -126,6 +132,7 @@ inline PersistentProductPlan plan_persistent_product_layer(int64_t hidden, int64
     const int64_t warps = kPersistentProductThreads / 32;
     const int64_t tiles = ceil_div(batch, kPersistentFmaTile) * ceil_div(columns, kPersistentFmaTile);
     plan.k_split = std::max<int64_t>(1, std::min<int64_t>(warps / tiles, ceil_div(depth, 32)));
+    if (k_split_request > 0) plan.k_split = std::min<int64_t>(k_split_request, ceil_div(depth, 32));
   }
   plan.shared_bytes = persistent_weight_bytes(plan.n_cols, plan.row_stride, element_bytes) +
                       persistent_partial_bytes(plan.k_split, plan.m_rows, plan.n_cols, acc_bytes);

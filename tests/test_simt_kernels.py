@@ -273,6 +273,34 @@ def test_persistent_fma_setting_keeps_the_fma_backward(monkeypatch, tmp_path):
     assert not {"lstm_persistent_tc_forward_kernel", "lstm_persistent_tc_backward_kernel"} & launched
 
 
+COUNTER_NAMES = ("launches", "blocks", "threads", "block_barriers", "warp_collectives", "grid_barriers", "mma",
+                 "ldmatrix", "cp_async", "context_switches")
+
+
+@needs_simt
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("blocks,k_split", [(2, 3), (3, 1), (4, 5)])
+def test_plan_overrides_for_the_tile_sweep(monkeypatch, device_of, tmp_path, cell, dtype, blocks, k_split):
+    """LSTM_FUSED_PERSISTENT_BLOCKS / _K_SPLIT (gpu_bench's sweep): the persistent kernels run on the
+    plan they ask for (fewer, wider blocks; other K splits) and stay right."""
+    report = tmp_path / "kernels.txt"
+    monkeypatch.setenv("LSTM_FUSED_SIMT_REPORT", str(report))
+    monkeypatch.setenv("LSTM_FUSED_PERSISTENT_BLOCKS", str(blocks))
+    monkeypatch.setenv("LSTM_FUSED_PERSISTENT_K_SPLIT", str(k_split))
+    device_of(4, 227 * 1024)
+    SIMT.reset_counters()
+    if cell == "lstm":
+        args, lengths, grads = lstm_case(4, 7, 5, 40, proj=0, bias=True, use_lengths=True, seed=20)
+        check_lstm(args, lengths, True, grads, dtype)
+    else:
+        args, lengths, grads = gru_case(4, 7, 5, 40, bias=True, use_lengths=True, seed=20)
+        check_gru(args, lengths, True, grads, dtype)
+    counts = dict(zip(COUNTER_NAMES, SIMT.counters()))
+    assert counts["launches"] == 2 and counts["blocks"] == 2 * blocks, counts  # forward and backward kernels
+    assert counts["grid_barriers"] > 0
+
+
 @needs_simt
 def test_tensor_core_kernel_needs_sm80(monkeypatch, tmp_path):
     """On a virtual device below compute capability 8.0 the bf16 layer takes the FMA kernel."""

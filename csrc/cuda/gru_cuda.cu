@@ -30,8 +30,8 @@ template <typename scalar_t, typename acc_t, PersistentProduct kProduct>
 PersistentProductPlan gru_plan(const LayerSizes& s, const gpu::DeviceInfo& device, int64_t columns_per_unit,
                                int64_t depth) {
   return plan_persistent_product_layer(s.hidden_size, s.batch, columns_per_unit, depth, sizeof(scalar_t),
-                                       sizeof(acc_t), kProduct != PersistentProduct::kFma, device.sm_count,
-                                       device.max_shared_optin);
+                                       sizeof(acc_t), kProduct != PersistentProduct::kFma, planned_sm_count(device),
+                                       device.max_shared_optin, requested_k_split());
 }
 
 // Whether the persistent kernels may run at all (then the device's description).

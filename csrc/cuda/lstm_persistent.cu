@@ -117,7 +117,8 @@ ForwardResult try_tensor_core_kernel(const LayerSizes& s, const gpu::DeviceInfo&
   const c10::optional<TensorCoreFormat> format = tensor_core_format(x.scalar_type());
   if (!format || device.cc_major < 8) return c10::nullopt;
   const PersistentTcPlan plan =
-      plan_persistent_tc_layer(s.hidden_size, s.batch, x.element_size(), device.sm_count, device.max_shared_optin);
+      plan_persistent_tc_layer(s.hidden_size, s.batch, x.element_size(), planned_sm_count(device),
+                               device.max_shared_optin, requested_k_split());
   if (!plan.usable) return c10::nullopt;
   switch (*format) {
     case TensorCoreFormat::kBFloat16:
@@ -153,7 +154,8 @@ c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> lstm_layer_forward_per
     using acc_t = at::opmath_type<scalar_t>;
     const PersistentProductPlan plan =
         plan_persistent_product_layer(s.hidden_size, s.batch, 4, s.hidden_size, sizeof(scalar_t), sizeof(acc_t),
-                                      /*tensor_cores=*/false, device.sm_count, device.max_shared_optin);
+                                      /*tensor_cores=*/false, planned_sm_count(device), device.max_shared_optin,
+                                      requested_k_split());
     if (!plan.usable) return c10::nullopt;
     return run_persistent<scalar_t, acc_t>(
         "lstm_persistent_forward_kernel", &lstm_persistent_forward_kernel<scalar_t, acc_t>,
@@ -224,7 +226,7 @@ BackwardResult lstm_layer_backward_persistent(const LayerSizes& s, const Tensor&
     constexpr PersistentProduct kProduct = decltype(product)::value;
     const PersistentProductPlan plan = plan_persistent_product_layer(
         s.hidden_size, s.batch, 1, 4 * s.hidden_size, sizeof(scalar_t), sizeof(acc_t),
-        kProduct != PersistentProduct::kFma, device.sm_count, device.max_shared_optin);
+        kProduct != PersistentProduct::kFma, planned_sm_count(device), device.max_shared_optin, requested_k_split());
     if (!plan.usable) return c10::nullopt;
     return run_persistent_backward<scalar_t, acc_t, kProduct>(plan, device, s, grad_y, grad_h_n, grad_c_n, x, h0,
                                                               c0, w_ih, w_hh, y, reserve, padded, reverse, wanted);

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -26,6 +27,24 @@ inline PersistentChoice persistent_choice() {
   if (std::strcmp(setting, "fma") == 0) return PersistentChoice::kFmaOnly;
   return PersistentChoice::kAny;
 }
+
+// Plan overrides for measurements (benchmarks/gpu_bench.py's tile sweep), read on every call:
+// LSTM_FUSED_PERSISTENT_BLOCKS=n plans as if the device had min(n, SMs) multiprocessors (fewer,
+// wider blocks: ceil(H / n) units each); LSTM_FUSED_PERSISTENT_K_SPLIT=n asks for n K ranges per
+// tile. Unset or not a positive number: the plan's own rule.
+inline int64_t positive_setting(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return 0;
+  const long long n = std::strtoll(value, nullptr, 10);
+  return n > 0 ? n : 0;
+}
+
+inline int64_t planned_sm_count(const gpu::DeviceInfo& device) {
+  const int64_t blocks = positive_setting("LSTM_FUSED_PERSISTENT_BLOCKS");
+  return blocks > 0 ? std::min<int64_t>(blocks, device.sm_count) : device.sm_count;
+}
+
+inline int64_t requested_k_split() { return positive_setting("LSTM_FUSED_PERSISTENT_K_SPLIT"); }
 
 // The tensor-core product for a dtype, or nullopt where FMAs must do: bf16 and fp16 always,
 // float32 as TF32 when matmuls may use it. The precision setting is read, not the legacy
