@@ -59,6 +59,21 @@ std::vector<T> random_as(size_t n, std::mt19937& gen) {
   return out;
 }
 
+// A 4-SM virtual device: the persistent plans spread H=40 over 4 blocks of 10 units.
+void use_four_sms() {
+  simt::Device device = simt::device();
+  device.sm_count = 4;
+  simt::set_device(device);
+}
+
+// One cooperative launch of a persistent kernel with its dynamic shared memory.
+template <typename Kernel, typename Args>
+void launch_persistent(const char* name, Kernel kernel, int64_t blocks, int64_t threads, int64_t shared_bytes,
+                       const Args& args, const char* what) {
+  expect(simt::set_max_dynamic_shared(kernel, shared_bytes), "set_max_dynamic_shared");
+  expect(simt::launch_cooperative(name, kernel, dim3(blocks), dim3(threads), shared_bytes, args), what);
+}
+
 }  // namespace
 
 namespace lstm_fused {
@@ -66,9 +81,7 @@ namespace lstm_fused {
 template <typename scalar_t, TensorCoreFormat kFormat>
 void run_tensor_core(std::mt19937& gen, const char* what) {
   const int B = 20, H = 40, T = 3;
-  simt::Device device = simt::device();
-  device.sm_count = 4;
-  simt::set_device(device);
+  use_four_sms();
   const PersistentTcPlan plan = plan_persistent_tc_layer(H, B, sizeof(scalar_t), 4, 227 * 1024);
   if (!plan.usable) {
     std::fprintf(stderr, "the tensor-core plan refused H=%d B=%d (%s)\n", H, B, what);
@@ -86,10 +99,8 @@ void run_tensor_core(std::mt19937& gen, const char* what) {
                                       int(plan.m_tiles), int(plan.n_tiles), int(plan.k_tiles), int(plan.k_split),
                                       int(plan.row_stride)};
   const auto kernel = &lstm_persistent_tc_forward_kernel<scalar_t, kFormat>;
-  expect(simt::set_max_dynamic_shared(kernel, plan.shared_bytes), "set_max_dynamic_shared");
-  expect(simt::launch_cooperative("lstm_persistent_tc_forward_kernel", kernel, dim3(plan.blocks),
-                                  dim3(kPersistentTcThreads), plan.shared_bytes, args),
-         what);
+  launch_persistent("lstm_persistent_tc_forward_kernel", kernel, plan.blocks,
+                    kPersistentTcThreads, plan.shared_bytes, args, what);
 }
 
 // The persistent backward kernel: 4 SMs give 4 blocks of 10 units; B=20 spans two m tiles on the
@@ -97,9 +108,7 @@ void run_tensor_core(std::mt19937& gen, const char* what) {
 template <typename scalar_t, PersistentProduct kProduct>
 void run_backward(std::mt19937& gen, const char* what) {
   const int B = 20, H = 40, T = 3;
-  simt::Device device = simt::device();
-  device.sm_count = 4;
-  simt::set_device(device);
+  use_four_sms();
   const PersistentProductPlan plan = plan_persistent_product_layer(
       H, B, 1, 4 * H, sizeof(scalar_t), sizeof(float), kProduct != PersistentProduct::kFma, 4, 227 * 1024);
   if (!plan.usable) {
@@ -118,19 +127,15 @@ void run_backward(std::mt19937& gen, const char* what) {
       w_hh.data(), gates.data(), cells.data(), c0.data(), grad_y.data(), d_gates.data(), dh_state.data(),
       dc_state.data(), grad_h0.data(), active_rows.data(), lengths.data(), T, B, H, false, product_shape(plan)};
   const auto kernel = &lstm_persistent_backward_kernel<scalar_t, float, kProduct>;
-  expect(simt::set_max_dynamic_shared(kernel, plan.shared_bytes), "set_max_dynamic_shared");
-  expect(simt::launch_cooperative("lstm_persistent_backward_kernel", kernel, dim3(plan.blocks),
-                                  dim3(kPersistentProductThreads), plan.shared_bytes, args),
-         what);
+  launch_persistent("lstm_persistent_backward_kernel", kernel, plan.blocks,
+                    kPersistentProductThreads, plan.shared_bytes, args, what);
 }
 
 // The persistent GRU kernels, forward and backward, on the same plans.
 template <typename scalar_t, PersistentProduct kProduct>
 void run_gru(std::mt19937& gen, const char* what) {
   const int B = 20, H = 40, T = 3;
-  simt::Device device = simt::device();
-  device.sm_count = 4;
-  simt::set_device(device);
+  use_four_sms();
   const bool tc = kProduct != PersistentProduct::kFma;
   const PersistentProductPlan forward = plan_persistent_product_layer(H, B, 3, H, sizeof(scalar_t), 4, tc, 4, 227 * 1024);
   const PersistentProductPlan backward =
@@ -150,10 +155,8 @@ void run_gru(std::mt19937& gen, const char* what) {
                                                      hidden_n_proj.data(), y.data(), h_even.data(), h_odd.data(),
                                                      active_rows.data(), T, B, H, false, product_shape(forward)};
   const auto forward_kernel = &gru_persistent_forward_kernel<scalar_t, float, kProduct>;
-  expect(simt::set_max_dynamic_shared(forward_kernel, forward.shared_bytes), "set_max_dynamic_shared");
-  expect(simt::launch_cooperative("gru_persistent_forward_kernel", forward_kernel, dim3(forward.blocks),
-                                  dim3(kPersistentProductThreads), forward.shared_bytes, f),
-         what);
+  launch_persistent("gru_persistent_forward_kernel", forward_kernel, forward.blocks,
+                    kPersistentProductThreads, forward.shared_bytes, f, what);
   auto grad_y = random_as<scalar_t>(T * B * H, gen), h0 = random_as<scalar_t>(B * H, gen);
   auto dh_state = random_vector(B * H, gen);
   std::vector<scalar_t> d_input(T * B * 3 * H), d_even(B * 3 * H), d_odd(B * 3 * H), grad_h0(B * H);
@@ -162,10 +165,8 @@ void run_gru(std::mt19937& gen, const char* what) {
       d_even.data(), d_odd.data(), dh_state.data(), grad_h0.data(), active_rows.data(), lengths.data(), T, B, H,
       false, product_shape(backward)};
   const auto backward_kernel = &gru_persistent_backward_kernel<scalar_t, float, kProduct>;
-  expect(simt::set_max_dynamic_shared(backward_kernel, backward.shared_bytes), "set_max_dynamic_shared");
-  expect(simt::launch_cooperative("gru_persistent_backward_kernel", backward_kernel, dim3(backward.blocks),
-                                  dim3(kPersistentProductThreads), backward.shared_bytes, g),
-         what);
+  launch_persistent("gru_persistent_backward_kernel", backward_kernel, backward.blocks,
+                    kPersistentProductThreads, backward.shared_bytes, g, what);
 }
 
 }  // namespace lstm_fused
@@ -222,9 +223,7 @@ int main() {
            "gru_backward_pointwise_kernel");
   }
   {  // the FMA persistent forward on a 4-SM virtual device: 4 blocks of 10 units (40 columns: h staged), T grid barriers
-    simt::Device device = simt::device();
-    device.sm_count = 4;
-    simt::set_device(device);
+    use_four_sms();
     const PersistentProductPlan plan =
         plan_persistent_product_layer(H, B, 4, H, sizeof(float), sizeof(float), false, 4, 227 * 1024);
     if (!plan.usable) {
@@ -241,10 +240,8 @@ int main() {
                                                 active_rows.data(), T, B, H, int(plan.units_per_block), true},
                                                product_shape(plan)};
     const auto kernel = &lstm_persistent_forward_kernel<float, float>;
-    expect(simt::set_max_dynamic_shared(kernel, plan.shared_bytes), "set_max_dynamic_shared");
-    expect(simt::launch_cooperative("lstm_persistent_forward_kernel", kernel, dim3(plan.blocks),
-                                    dim3(kPersistentProductThreads), plan.shared_bytes, args),
-           "lstm_persistent_forward_kernel");
+    launch_persistent("lstm_persistent_forward_kernel", kernel, plan.blocks,
+                      kPersistentProductThreads, plan.shared_bytes, args, "lstm_persistent_forward_kernel");
   }
   // The tensor-core persistent kernel, bf16 (ldmatrix operands, cp.async staging) and TF32 (lane
   // loads): B=20 spans two m tiles; 4 SMs give 4 blocks of 10 units (5 n tiles).
