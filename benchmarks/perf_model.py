@@ -302,10 +302,11 @@ COUNTER_NAMES = ("launches", "blocks", "threads", "block_barriers", "warp_collec
                  "ldmatrix", "cp_async", "context_switches")
 
 
-def emulated_counts(B, H, dtype, steps=2, I=8):
-    """Runs the forward op of the CUDA sources in the SIMT emulator on a virtual H100 for `steps`
-    steps and returns what the emulator counted, per step and per block of the persistent kernel
-    (per launch for the per-step kernel). These are the counts the model's formulas assume."""
+def emulated_counts(B, H, dtype, steps=2, I=8, cell="lstm"):
+    """Runs the forward and backward ops of the CUDA sources (LSTM or GRU) in the SIMT emulator on
+    a virtual H100 for `steps` steps and returns what the emulator counted, per step and per block
+    of the persistent kernel (per launch for the per-step kernel). These are the counts the
+    model's formulas assume."""
     import lstm_fused._simt  # noqa: F401  (test-only module: built unless LSTM_FUSED_SIMT=0)
 
     simt = torch.ops.lstm_fused_simt
@@ -318,13 +319,22 @@ def emulated_counts(B, H, dtype, steps=2, I=8):
         simt.set_virtual_device(SMS, SHARED_OPTIN, True, 9)
         gen = torch.Generator().manual_seed(0)
         make = lambda *shape: (torch.randn(*shape, generator=gen) * 0.3).to(torch_dtype)  # noqa: E731
-        args = [make(steps, B, I), make(B, H), make(B, H), make(4 * H, I), make(4 * H, H), make(4 * H), make(4 * H)]
-        simt.reset_counters()
-        y, h_n, c_n, reserve = simt.lstm_layer_forward(*args, None, None, False)
-        counts = dict(zip(COUNTER_NAMES, simt.counters()))
-        simt.reset_counters()
-        grads = [make(*y.shape), make(*h_n.shape), make(*c_n.shape)]
-        simt.lstm_layer_backward(*grads, *args[:5], None, y, reserve, None, False)
+        if cell == "lstm":
+            args = [make(steps, B, I), make(B, H), make(B, H), make(4 * H, I), make(4 * H, H), make(4 * H),
+                    make(4 * H)]
+            simt.reset_counters()
+            y, h_n, c_n, reserve = simt.lstm_layer_forward(*args, None, None, False)
+            counts = dict(zip(COUNTER_NAMES, simt.counters()))
+            simt.reset_counters()
+            grads = [make(*y.shape), make(*h_n.shape), make(*c_n.shape)]
+            simt.lstm_layer_backward(*grads, *args[:5], None, y, reserve, None, False)
+        else:
+            args = [make(steps, B, I), make(B, H), make(3 * H, I), make(3 * H, H), make(3 * H), make(3 * H)]
+            simt.reset_counters()
+            y, h_n, reserve = simt.gru_layer_forward(*args, None, False)
+            counts = dict(zip(COUNTER_NAMES, simt.counters()))
+            simt.reset_counters()
+            simt.gru_layer_backward(make(*y.shape), make(*h_n.shape), *args[:4], y, reserve, None, False)
         backward = dict(zip(COUNTER_NAMES, simt.counters()))
     finally:
         matmul.fp32_precision = previous
@@ -353,8 +363,8 @@ def main():
     rows = [predict(*config) for config in GOAL_CONFIGS]
     gru_rows = [predict_gru(*config) for config in GOAL_CONFIGS]
     if args.emulate:
-        for row in rows:
-            row["emulated"] = emulated_counts(row["B"], row["H"], row["dtype"])
+        for row in rows + gru_rows:
+            row["emulated"] = emulated_counts(row["B"], row["H"], row["dtype"], cell=row.get("cell", "lstm"))
     if args.json:
         print(json.dumps(rows + gru_rows, indent=1))
         return
@@ -367,10 +377,10 @@ def main():
         print(f"| {r.get('cell', 'lstm')} | {r['B']} | {r['T']} | {r['I']} | {r['H']} | {r['dtype']} | {r['kernel']} | {r['backward_kernel']} | "
               f"{r['fwd_us_per_step']:.2f} | {r['bwd_loop_us_per_step']:.2f} + {r['bwd_gemms_us_per_step']:.2f} | "
               f"{r['fwd_bwd_us_per_step']:.2f} | {cudnn} |")
-    for r in rows:
+    for r in rows + gru_rows:
         if "emulated" in r:
-            print(f"emulated B={r['B']} H={r['H']} {r['dtype']}: model counts {r['counts']}, backward "
-                  f"{r['backward_counts']}; emulator per step and block {r['emulated']}")
+            print(f"emulated {r.get('cell', 'lstm')} B={r['B']} H={r['H']} {r['dtype']}: model counts {r['counts']}, "
+                  f"backward {r['backward_counts']}; emulator per step and block {r['emulated']}")
 
 
 if __name__ == "__main__":
