@@ -108,7 +108,7 @@ def per_step_kernel_step(B, H, dtype):
 
 
 def gemm_step(B, H, dtype, gates=4, tensor_core=True):
-    """The per-step path's GEMM form (use_gemm_step in csrc/cuda/recurrent_step.cuh: >= 32 rows and
+    """The per-step path's GEMM form (StepForm in csrc/cuda/recurrent_step.cuh: >= 32 rows and
     >= 64 x 256 rows x units): cuBLAS for h_{t-1} W_hh^T (est. 400 TFLOP/s for bf16 / fp16 / TF32, 50
     for FP32) and one pointwise kernel, two launches per step: host-bound below ~10 us."""
     gemm_us = 2 * B * gates * H * H / (400e12 if tensor_core else 50e12) * 1e6

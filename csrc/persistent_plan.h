@@ -57,13 +57,14 @@ inline PersistentTcPlan plan_persistent_tc_layer(int64_t hidden, int64_t batch, 
   return plan;
 }
 
-// The product-generic persistent kernels (csrc/cuda/persistent_recurrent.cuh): the LSTM
-// backward, the GRU forward and backward. Block j owns hidden units [j*U, j*U + U): their
-// pointwise work, and N = columns_per_unit * U columns of each step's product A W^T, with K the
-// product's depth; W's rows for those columns stay in shared memory. Products: FP32/FP64 FMAs
-// (a warp per (row, column), lanes over K), or mma.sync (bf16 / fp16 m16n8k16, TF32 m16n8k8)
-// with M = batch rows, N columns, K split over the warps.
-//   LSTM backward: columns_per_unit 1, K = 4H; GRU forward: 3, K = H; GRU backward: 1, K = 3H.
+// The product-generic persistent kernels (csrc/cuda/persistent_recurrent.cuh): the LSTM FMA
+// forward and backward, the GRU forward and backward. Block j owns hidden units [j*U, j*U + U):
+// their pointwise work, and N = columns_per_unit * U columns of each step's product A W^T, with K
+// the product's depth; W's rows for those columns stay in shared memory. Products: FP32/FP64 FMAs
+// (4 x 4 register tiles per warp, lanes over K), or mma.sync (bf16 / fp16 m16n8k16, TF32
+// m16n8k8) with M = batch rows, N columns; K split over the warps where the tiles leave some idle.
+//   LSTM forward: columns_per_unit 4, K = H; LSTM backward: 1, K = 4H; GRU forward: 3, K = H;
+//   GRU backward: 1, K = 3H.
 constexpr int64_t kPersistentProductThreads = 256;
 constexpr int64_t kPersistentFmaTile = 4;  // the FMA product's register tile: 4 rows x 4 columns per warp
 

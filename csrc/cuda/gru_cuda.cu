@@ -4,7 +4,7 @@
 // their plan fits the device, under the LSTM's rules (persistent_host.h). Otherwise, forward, per
 // step, one kernel: the recurrent product h_{t-1} W_hh^T for the block's hidden units across the
 // three gates (recurrent_step.cuh), b_hh, and the gate and state update, or for large steps
-// (use_gemm_step) cuBLAS for the product and one pointwise kernel; backward, per step: one
+// (StepForm) cuBLAS for the product and one pointwise kernel; backward, per step: one
 // pointwise kernel, then cuBLAS for dG_h W_hh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -32,14 +32,6 @@ PersistentProductPlan gru_plan(const LayerSizes& s, const gpu::DeviceInfo& devic
   return plan_persistent_product_layer(s.hidden_size, s.batch, columns_per_unit, depth, sizeof(scalar_t),
                                        sizeof(acc_t), kProduct != PersistentProduct::kFma, planned_sm_count(device),
                                        device.max_shared_optin, requested_k_split());
-}
-
-// Whether the persistent kernels may run at all (then the device's description).
-c10::optional<gpu::DeviceInfo> persistent_device(const LayerSizes& s, const Tensor& x, PersistentChoice choice) {
-  if (s.seq_len == 0 || s.batch == 0 || s.hidden_size == 0 || choice == PersistentChoice::kOff) return c10::nullopt;
-  const gpu::DeviceInfo device = gpu::device_info(x.device());
-  if (!device.cooperative_launch) return c10::nullopt;
-  return device;
 }
 
 GruForwardResult gru_forward_persistent(const LayerSizes& s, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
@@ -141,14 +133,15 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward_cuda(const Tensor& x, const
   }
   const Tensor w_hh_c = w_hh.contiguous();
   const int H = static_cast<int>(s.hidden_size);
-  // The large-step path's h_{t-1} W_hh^T (use_gemm_step), made once for the layer when a step may want it.
-  const Tensor hidden_proj = use_gemm_step(s.batch, s.hidden_size) ? at::empty({s.batch, 3 * s.hidden_size}, x.options())
-                                                                  : Tensor();
+  // The large-step path's h_{t-1} W_hh^T (StepForm), made once for the layer when a step may want it.
+  const StepForm form = step_form();
+  const Tensor hidden_proj =
+      form.gemm(s.batch, s.hidden_size) ? at::empty({s.batch, 3 * s.hidden_size}, x.options()) : Tensor();
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gru_layer_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     return run_gru_layer_forward<scalar_t>(
         s, x, h0, w_ih, b_ih, b_hh, lengths.has_value(), reverse, [&](const GruForwardStep<scalar_t>& step) {
-          if (hidden_proj.defined() && use_gemm_step(step.rows, H)) {
+          if (hidden_proj.defined() && form.gemm(step.rows, H)) {
             Tensor hp = hidden_proj.narrow(0, 0, step.rows);
             at::mm_out(hp, at::from_blob(const_cast<scalar_t*>(step.h_prev), {step.rows, s.hidden_size}, x.options()),
                        w_hh_c.t());

@@ -4,7 +4,7 @@
 // Forward: the persistent kernel (lstm_persistent.cu) when the plan allows it; otherwise per
 // step, one kernel does the recurrent product h_{t-1} W_hh^T, the biases, the
 // activations and the cell update together: each block owns a slice of hidden units across all four gates and a
-// tile of batch rows, so the update needs nothing from other blocks. Large steps (use_gemm_step,
+// tile of batch rows, so the update needs nothing from other blocks. Large steps (StepForm,
 // recurrent_step.cuh) take cuBLAS for the product, on tensor cores where the dtype allows, and
 // one pointwise kernel for the rest. The input projection of all
 // steps is one cuBLAS GEMM before the loop (layer_loops.h).
@@ -45,12 +45,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward_cuda(
   }
   const Tensor w_hh_c = w_hh.contiguous();
   const int H = static_cast<int>(s.hidden_size), P = static_cast<int>(s.output_size);
+  const StepForm form = step_form();
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_layer_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     return run_lstm_layer_forward<scalar_t, acc_t>(
         s, x, h0, c0, w_ih, b_ih, b_hh, w_hr, lengths.has_value(), reverse,
         [&](const LstmForwardStep<scalar_t, acc_t>& step) {
-          if (use_gemm_step(step.rows, H)) {
+          if (form.gemm(step.rows, H)) {
             Tensor gates = rows_view(step.gates, step.rows, 4 * s.hidden_size, x);
             gates.addmm_(rows_view(step.h_prev, step.rows, s.output_size, x), w_hh_c.t());
             gpu::launch("lstm_forward_pointwise_kernel", &lstm_forward_pointwise_kernel<scalar_t, acc_t>,

@@ -141,9 +141,9 @@ c10::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> lstm_layer_forward_per
     const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh, bool padded, bool reverse) {
   using Result = ForwardResult;
   const PersistentChoice choice = persistent_choice();
-  if (s.has_proj || s.seq_len == 0 || s.batch == 0 || choice == PersistentChoice::kOff) return c10::nullopt;
-  const gpu::DeviceInfo device = gpu::device_info(x.device());
-  if (!device.cooperative_launch) return c10::nullopt;
+  const c10::optional<gpu::DeviceInfo> found = persistent_device(s, x, choice);
+  if (!found) return c10::nullopt;
+  const gpu::DeviceInfo& device = *found;
   if (choice == PersistentChoice::kAny) {
     if (auto whole = try_tensor_core_kernel(s, device, x, h0, c0, w_ih, w_hh, b_ih, b_hh, padded, reverse)) {
       return whole;
@@ -216,9 +216,9 @@ BackwardResult lstm_layer_backward_persistent(const LayerSizes& s, const Tensor&
                                               const Tensor& y, const Tensor& reserve, bool padded, bool reverse,
                                               bool need_grad_x, bool need_grad_weights) {
   const PersistentChoice choice = persistent_choice();
-  if (s.has_proj || s.seq_len == 0 || s.batch == 0 || choice == PersistentChoice::kOff) return c10::nullopt;
-  const gpu::DeviceInfo device = gpu::device_info(x.device());
-  if (!device.cooperative_launch) return c10::nullopt;
+  const c10::optional<gpu::DeviceInfo> found = persistent_device(s, x, choice);
+  if (!found) return c10::nullopt;
+  const gpu::DeviceInfo& device = *found;
   const WantedGradients wanted{need_grad_x, need_grad_weights};
   const auto run = [&](auto scalar, auto acc, auto product) -> BackwardResult {
     using scalar_t = decltype(scalar);

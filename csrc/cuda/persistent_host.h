@@ -93,6 +93,18 @@ Result run_with_product(at::ScalarType dtype, const gpu::DeviceInfo& device, Per
   });
 }
 
+// Whether a persistent kernel may run at all (a layer without projection, with steps and rows,
+// the setting not "0", cooperative launches on the device): then the device's description.
+inline c10::optional<gpu::DeviceInfo> persistent_device(const LayerSizes& s, const at::Tensor& x,
+                                                        PersistentChoice choice) {
+  if (s.has_proj || s.seq_len == 0 || s.batch == 0 || s.hidden_size == 0 || choice == PersistentChoice::kOff) {
+    return c10::nullopt;
+  }
+  const gpu::DeviceInfo device = gpu::device_info(x.device());
+  if (!device.cooperative_launch) return c10::nullopt;
+  return device;
+}
+
 // Before a persistent launch: opt the kernel in to its shared memory and check that every block
 // of the grid can be resident at once (the grid barrier needs it). false: take another path.
 template <typename Kernel>

@@ -1,6 +1,6 @@
-// The skeleton of the product-generic persistent kernels (the LSTM backward, the GRU forward and
-// backward; host side: lstm_persistent.cu, gru_persistent.cu). One cooperative launch runs a
-// whole time loop; the grid meets at one barrier per step.
+// The skeleton of the product-generic persistent kernels (the LSTM FMA forward and the LSTM
+// backward, host side lstm_persistent.cu; the GRU forward and backward, host side gru_cuda.cu).
+// One cooperative launch runs a whole time loop; the grid meets at one barrier per step.
 //
 // Block j owns hidden units [j*U, j*U + U) (persistent_plan.h, plan_persistent_product_layer).
 // Every step has the same shape: a product A W^T, where A ([rows, K], in global memory) was
@@ -8,15 +8,16 @@
 // stay in shared memory for the whole loop, then the cell's pointwise work for the block's (row,
 // unit) pairs, which needs nothing from other blocks. A Policy says what A, W, K and N are and
 // does the pointwise work:
+//   LSTM forward:  A = h_{t-1}  [B, H],  W = W_hh's rows of the units' 4 gates (N = 4U, K = H);
 //   LSTM backward: A = dG_{t+1} [B, 4H], W = W_hh's columns of the units (N = U, K = 4H);
 //   GRU forward:   A = h_{t-1}  [B, H],  W = W_hh's rows of the units' 3 gates (N = 3U, K = H);
 //   GRU backward:  A = dG^h_{t+1} [B, 3H], W = W_hh's columns (N = U, K = 3H).
 // Per step:
 //   1. the policy loads each pair's pointwise inputs (they do not depend on the product, so the
 //      loads are issued before it);
-//   2. the product, into partial sums in shared memory: FP32/FP64 FMAs (a warp per (row, column),
-//      lanes over K, a shuffle reduction) or mma.sync (M = batch rows, N columns, K split over the
-//      warps). Tensor-core operands: each lane loads 16 bytes of a row of A (from L2) and 16 bytes
+//   2. the product, into partial sums in shared memory: FP32/FP64 FMAs (4 x 4 register tiles per
+//      warp, lanes over K, a shuffle reduction) or mma.sync (M = batch rows, N columns, K split
+//      over the warps). Tensor-core operands: each lane loads 16 bytes of a row of A (from L2) and 16 bytes
 //      of a row of W (shared memory): four lanes cover a 64-byte chunk of K, the K of two mma.sync
 //      (m16n8k16 for bf16 / fp16, m16n8k8 for TF32). Within a chunk the K order is permuted (lane
 //      t holds columns [t*C/4, t*C/4 + C/4) of A and W alike), which leaves the sum unchanged and
@@ -133,12 +134,12 @@ __device__ __forceinline__ void persistent_product(acc_t* part, const scalar_t* 
                                                    const scalar_t* w_s, scalar_t* a_s, const ProductShape& shape) {
   const int N = shape.n_cols, stride = shape.row_stride;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kPersistentProductThreads / 32;
+  if (a_s != nullptr) stage_rows(a_s, a_rows, rows, K, stride);
   if constexpr (kProduct == PersistentProduct::kFma) {
     // Register tiles of kFmaTile x kFmaTile (rows x columns) per warp, lanes over K (consecutive
     // lanes, consecutive k: conflict-free shared reads, coalesced global ones): each k costs 8
     // loads for 16 FMAs. A from shared memory where the plan staged it (several column tiles),
     // else from L2.
-    if (a_s != nullptr) stage_rows(a_s, a_rows, rows, K, stride);
     // Jobs: (tile, K range); the plan splits K where the tiles alone leave warps idle.
     const int row_tiles = (rows + kFmaTile - 1) / kFmaTile, col_tiles = (N + kFmaTile - 1) / kFmaTile;
     const int tiles = row_tiles * col_tiles;
@@ -157,11 +158,15 @@ __device__ __forceinline__ void persistent_product(acc_t* part, const scalar_t* 
 #pragma unroll
         for (int r = 0; r < kFmaTile; ++r) {
           const int b = r0 + r;
-          av[r] = b >= rows ? acc_t(0)
-                  : static_cast<acc_t>(a_s != nullptr ? a_s[int64_t(b) * stride + k] : load_uncached(a_rows + int64_t(b) * K + k));
+          const scalar_t value = b >= rows          ? scalar_t(0.0f)
+                                 : a_s != nullptr ? a_s[int64_t(b) * stride + k]
+                                                  : load_uncached(a_rows + int64_t(b) * K + k);
+          av[r] = static_cast<acc_t>(value);
         }
 #pragma unroll
-        for (int c = 0; c < kFmaTile; ++c) wv[c] = c0 + c < N ? static_cast<acc_t>(w_s[int64_t(c0 + c) * stride + k]) : acc_t(0);
+        for (int c = 0; c < kFmaTile; ++c) {
+          wv[c] = c0 + c < N ? static_cast<acc_t>(w_s[int64_t(c0 + c) * stride + k]) : acc_t(0);
+        }
 #pragma unroll
         for (int r = 0; r < kFmaTile; ++r) {
 #pragma unroll
@@ -173,7 +178,9 @@ __device__ __forceinline__ void persistent_product(acc_t* part, const scalar_t* 
 #pragma unroll
         for (int c = 0; c < kFmaTile; ++c) {
 #pragma unroll
-          for (int offset = 16; offset > 0; offset /= 2) acc[r][c] += __shfl_down_sync(0xffffffffu, acc[r][c], offset);
+          for (int offset = 16; offset > 0; offset /= 2) {
+            acc[r][c] += __shfl_down_sync(0xffffffffu, acc[r][c], offset);
+          }
         }
       }
       if (lane == 0) {
@@ -181,7 +188,9 @@ __device__ __forceinline__ void persistent_product(acc_t* part, const scalar_t* 
         for (int r = 0; r < kFmaTile; ++r) {
 #pragma unroll
           for (int c = 0; c < kFmaTile; ++c) {
-            if (r0 + r < rows && c0 + c < N) part[(int64_t(ks) * shape.m_rows + r0 + r) * N + c0 + c] = acc[r][c];
+            if (r0 + r < rows && c0 + c < N) {
+              part[(int64_t(ks) * shape.m_rows + r0 + r) * N + c0 + c] = acc[r][c];
+            }
           }
         }
       }
@@ -189,7 +198,6 @@ __device__ __forceinline__ void persistent_product(acc_t* part, const scalar_t* 
   } else {
     constexpr int kChunk = 64 / int(sizeof(scalar_t));  // columns per chunk
     const bool vector_rows = K * int(sizeof(scalar_t)) % 16 == 0 && reinterpret_cast<uintptr_t>(a_rows) % 16 == 0;
-    if (a_s != nullptr) stage_rows(a_s, a_rows, rows, K, stride);
     const int g = lane >> 2, tq = lane & 3;
     const int jobs = shape.n_tiles * shape.k_split, m_tiles = shape.m_rows / 16;
     for (int job = warp; job < jobs; job += warps) {
@@ -327,7 +335,8 @@ __device__ __forceinline__ void persistent_recurrent_body(const typename Policy:
   }
   const int u0 = blockIdx.x * U;
   const int units = max(0, min(U, a.H - u0));
-  // k slowest, n fastest: the global reads follow W_hh's rows where a column slice is wanted.
+  // Once per launch. k slowest, n fastest: coalesced global reads for the backward kernels'
+  // column slices (the forward's row slices read strided, once).
   for (int64_t idx = threadIdx.x; idx < int64_t(N) * stride; idx += blockDim.x) {
     const int k = static_cast<int>(idx / N), n = static_cast<int>(idx % N);
     w_s[int64_t(n) * stride + k] = k < K ? Policy::weight(a, n, k, u0, units) : scalar_t(0.0f);

@@ -67,15 +67,24 @@ __device__ __forceinline__ void block_recurrent_product(const scalar_t* __restri
 // pointwise kernel. The GEMM form from this many rows x hidden units of a step on (est.: the
 // fused kernel's blocks then outnumber the SMs several times over, and its serial K tiles
 // dominate; benchmarks/NOTES.md); LSTM_FUSED_STEP=fused|gemm chooses one everywhere (tests,
-// measurements).
+// measurements). Read once per layer call (step_form()), asked per step (rows shrink with lengths).
 constexpr int64_t kGemmStepMinRows = 32;
 constexpr int64_t kGemmStepMinWork = 64 * 256;
 
-inline bool use_gemm_step(int64_t rows, int64_t H) {
+struct StepForm {
+  int forced = 0;  // 1: always the GEMM form, -1: always the fused kernel, 0: the rule
+  bool gemm(int64_t rows, int64_t H) const {
+    if (forced != 0) return forced > 0;
+    return rows >= kGemmStepMinRows && rows * H >= kGemmStepMinWork;
+  }
+};
+
+inline StepForm step_form() {
   const char* setting = std::getenv("LSTM_FUSED_STEP");
-  if (setting != nullptr && std::strcmp(setting, "gemm") == 0) return true;
-  if (setting != nullptr && std::strcmp(setting, "fused") == 0) return false;
-  return rows >= kGemmStepMinRows && rows * H >= kGemmStepMinWork;
+  StepForm form;
+  if (setting != nullptr && std::strcmp(setting, "gemm") == 0) form.forced = 1;
+  if (setting != nullptr && std::strcmp(setting, "fused") == 0) form.forced = -1;
+  return form;
 }
 
 inline dim3 step_grid(int64_t H, int64_t rows) {
