@@ -24,10 +24,15 @@ A PackedSequence input goes, as in nn.LSTM, through torch's packed RNN op, which
 exporter folds with the surrounding pack and pad into ONNX's LSTM / GRU with sequence_lens. The
 dynamo exporter cannot export that (torch.export fails on nn.LSTM's packed input too), so there it
 is refused with a plain NotImplementedError before anything reads the lengths.
+
+A program exported with torch.export before the ONNX export holds the fused ops themselves; the
+dynamo exporter decomposes them into the same nodes through entries in torch's global
+decomposition table (the end of this file).
 """
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+import torch._decomp
 from torch import Tensor
 
 __all__ = ["is_exporting", "check_packed_export", "run_layers_for_export", "run_packed_for_export"]
@@ -109,7 +114,7 @@ def run_layers_for_export(module, x: Tensor, hx: Tuple[Tensor, ...]):
         layer_weights = [weights[(first + d) * per_direction : (first + d + 1) * per_direction]
                          for d in range(num_directions)]
         run = _projected_lstm_layer if projected else _rnn_layer
-        layer_input, layer_finals = run(module, layer_input, states, layer_weights)
+        layer_input, layer_finals = run(module.mode, layer_input, states, layer_weights)
         finals.append(layer_finals)
         if dropout > 0 and layer < module.num_layers - 1:
             layer_input = torch.nn.functional.dropout(layer_input, p=dropout, training=True)
@@ -128,24 +133,25 @@ def _onnx_gate_order(mode: str, tensor: Tensor) -> Tensor:
     return torch.cat([tensor[gate * size : (gate + 1) * size] for gate in _ONNX_GATES[mode]], dim=0)
 
 
-def _rnn_layer(module, x: Tensor, states: Tuple[Tensor, ...], weights: List[List[Tensor]]):
-    """One layer, both directions, without projection: x [T, B, I], states each [D, B, H],
-    weights per direction [w_ih, w_hh, (b_ih, b_hh)] in torch's layout. Returns
-    (y [T, B, D * H], final states each [D, B, H]). In the dynamo exporter this writes ONNX's
-    LSTM / GRU node itself (torch.onnx.ops.symbolic_multi_out), with the output shapes in terms of
-    x's, where torch's aten::lstm / aten::gru fix the sequence length to the traced one (torch
-    2.14: such a model refuses any other length); in the legacy exporter it is torch's op on one
-    layer, which that exporter translates without fixing it."""
+def _rnn_layer(mode: str, x: Tensor, states: Tuple[Tensor, ...], weights: List[List[Tensor]],
+               reverse: bool = False):
+    """One layer without projection, in both directions, or in one (the reverse one if `reverse`):
+    x [T, B, I], states each [D, B, H], weights per direction [w_ih, w_hh, (b_ih, b_hh)] in
+    torch's layout. Returns (y [T, B, D * H], final states each [D, B, H]). In the dynamo exporter
+    this writes ONNX's LSTM / GRU node itself (torch.onnx.ops.symbolic_multi_out), with the output
+    shapes in terms of x's, where torch's aten::lstm / aten::gru fix the sequence length to the
+    traced one (torch 2.14: such a model refuses any other length); in the legacy exporter it is
+    torch's op on one layer, which that exporter translates without fixing it (the modules never
+    ask it for a lone reverse direction)."""
     bidirectional = len(weights) == 2
     has_bias = len(weights[0]) == 4
     if _legacy_exporter():
         flat = [w for direction in weights for w in direction]
-        if module.mode == "LSTM":
+        if mode == "LSTM":
             y, h_n, c_n = torch._VF.lstm(x, list(states), flat, has_bias, 1, 0.0, False, bidirectional, False)
             return y, (h_n, c_n)
         y, h_n = torch._VF.gru(x, states[0], flat, has_bias, 1, 0.0, False, bidirectional, False)
         return y, (h_n,)
-    mode = module.mode
     hidden = weights[0][1].size(1)
     W = torch.stack([_onnx_gate_order(mode, w[0]) for w in weights])
     R = torch.stack([_onnx_gate_order(mode, w[1]) for w in weights])
@@ -153,7 +159,8 @@ def _rnn_layer(module, x: Tensor, states: Tuple[Tensor, ...], weights: List[List
         if has_bias else None
     steps, batch = x.size(0), x.size(1)
     directions = len(weights)
-    attrs = dict(hidden_size=hidden, direction="bidirectional" if bidirectional else "forward")
+    direction = "bidirectional" if bidirectional else ("reverse" if reverse else "forward")
+    attrs = dict(hidden_size=hidden, direction=direction)
     state_shape = [directions, batch, hidden]
     if mode == "LSTM":
         inputs = [x, W, R, B, None, states[0], states[1]]
@@ -203,12 +210,14 @@ def run_packed_for_export(module, data: Tensor, batch_sizes: Tensor, hx: Tuple[T
 # direction's input weight (zeros in the other's), with the unprojected initial state zero.
 
 
-def _projected_lstm_layer(module, x: Tensor, states: Tuple[Tensor, ...], weights: List[List[Tensor]]):
-    """One layer of an LSTM with a projection, both directions, as _rnn_layer's arguments (each
-    direction's weights end with w_hr); h_0 and the results are projected."""
+def _projected_lstm_layer(mode: str, x: Tensor, states: Tuple[Tensor, ...], weights: List[List[Tensor]],
+                          reverse: bool = False):
+    """One layer of an LSTM with a projection, as _rnn_layer's arguments (each direction's weights
+    end with w_hr; `mode` is "LSTM"); h_0 and the results are projected."""
     directions = len(weights)
     steps = torch.arange(x.size(0), device=x.device)
-    starts = [steps == 0, steps == x.size(0) - 1][:directions]
+    first_steps = [steps == 0, steps == x.size(0) - 1]  # where the forward, the reverse direction starts
+    starts = first_steps[1:] if reverse else first_steps[:directions]
     # Extra input per direction: its h_0 at its first step, zeros elsewhere.
     extra = [start.to(x.dtype)[:, None, None] * states[0][d] for d, start in enumerate(starts)]
     lstm_input = torch.cat([x, *extra], dim=2)
@@ -218,8 +227,124 @@ def _projected_lstm_layer(module, x: Tensor, states: Tuple[Tensor, ...], weights
         blocks = [w_ih] + [w_hh if other == d else torch.zeros_like(w_hh) for other in range(directions)]
         lstm_weights.append([torch.cat(blocks, dim=1), w_hh @ w_hr, *w[2:-1]])
     unprojected_h0 = torch.zeros_like(states[1])
-    u, (u_n, c_n) = _rnn_layer(module, lstm_input, (unprojected_h0, states[1]), lstm_weights)
-    hidden = module.hidden_size
+    u, (u_n, c_n) = _rnn_layer(mode, lstm_input, (unprojected_h0, states[1]), lstm_weights, reverse)
+    hidden = weights[0][-1].size(1)  # w_hr is [P, H]
     outputs = [u[:, :, d * hidden : (d + 1) * hidden] @ w[-1].t() for d, w in enumerate(weights)]
     h_n = torch.stack([u_n[d] @ w[-1].t() for d, w in enumerate(weights)])
     return (outputs[0] if directions == 1 else torch.cat(outputs, dim=2)), (h_n, c_n)
+
+
+# --- An ExportedProgram holding the fused ops ---------------------------------------------------
+#
+# A model exported with torch.export first (ep = torch.export.export(model, args), then
+# torch.onnx.export(ep)) holds the lstm_fused ops themselves: the module ran them while
+# torch.export traced it, when no ONNX export was in progress. The dynamo exporter decomposes such a
+# program with the ops it cannot translate looked up in torch's global decomposition table
+# (torch.onnx's create_onnx_friendly_decomposition_table reads torch._decomp.decomposition_table).
+# The entries below write, for each op, the same ONNX LSTM / GRU node as the modules' export path.
+# They are put in that table directly rather than with torch._decomp.register_decomposition,
+# which would also replace the ops' fake kernels. Outside an ONNX export they decline
+# (NotImplemented), so any other user of the table keeps the op as it is.
+
+
+def _refuse_lengths(mode: str, lengths: Optional[Tensor]) -> None:
+    if lengths is not None:
+        raise NotImplementedError(
+            f"lstm_fused: ONNX export of a {mode} layer with per-row lengths (a PackedSequence input) is not "
+            "supported from an ExportedProgram; export a padded input tensor")
+
+
+def _direction_weights(w_ih, w_hh, b_ih, b_hh, w_hr=None) -> List[Tensor]:
+    """[w_ih, w_hh, (b_ih, b_hh), (w_hr)] as _rnn_layer / _projected_lstm_layer take them; a lone
+    bias beside a missing one gets zeros for the missing one."""
+    weights = [w_ih, w_hh]
+    if b_ih is not None or b_hh is not None:
+        weights += [b if b is not None else w_ih.new_zeros(w_ih.size(0)) for b in (b_ih, b_hh)]
+    if w_hr is not None:
+        weights.append(w_hr)
+    return weights
+
+
+def _lstm_direction(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+    """lstm_layer_inference's results (y, h_n, c_n) as an ONNX LSTM node."""
+    _refuse_lengths("LSTM", lengths)
+    run = _projected_lstm_layer if w_hr is not None else _rnn_layer
+    y, (h_n, c_n) = run("LSTM", x, (h0[None], c0[None]), [_direction_weights(w_ih, w_hh, b_ih, b_hh, w_hr)],
+                        bool(reverse))
+    return y, h_n[0], c_n[0]
+
+
+def _gru_direction(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    """gru_layer_inference's results (y, h_n) as an ONNX GRU node."""
+    _refuse_lengths("GRU", lengths)
+    y, (h_n,) = _rnn_layer("GRU", x, (h0[None],), [_direction_weights(w_ih, w_hh, b_ih, b_hh)], bool(reverse))
+    return y, h_n[0]
+
+
+def _onnx_only(decomposition, fake):
+    """The table entry for an op: its ONNX node while torch.onnx.export's dynamo exporter runs;
+    elsewhere the op's fake kernel where fake tensors call it (torch's FakeTensorMode prefers the
+    global table to a custom op's fake kernel when sizes are symbolic, as under torch.compile with
+    dynamic shapes or torch.export with Dims), and otherwise NotImplemented: no decomposition."""
+    def decompose(*args, **kwargs):
+        if is_exporting() and not _legacy_exporter():
+            return decomposition(*args, **kwargs)
+        if torch._subclasses.fake_tensor.is_fake(args[0]):
+            return fake(*args, **kwargs)
+        return NotImplemented
+    decompose.__name__ = decomposition.__name__
+    decompose.__doc__ = decomposition.__doc__
+    return decompose
+
+
+def _lstm_layer_inference_onnx(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False):
+    return _lstm_direction(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+
+
+def _lstm_layer_forward_onnx(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False):
+    """As the inference op, with an unread reserve of the forward op's size."""
+    from .ops import lstm_reserve_numel
+    y, h_n, c_n = _lstm_direction(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+    reserve = x.new_zeros(lstm_reserve_numel(x.size(0), x.size(1), c0.size(-1), w_hr is not None))
+    return y, h_n, c_n, reserve
+
+
+def _gru_layer_inference_onnx(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, reverse=False):
+    return _gru_direction(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+
+
+def _gru_layer_forward_onnx(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, reverse=False):
+    y, h_n = _gru_direction(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
+    return y, h_n, x.new_zeros(x.size(0) * x.size(1) * h0.size(-1) * 4)
+
+
+def _lstm_layer_bidirectional_onnx(x, state, weights, weights_reverse, lengths=None):
+    outputs = []
+    for (h0, c0), w, reverse in ((state[:2], weights, False), (state[2:], weights_reverse, True)):
+        outputs += _lstm_direction(x, h0, c0, *w, lengths, reverse)
+    return outputs
+
+
+def _gru_layer_bidirectional_onnx(x, state, weights, weights_reverse, lengths=None):
+    outputs = []
+    for h0, w, reverse in ((state[0], weights, False), (state[1], weights_reverse, True)):
+        outputs += _gru_direction(x, h0, *w, lengths, reverse)
+    return outputs
+
+
+def _register_export_decompositions() -> None:
+    from . import ops as fused
+    table = torch._decomp.decomposition_table
+    ops = torch.ops.lstm_fused
+    for op, decomposition, fake in (
+            (ops.lstm_layer_forward.default, _lstm_layer_forward_onnx, fused._lstm_layer_forward_fake),
+            (ops.lstm_layer_inference.default, _lstm_layer_inference_onnx, fused._lstm_layer_inference_fake),
+            (ops.lstm_layer_bidirectional.default, _lstm_layer_bidirectional_onnx,
+             fused._lstm_layer_bidirectional_fake),
+            (ops.gru_layer_forward.default, _gru_layer_forward_onnx, fused._gru_layer_forward_fake),
+            (ops.gru_layer_inference.default, _gru_layer_inference_onnx, fused._gru_layer_inference_fake),
+            (ops.gru_layer_bidirectional.default, _gru_layer_bidirectional_onnx, fused._gru_layer_bidirectional_fake)):
+        table.setdefault(op, _onnx_only(decomposition, fake))
+
+
+_register_export_decompositions()

@@ -254,3 +254,99 @@ def test_cells_export_runs_in_onnxruntime_as_eager(cell, bias, with_states, dyna
     names = export(model, tuple(inputs), path, dynamo)
     assert not any(op.startswith("lstm_fused") for op in op_types(path))
     assert_matches_eager(model, path, names, inputs)
+
+
+# --- A program exported with torch.export first, holding the fused ops ----------------------------
+
+@NEEDS_ONNXSCRIPT
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_exported_program_runs_in_onnxruntime_as_eager(variant, tmp_path):
+    """torch.onnx.export of an ExportedProgram (the fused ops in its graph, since torch.export
+    traced the module outside any ONNX export) gives the same ONNX nodes as exporting the module."""
+    cell, kwargs, with_states = VARIANTS[variant]
+    model = make_model(cell, kwargs, seed=20 + len(variant))
+    generator = torch.Generator().manual_seed(2000 + len(variant))
+    inputs = make_inputs(model, with_states, generator)
+    program = torch.export.export(model, inputs)
+    assert "lstm_fused." in program.graph_module.code
+    path = tmp_path / "program.onnx"
+    names = export(program, inputs, path, True)
+    assert_matches_eager(model, path, names, make_inputs(model, with_states, generator))
+    nodes = op_types(path)
+    directions = 2 if kwargs.get("bidirectional") else 1
+    assert nodes.count(cell) == kwargs.get("num_layers", 1) * directions  # one node per direction
+    assert not any(op.startswith("lstm_fused") for op in nodes) and not {"Scan", "Loop"} & set(nodes)
+
+
+@NEEDS_ONNXSCRIPT
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_exported_training_program_with_dynamic_dims_runs_other_lengths(cell, tmp_path):
+    """A module in training mode (torch.export records the forward op, the one with a reserve)
+    exported with dynamic length and batch runs other lengths and batches (dropout 0)."""
+    kwargs = dict(num_layers=2, bidirectional=True) if cell == "GRU" else dict(num_layers=2, proj_size=4)
+    model = make_model(cell, kwargs, seed=11).train()
+    generator = torch.Generator().manual_seed(12)
+    inputs = make_inputs(model, False, generator)
+    dims = ({0: torch.export.Dim("steps"), 1: torch.export.Dim("batch")},)
+    program = torch.export.export(model, inputs, dynamic_shapes=dims)
+    assert f"lstm_fused.{cell.lower()}_layer_forward" in program.graph_module.code
+    path = tmp_path / "program.onnx"
+    names = export(program, inputs, path, True)
+    model.eval()
+    assert_matches_eager(model, path, names, make_inputs(model, False, generator, batch=2, steps=9))
+    assert_matches_eager(model, path, names, make_inputs(model, False, generator, batch=5, steps=1))
+
+
+@NEEDS_ONNXSCRIPT
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell"])
+def test_exported_program_of_a_cell_runs_in_onnxruntime_as_eager(cell, tmp_path):
+    torch.manual_seed(13)
+    model = CellModel(getattr(lstm_fused, cell)(INPUT, HIDDEN)).eval()
+    gen = torch.Generator().manual_seed(14)
+    inputs = (torch.randn(B, INPUT, generator=gen),)
+    path = tmp_path / "cell.onnx"
+    names = export(torch.export.export(model, inputs), inputs, path, True)
+    assert cell[:-4] in op_types(path)
+    assert_matches_eager(model, path, names, (torch.randn(B, INPUT, generator=gen),))
+
+
+class LayerWithLengths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = lstm_fused.LSTM(INPUT, HIDDEN)
+
+    def forward(self, x, lengths):
+        h0 = x.new_zeros(x.size(1), HIDDEN)
+        rnn = self.rnn
+        return lstm_fused.lstm_layer(x, h0, h0, rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0,
+                                     lengths=lengths)[0]
+
+
+@NEEDS_ONNXSCRIPT
+def test_exported_program_with_lengths_fails_plainly(tmp_path):
+    inputs = (torch.randn(T, B, INPUT), torch.tensor([T, 4, 2]))
+    program = torch.export.export(LayerWithLengths().eval(), inputs)
+    with pytest.raises(Exception) as failure:
+        export(program, inputs, tmp_path / "model.onnx", True)
+    causes = []
+    error = failure.value
+    while error is not None:
+        causes.append(error)
+        error = error.__cause__
+    assert any(isinstance(e, NotImplementedError) and "per-row lengths" in str(e) for e in causes), causes
+
+
+def test_export_decompositions_decline_outside_an_onnx_export():
+    """The entries in torch's global decomposition table (lstm_fused/onnx.py) write ONNX nodes only
+    during an ONNX export: on real tensors elsewhere they decline, on fake ones they are the fake
+    kernel (and torch.compile with dynamic shapes still runs the fused op: test_contract)."""
+    gen = torch.Generator().manual_seed(15)
+    x, h0 = torch.randn(T, B, INPUT, generator=gen), torch.randn(B, HIDDEN, generator=gen)
+    w_ih, w_hh = torch.randn(4 * HIDDEN, INPUT, generator=gen), torch.randn(4 * HIDDEN, HIDDEN, generator=gen)
+    entry = torch._decomp.decomposition_table[torch.ops.lstm_fused.lstm_layer_inference.default]
+    assert entry(x, h0, h0, w_ih, w_hh, None, None, None, None, False) is NotImplemented
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (x, h0, h0, w_ih, w_hh)]
+        y, h_n, c_n = entry(*fakes, None, None, None, None, False)
+    assert y.shape == (T, B, HIDDEN) and h_n.shape == c_n.shape == (B, HIDDEN)
+    assert torch._subclasses.fake_tensor.is_fake(y)
