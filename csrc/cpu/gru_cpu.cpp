@@ -13,6 +13,7 @@
 #include "cpu_kernels.h"
 #include "gru_stationary.h"
 #include "recurrent_gemm.h"
+#include "small_step.h"
 
 namespace lstm_fused {
 namespace CPU_CAPABILITY {  // one copy per SIMD level: cpu_kernels.h
@@ -75,8 +76,9 @@ void gru_pointwise_backward(const GruBackwardStep<scalar_t>& step, int64_t H) {
   });
 }
 
-// A GRUCell call (is_single_full_step): both products straight into their buffers and one
-// pointwise pass; the reserve (kept for training) is [gates | h W_hn^T + b_hn] of the one step.
+// A GRUCell call (is_single_full_step): at a small batch small_step.h's products and cell update
+// in one pass; otherwise both products straight into their buffers and one pointwise pass. The
+// reserve (kept for training) is [gates | h W_hn^T + b_hn] of the one step.
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor> gru_single_step(const LayerSizes& s, const Tensor& x, const Tensor& h0,
                                                    const Tensor& w_ih, const Tensor& w_hh,
@@ -84,12 +86,29 @@ std::tuple<Tensor, Tensor, Tensor> gru_single_step(const LayerSizes& s, const Te
                                                    const c10::optional<Tensor>& b_hh, bool keep_reserve) {
   const int64_t B = s.batch, H = s.hidden_size;
   const auto options = x.options();
-  Tensor reserve = at::empty({gru_reserve_numel(s)}, options);
-  Tensor hidden_proj = at::empty({B, 3 * H}, options);
+  const bool small = B <= small_step::kMaxBatch;
   Tensor y = at::empty({1, B, H}, options), h_n = at::empty({B, H}, options);
   const Tensor x_c = x.contiguous(), h0_c = h0.contiguous();
   const Tensor input_bias = s.has_bias ? b_ih->contiguous() : Tensor();
   const Tensor hidden_bias = s.has_bias ? b_hh->contiguous() : Tensor();
+  if (small) {
+    Tensor reserve = keep_reserve ? at::empty({gru_reserve_numel(s)}, options) : Tensor();
+    const Tensor w1 = w_ih.contiguous(), w2 = w_hh.contiguous();
+    small_step::GruStepOut<scalar_t> out;
+    out.h = y.data_ptr<scalar_t>();
+    out.h_n = h_n.data_ptr<scalar_t>();
+    if (keep_reserve) {
+      out.gates = reserve.data_ptr<scalar_t>();
+      out.hidden_n = out.gates + B * 3 * H;
+    }
+    small_step::gru_step<scalar_t>(B, s.input_size, H, x_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(),
+                                   w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(),
+                                   s.has_bias ? input_bias.data_ptr<scalar_t>() : nullptr,
+                                   s.has_bias ? hidden_bias.data_ptr<scalar_t>() : nullptr, out);
+    return {y, h_n, reserve};
+  }
+  Tensor reserve = at::empty({gru_reserve_numel(s)}, options);
+  Tensor hidden_proj = at::empty({B, 3 * H}, options);
   scalar_t* gates = reserve.data_ptr<scalar_t>();
   scalar_t* hidden_proj_ptr = hidden_proj.data_ptr<scalar_t>();
   RecurrentGemm(w_ih, /*transposed=*/true, B, 1).run(x_c.data_ptr<scalar_t>(), B, gates, /*accumulate=*/false);

@@ -19,6 +19,7 @@
 #include "cpu_kernels.h"
 #include "lstm_stationary.h"
 #include "recurrent_gemm.h"
+#include "small_step.h"
 
 namespace lstm_fused {
 namespace CPU_CAPABILITY {  // one copy per SIMD level: cpu_kernels.h
@@ -89,9 +90,10 @@ void lstm_pointwise_backward(const LstmBackwardStep<scalar_t, scalar_t>& step, c
 }
 
 // One step in which every row advances, without projection: an LSTMCell call
-// (is_single_full_step). Both products go straight into the gates buffer, and one pointwise pass
-// writes h into y and h_n and c into c_n (and, for training, into the reserve, whose gates part
-// is the gates buffer).
+// (is_single_full_step). At a small batch small_step.h's products run straight from the weights
+// into the cell update; otherwise both products go into the gates buffer and one pointwise pass
+// writes h into y and h_n and c into c_n (and, for training, into the reserve, whose gates part is
+// the gates buffer).
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_single_step(const LayerSizes& s, const Tensor& x, const Tensor& h0,
                                                             const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
@@ -99,15 +101,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_single_step(const LayerSizes& s,
                                                             const c10::optional<Tensor>& b_hh, bool keep_reserve) {
   const int64_t B = s.batch, H = s.hidden_size;
   const auto options = x.options();
-  Tensor reserve = at::empty({keep_reserve ? lstm_reserve_numel(s) : B * 4 * H}, options);
+  const bool small = B <= small_step::kMaxBatch;
+  Tensor reserve = keep_reserve || !small ? at::empty({keep_reserve ? lstm_reserve_numel(s) : B * 4 * H}, options)
+                                          : Tensor();
   Tensor y = at::empty({1, B, H}, options), h_n = at::empty({B, H}, options), c_n = at::empty({B, H}, options);
   const Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
+  const Tensor b1 = s.has_bias ? b_ih->contiguous() : Tensor(), b2 = s.has_bias ? b_hh->contiguous() : Tensor();
+  if (small) {
+    const Tensor w1 = w_ih.contiguous(), w2 = w_hh.contiguous();
+    small_step::LstmStepOut<scalar_t> out;
+    out.h = y.data_ptr<scalar_t>();
+    out.h_n = h_n.data_ptr<scalar_t>();
+    out.c_n = c_n.data_ptr<scalar_t>();
+    if (keep_reserve) {
+      out.gates = reserve.data_ptr<scalar_t>();
+      out.cells = out.gates + B * 4 * H;
+    }
+    small_step::lstm_step<scalar_t>(B, s.input_size, H, x_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(),
+                                    c0_c.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(),
+                                    s.has_bias ? b1.data_ptr<scalar_t>() : nullptr,
+                                    s.has_bias ? b2.data_ptr<scalar_t>() : nullptr, out);
+    return {y, h_n, c_n, keep_reserve ? reserve : Tensor()};
+  }
   scalar_t* gates = reserve.data_ptr<scalar_t>();
   RecurrentGemm(w_ih, /*transposed=*/true, B, 1).run(x_c.data_ptr<scalar_t>(), B, gates, /*accumulate=*/false);
   RecurrentGemm(w_hh, /*transposed=*/true, B, 1).run(h0_c.data_ptr<scalar_t>(), B, gates, /*accumulate=*/true);
   std::vector<scalar_t> bias;
   if (s.has_bias) {
-    const Tensor b1 = b_ih->contiguous(), b2 = b_hh->contiguous();
     const scalar_t *p1 = b1.data_ptr<scalar_t>(), *p2 = b2.data_ptr<scalar_t>();
     bias.resize(4 * H);
     for (int64_t j = 0; j < 4 * H; ++j) bias[j] = p1[j] + p2[j];

@@ -1,0 +1,307 @@
+// One step of a cell at a small batch (an LSTMCell / GRUCell call of a decoder), without a GEMM.
+//
+// At B <= 16 a cell call's products are matrix-vector work: two calls of MKL's sgemm_ cost
+// several microseconds of fixed overhead each (their thread team included) for ~1 us of
+// arithmetic at H=64, and the products went to a gates buffer that the pointwise pass then read
+// back. Here each hidden unit's gate rows are dotted with the batch rows straight from the
+// weights as they are (row-major [gates * H, K], no packing: a call packs nothing it cannot use
+// again), a block of units at a time, and the cell update runs on that block while its
+// pre-activations are still in registers and L1. The blocks are split over the threads only where
+// the weights are large enough to need both cores' caches (each thread then reads the same rows on
+// every call, and keeps them in its own L2) or the products long enough to pay for a parallel
+// region.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../cell_math.h"
+#include "cpu_common.h"
+
+namespace lstm_fused {
+namespace CPU_CAPABILITY {  // one copy per SIMD level: cpu_kernels.h
+namespace small_step {
+
+// The largest batch this path takes; above it a step is GEMM-sized work (measured: B=32 H=128
+// went to MKL as fast).
+constexpr int64_t kMaxBatch = 16;
+// Hidden units per block: the pointwise pass's unit of work, and of the split over threads.
+constexpr int64_t kUnits = 16;
+// Gate row sets per unit: the LSTM's i, f, g, o; the GRU's r, z, n (input side), n (hidden side).
+constexpr int kSets = 4;
+
+// One product feeding a set of gate rows: the rows of unit u start at w + u * k, the batch rows
+// of the vector operand at v + b * k.
+template <typename scalar_t>
+struct Product {
+  const scalar_t* w = nullptr;
+  const scalar_t* v = nullptr;
+  int64_t k = 0;
+};
+
+// acc[r][b] += w[r] . v[b] over k elements, for R weight rows ldw apart and NB vectors ldv apart.
+template <typename scalar_t, int R, int NB>
+inline void add_dots(const scalar_t* w, int64_t ldw, const scalar_t* v, int64_t ldv, int64_t k,
+                     at::vec::Vectorized<scalar_t> (&acc)[R][NB]) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t width = Vec::size();
+  auto chunk = [&](int64_t at, int n) {
+    Vec wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = n == width ? Vec::loadu(w + r * ldw + at) : Vec::loadu(w + r * ldw + at, n);
+    for (int b = 0; b < NB; ++b) {
+      const Vec vv = n == width ? Vec::loadu(v + b * ldv + at) : Vec::loadu(v + b * ldv + at, n);
+      for (int r = 0; r < R; ++r) acc[r][b] = at::vec::fmadd(wv[r], vv, acc[r][b]);
+    }
+  };
+  int64_t at = 0;
+  for (; at + width <= k; at += width) chunk(at, static_cast<int>(width));
+  if (at < k) chunk(at, static_cast<int>(k - at));  // partial loads fill the rest with zeros
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The lane sums of eight vectors, in one vector: a transposing tree of unpacks, lane shuffles and
+// adds (24 instructions, where eight separate reductions take about 80).
+inline __m256 lane_sums8(const __m512* a) {
+  auto pairs = [](__m512 x, __m512 y) { return _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y)); };
+  auto quads = [](__m512 x, __m512 y) {
+    const __m512d p = _mm512_castps_pd(x), q = _mm512_castps_pd(y);
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+  };
+  // Each 128-bit lane l of t0 holds vectors 0-3's sums over their lane l; t1 the same for 4-7.
+  const __m512 t0 = quads(pairs(a[0], a[1]), pairs(a[2], a[3]));
+  const __m512 t1 = quads(pairs(a[4], a[5]), pairs(a[6], a[7]));
+  const __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_f32x4(w, w, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(w, w, _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_castps512_ps256(r);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256 lane_sums8(const __m256* a) {
+  auto pairs = [](__m256 x, __m256 y) { return _mm256_add_ps(_mm256_unpacklo_ps(x, y), _mm256_unpackhi_ps(x, y)); };
+  auto quads = [](__m256 x, __m256 y) {
+    const __m256d p = _mm256_castps_pd(x), q = _mm256_castps_pd(y);
+    return _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(p, q)), _mm256_castpd_ps(_mm256_unpackhi_pd(p, q)));
+  };
+  const __m256 t0 = quads(pairs(a[0], a[1]), pairs(a[2], a[3]));
+  const __m256 t1 = quads(pairs(a[4], a[5]), pairs(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+#endif
+
+// sums[i] = the sum of acc[i]'s lanes.
+template <typename scalar_t, int N>
+inline void lane_sums(const at::vec::Vectorized<scalar_t>* acc, scalar_t* sums) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  if constexpr (N > 8) {
+    lane_sums<scalar_t, 8>(acc, sums);
+    lane_sums<scalar_t, N - 8>(acc + 8, sums + 8);
+    return;
+  }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float> && N > 1 && N <= 8) {
+#if defined(CPU_CAPABILITY_AVX512)
+    __m512 v[8];
+#else
+    __m256 v[8];
+#endif
+    for (int i = 0; i < 8; ++i) v[i] = i < N ? acc[i] : Vec(0.0f);
+    alignas(32) float all[8];
+    _mm256_store_ps(all, lane_sums8(v));
+    for (int i = 0; i < N; ++i) sums[i] = all[i];
+    return;
+  }
+#endif
+  for (int i = 0; i < N; ++i) sums[i] = at::vec::vec_reduce_all<scalar_t>([](Vec x, Vec y) { return x + y; }, acc[i]);
+}
+
+// pre[b * kSets * kUnits + set * kUnits + (u - u0)] = the set's products for units [u, u + R) and
+// batch rows [b0, b0 + NB).
+template <typename scalar_t, int R, int NB>
+inline void dot_tile(const Product<scalar_t>* products, int count, int set, int64_t u, int64_t u0, int64_t b0,
+                     scalar_t* pre) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  Vec acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = Vec(scalar_t(0));
+  for (int p = 0; p < count; ++p) {
+    const Product<scalar_t>& product = products[p];
+    add_dots<scalar_t, R, NB>(product.w + u * product.k, product.k, product.v + b0 * product.k, product.k,
+                              product.k, acc);
+  }
+  scalar_t sums[R * NB];
+  lane_sums<scalar_t, R * NB>(&acc[0][0], sums);
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) pre[(b0 + b) * kSets * kUnits + set * kUnits + (u - u0 + r)] = sums[r * NB + b];
+}
+
+// Accumulators per tile: AVX-512 has 32 registers, AVX2 16.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kAccumulators = 16;
+#else
+constexpr int kAccumulators = 8;
+#endif
+
+// Batch rows in tiles of up to four, beside kAccumulators / NB weight rows.
+template <typename scalar_t, int NB>
+inline void dot_units(const Product<scalar_t>* products, int count, int set, int64_t u0, int64_t units, int64_t b0,
+                      scalar_t* pre) {
+  constexpr int R = NB == 3 ? kAccumulators / 4 : kAccumulators / NB;
+  int64_t u = u0;
+  for (; u + R <= u0 + units; u += R) dot_tile<scalar_t, R, NB>(products, count, set, u, u0, b0, pre);
+  for (; u < u0 + units; ++u) dot_tile<scalar_t, 1, NB>(products, count, set, u, u0, b0, pre);
+}
+
+// The pre-activations of units [u0, u0 + units) for every batch row, set by set. sets[s] lists
+// the products of set s (count[s] of them).
+template <typename scalar_t>
+inline void block_products(const Product<scalar_t> (&sets)[kSets][2], const int (&count)[kSets], int64_t batch,
+                           int64_t u0, int64_t units, scalar_t* pre) {
+  for (int set = 0; set < kSets; ++set) {
+    for (int64_t b0 = 0; b0 < batch; b0 += 4) {
+      switch (std::min<int64_t>(4, batch - b0)) {
+        case 1: dot_units<scalar_t, 1>(sets[set], count[set], set, u0, units, b0, pre); break;
+        case 2: dot_units<scalar_t, 2>(sets[set], count[set], set, u0, units, b0, pre); break;
+        case 3: dot_units<scalar_t, 3>(sets[set], count[set], set, u0, units, b0, pre); break;
+        default: dot_units<scalar_t, 4>(sets[set], count[set], set, u0, units, b0, pre); break;
+      }
+    }
+  }
+}
+
+// Whether a step of this size splits its blocks over the threads: the weights (read once per
+// call) no longer fit one core's L2 beside everything else, or the products are long enough for a
+// parallel region's cost (~1-2 us on two cores) to be a small part.
+template <typename scalar_t>
+inline bool split_over_threads(int64_t batch, int64_t rows, int64_t k_total) {
+  const int64_t weight_bytes = rows * k_total * static_cast<int64_t>(sizeof(scalar_t));
+  return weight_bytes >= (int64_t(1) << 20) || batch * rows * k_total >= (int64_t(1) << 17);
+}
+
+// Runs fn(u0, units, pre) for every block of hidden units, with pre a [kMaxBatch][kSets][kUnits]
+// scratch of the calling thread.
+template <typename scalar_t, typename Fn>
+inline void for_each_block(int64_t hidden, bool parallel, Fn&& fn) {
+  const int64_t blocks = (hidden + kUnits - 1) / kUnits;
+  at::parallel_for(0, blocks, parallel ? 1 : std::max<int64_t>(1, blocks), [&](int64_t begin, int64_t end) {
+    alignas(64) scalar_t pre[kMaxBatch * kSets * kUnits];
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t u0 = block * kUnits;
+      fn(u0, std::min(kUnits, hidden - u0), pre);
+    }
+  });
+}
+
+// The outputs of an LSTM cell step. gates / cells (the reserve's two parts) are null without one.
+template <typename scalar_t>
+struct LstmStepOut {
+  scalar_t* h = nullptr;       // y's one step [B, H]
+  scalar_t* h_n = nullptr;     // [B, H]
+  scalar_t* c_n = nullptr;     // [B, H]
+  scalar_t* gates = nullptr;   // activated gates [B, 4H]
+  scalar_t* cells = nullptr;   // c_t [B, H]
+};
+
+// x [B, I], h0 / c0 [B, H] contiguous; w_ih [4H, I], w_hh [4H, H] row-major; biases may be null.
+template <typename scalar_t>
+void lstm_step(int64_t B, int64_t I, int64_t H, const scalar_t* x, const scalar_t* h0, const scalar_t* c0,
+               const scalar_t* w_ih, const scalar_t* w_hh, const scalar_t* b_ih, const scalar_t* b_hh,
+               const LstmStepOut<scalar_t>& out) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  Product<scalar_t> sets[kSets][2];
+  int count[kSets];
+  for (int g = 0; g < kSets; ++g) {
+    sets[g][0] = {w_ih + g * H * I, x, I};
+    sets[g][1] = {w_hh + g * H * H, h0, H};
+    count[g] = 2;
+  }
+  const bool parallel = split_over_threads<scalar_t>(B, 4 * H, I + H);
+  for_each_block<scalar_t>(H, parallel, [&](int64_t u0, int64_t units, scalar_t* pre) {
+    block_products<scalar_t>(sets, count, B, u0, units, pre);
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t* p = pre + b * kSets * kUnits;
+      for_each_vector<scalar_t>(units, [&](int64_t j, int n) {
+        const int64_t u = u0 + j, k = b * H + u;
+        Vec gate[4];
+        for (int g = 0; g < 4; ++g) {
+          gate[g] = Vec::loadu(p + g * kUnits + j, n);
+          if (b_ih != nullptr) gate[g] = gate[g] + Vec::loadu(b_ih + g * H + u, n) + Vec::loadu(b_hh + g * H + u, n);
+        }
+        Vec c, h;
+        lstm_cell_forward<Vec, CellActivations<scalar_t>>(gate[0], gate[1], gate[2], gate[3], Vec::loadu(c0 + k, n),
+                                                          c, h);
+        h.store(out.h + k, n);
+        h.store(out.h_n + k, n);
+        c.store(out.c_n + k, n);
+        if (out.gates != nullptr) {
+          for (int g = 0; g < 4; ++g) gate[g].store(out.gates + b * 4 * H + g * H + u, n);
+          c.store(out.cells + k, n);
+        }
+      });
+    }
+  });
+}
+
+// The outputs of a GRU cell step; gates / hidden_n (the reserve's two parts) are null without one.
+template <typename scalar_t>
+struct GruStepOut {
+  scalar_t* h = nullptr;         // y's one step [B, H]
+  scalar_t* h_n = nullptr;       // [B, H]
+  scalar_t* gates = nullptr;     // activated r, z, n [B, 3H]
+  scalar_t* hidden_n = nullptr;  // h W_hn^T + b_hn [B, H]
+};
+
+// As lstm_step, for nn.GRU's cell: w_ih [3H, I], w_hh [3H, H]. r and z take both products in one
+// sum; n keeps its input and hidden sides apart (r multiplies only the hidden one).
+template <typename scalar_t>
+void gru_step(int64_t B, int64_t I, int64_t H, const scalar_t* x, const scalar_t* h0, const scalar_t* w_ih,
+              const scalar_t* w_hh, const scalar_t* b_ih, const scalar_t* b_hh, const GruStepOut<scalar_t>& out) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  Product<scalar_t> sets[kSets][2];
+  int count[kSets] = {2, 2, 1, 1};
+  for (int g = 0; g < 2; ++g) {
+    sets[g][0] = {w_ih + g * H * I, x, I};
+    sets[g][1] = {w_hh + g * H * H, h0, H};
+  }
+  sets[2][0] = {w_ih + 2 * H * I, x, I};
+  sets[3][0] = {w_hh + 2 * H * H, h0, H};
+  const bool parallel = split_over_threads<scalar_t>(B, 3 * H, I + H);
+  for_each_block<scalar_t>(H, parallel, [&](int64_t u0, int64_t units, scalar_t* pre) {
+    block_products<scalar_t>(sets, count, B, u0, units, pre);
+    const Vec zero(scalar_t(0));
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t* p = pre + b * kSets * kUnits;
+      for_each_vector<scalar_t>(units, [&](int64_t j, int n) {
+        const int64_t u = u0 + j, k = b * H + u;
+        Vec r = Vec::loadu(p + j, n), z = Vec::loadu(p + kUnits + j, n);
+        Vec nn = Vec::loadu(p + 2 * kUnits + j, n), hn = Vec::loadu(p + 3 * kUnits + j, n);
+        Vec hr = zero, hz = zero;  // r and z hold both sides already
+        if (b_ih != nullptr) {
+          r = r + Vec::loadu(b_ih + u, n) + Vec::loadu(b_hh + u, n);
+          z = z + Vec::loadu(b_ih + H + u, n) + Vec::loadu(b_hh + H + u, n);
+          nn = nn + Vec::loadu(b_ih + 2 * H + u, n);
+          hn = hn + Vec::loadu(b_hh + 2 * H + u, n);
+        }
+        Vec h;
+        gru_cell_forward<Vec, CellActivations<scalar_t>>(r, z, nn, hr, hz, hn, Vec::loadu(h0 + k, n), h);
+        h.store(out.h + k, n);
+        h.store(out.h_n + k, n);
+        if (out.gates != nullptr) {
+          r.store(out.gates + b * 3 * H + u, n);
+          z.store(out.gates + b * 3 * H + H + u, n);
+          nn.store(out.gates + b * 3 * H + 2 * H + u, n);
+          hn.store(out.hidden_n + k, n);
+        }
+      });
+    }
+  });
+}
+
+}  // namespace small_step
+}  // namespace CPU_CAPABILITY
+}  // namespace lstm_fused
