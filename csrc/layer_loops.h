@@ -278,7 +278,11 @@ struct LstmBackwardBuffers {
       return {grad_x, dh, dc.to(x.scalar_type()), unwanted(x), unwanted(x), unwanted(x), unwanted(x)};
     }
     at::Tensor grad_w_ih, grad_w_hh, grad_bias;
-    if (I <= P) {
+    // A few rows (an LSTMCell step: T * B <= 16) make the weight gradients outer-product-like
+    // GEMMs that write as much as they read: there the two copies out of one combined result
+    // cost as much as the GEMM, and two GEMMs straight into their results are cheaper.
+    constexpr int64_t kFewRows = 16;
+    if (I <= P && T * B > kFewRows) {
       // Both weight gradients in one GEMM, d_gates^T [x | h_{t-1}]: d_gates (the large operand)
       // is read and packed once instead of twice, for a copy of x (at most as large as h_{t-1},
       // which is copied anyway). On the CPU the bias gradient comes out of the same GEMM as one
@@ -457,9 +461,11 @@ struct GruBackwardBuffers {
       // The step that starts from h0, then the T - 1 steps whose h_{t-1} is a step of y.
       const int64_t first = reverse ? T - 1 : 0;
       grad_w_hh = at::mm(d_input_gates[first].t(), h0);
-      const at::Tensor d_rest = d_input_gates.narrow(0, reverse ? 0 : 1, T - 1).reshape({(T - 1) * B, 3 * H});
-      const at::Tensor y_rest = y.narrow(0, reverse ? 1 : 0, T - 1).reshape({(T - 1) * B, H});
-      grad_w_hh.addmm_(d_rest.t(), y_rest);
+      if (T > 1) {  // (an empty addmm_ would still pass over the result)
+        const at::Tensor d_rest = d_input_gates.narrow(0, reverse ? 0 : 1, T - 1).reshape({(T - 1) * B, 3 * H});
+        const at::Tensor y_rest = y.narrow(0, reverse ? 1 : 0, T - 1).reshape({(T - 1) * B, H});
+        grad_w_hh.addmm_(d_rest.t(), y_rest);
+      }
     } else {
       grad_w_hh = at::zeros({3 * H, H}, x.options());
     }

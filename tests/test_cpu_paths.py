@@ -12,7 +12,7 @@ import lstm_fused
 from helpers import assert_error_bounded
 from lstm_fused.ops import gru_layer, lstm_layer
 from lstm_fused.reference import gru_layer_reference, lstm_layer_reference
-from test_ops import make_gru_args, make_layer_args, outputs_and_grads, random_lengths
+from test_ops import check_backward_op, gradcheck_layer, make_gru_args, make_layer_args, outputs_and_grads, random_lengths
 
 
 def torch_nn_layer(*args, lengths=None, reverse=False):
@@ -424,6 +424,31 @@ def test_single_step_path_matches_reference(cell, B, I, H, bias, dtype):
                                   contiguous, None, False, weights)
     for k, (a, t, e) in enumerate(zip(ours + inference, theirs + theirs[:n_outputs], exact + exact[:n_outputs])):
         assert_error_bounded(a, t, e, f"result {k}", floor=rounding_floor(e))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("B,I,H,bias", [(1, 3, 5, True), (6, 4, 19, False), (16, 2, 3, True)])
+def test_single_step_backward_gradcheck_and_partial_gradients(cell, B, I, H, bias):
+    """The single step's own backward (B <= 16: the pointwise backward, then one pass over each
+    weight for its gradient, its input's and the bias's): gradcheck in float64, and the backward
+    op asked for fewer gradients (frozen weights, data input) gives the others bit for bit."""
+    seed = 7000 + 10 * B + H
+    if cell == "lstm":
+        args = make_layer_args(1, B, I, H, 0, bias, "cpu", seed=seed)
+        assert gradcheck_layer(lstm_layer, args, None, False)
+        plain = [a.detach() if a is not None else None for a in args]
+        y, h_n, c_n, reserve = torch.ops.lstm_fused.lstm_layer_forward(*plain, None, False)
+        x, h0, c0, w_ih, w_hh = plain[:5]
+        backward_args = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n), x, h0, c0, w_ih, w_hh,
+                         None, y, reserve, None, False)
+        check_backward_op(torch.ops.lstm_fused.lstm_layer_backward.default, backward_args, x, 2)
+    else:
+        args = make_gru_args(1, B, I, H, bias, "cpu", seed=seed)
+        assert gradcheck_layer(gru_layer, args, None, False)
+        x, h0, w_ih, w_hh, b_ih, b_hh = [None if a is None else a.detach() for a in args]
+        y, h_n, reserve = torch.ops.lstm_fused.gru_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, None, False)
+        backward_args = (torch.randn_like(y), torch.randn_like(h_n), x, h0, w_ih, w_hh, y, reserve, None, False)
+        check_backward_op(torch.ops.lstm_fused.gru_layer_backward.default, backward_args, x, 1)
 
 
 def test_single_step_with_a_finished_row_takes_the_general_path():

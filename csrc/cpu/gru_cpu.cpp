@@ -208,6 +208,53 @@ std::tuple<Tensor, Tensor> gru_layer_inference_cpu(const Tensor& x, const Tensor
   return {y, final_hidden(h_buffers, s, reverse)};
 }
 
+// The backward of gru_single_step at a small batch (small_step.h), as the LSTM's.
+template <typename scalar_t>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_single_step_backward(
+    const LayerSizes& s, const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& x, const Tensor& h0,
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& reserve, const WantedGradients& wanted) {
+  const int64_t B = s.batch, H = s.hidden_size, I = s.input_size;
+  const auto options = x.options();
+  const Tensor gy = grad_y.contiguous(), gh = grad_h_n.contiguous();
+  const Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), r = reserve.contiguous();
+  const Tensor w1 = w_ih.contiguous(), w2 = w_hh.contiguous();
+  Tensor d_gates = at::empty({2, B, 3 * H}, options);  // the input side's, the hidden side's
+  Tensor grad_x = wanted.x ? at::empty({1, B, I}, options) : unwanted(x);
+  Tensor grad_h0 = at::empty({B, H}, options);
+  Tensor grad_w_ih = wanted.weights ? at::empty({3 * H, I}, options) : unwanted(x);
+  Tensor grad_w_hh = wanted.weights ? at::empty({3 * H, H}, options) : unwanted(x);
+  Tensor grad_b_ih = wanted.weights ? at::empty({3 * H}, options) : unwanted(x);
+  Tensor grad_b_hh = wanted.weights ? at::empty({3 * H}, options) : unwanted(x);
+  const scalar_t* gates = r.data_ptr<scalar_t>();
+  scalar_t* dg_input = d_gates.data_ptr<scalar_t>();
+  scalar_t* dg_hidden = dg_input + B * 3 * H;
+  small_step::gru_step_pointwise_backward<scalar_t>(B, H, gates, gates + B * 3 * H, h0_c.data_ptr<scalar_t>(),
+                                                    gy.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), dg_input,
+                                                    dg_hidden, grad_h0.data_ptr<scalar_t>());
+  small_step::BackwardProduct<scalar_t> input, hidden;
+  input.dg = dg_input;
+  hidden.dg = dg_hidden;
+  input.rows = hidden.rows = 3 * H;
+  input.w = w1.data_ptr<scalar_t>();
+  input.v = x_c.data_ptr<scalar_t>();
+  input.k = I;
+  input.grad_v = wanted.x ? grad_x.data_ptr<scalar_t>() : nullptr;
+  hidden.w = w2.data_ptr<scalar_t>();
+  hidden.v = h0_c.data_ptr<scalar_t>();
+  hidden.k = H;
+  hidden.grad_v = grad_h0.data_ptr<scalar_t>();
+  hidden.accumulate_v = true;  // onto the part that does not pass through W_hh
+  if (wanted.weights) {
+    input.grad_w = grad_w_ih.data_ptr<scalar_t>();
+    input.grad_b = grad_b_ih.data_ptr<scalar_t>();
+    hidden.grad_w = grad_w_hh.data_ptr<scalar_t>();
+    hidden.grad_b = grad_b_hh.data_ptr<scalar_t>();
+  }
+  small_step::backward_product<scalar_t>(B, input);
+  small_step::backward_product<scalar_t>(B, hidden);
+  return {grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cpu(
     const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& y, const Tensor& reserve, const c10::optional<Tensor>& lengths,
@@ -216,6 +263,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cp
   const LayerSizes s = check_gru_layer_backward_args(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
+  if (is_single_full_step(s) && s.batch <= small_step::kMaxBatch) {
+    return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_backward_cpu", [&] {
+      return gru_single_step_backward<scalar_t>(s, grad_y, grad_h_n, x, h0, w_ih, w_hh, reserve, wanted);
+    });
+  }
   const RecurrentGemm recurrent(w_hh, /*transposed=*/false, s.batch, s.seq_len);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_backward_cpu", [&] {
     return run_gru_layer_backward<scalar_t>(

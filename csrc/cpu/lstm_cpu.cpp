@@ -232,6 +232,50 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_inference_cpu(
   return {y, final_hidden(h_buffers, s, reverse), c};
 }
 
+// The backward of lstm_single_step at a small batch (small_step.h): the pointwise backward, then
+// one pass over each weight for its gradient, its input's and (W_ih) the bias's.
+template <typename scalar_t>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_single_step_backward(
+    const LayerSizes& s, const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
+    const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& reserve,
+    const WantedGradients& wanted) {
+  const int64_t B = s.batch, H = s.hidden_size, I = s.input_size;
+  const auto options = x.options();
+  const Tensor gy = grad_y.contiguous(), gh = grad_h_n.contiguous(), gc = grad_c_n.contiguous();
+  const Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous(), r = reserve.contiguous();
+  const Tensor w1 = w_ih.contiguous(), w2 = w_hh.contiguous();
+  Tensor d_gates = at::empty({B, 4 * H}, options);
+  Tensor grad_x = wanted.x ? at::empty({1, B, I}, options) : unwanted(x);
+  Tensor grad_h0 = at::empty({B, H}, options), grad_c0 = at::empty({B, H}, options);
+  Tensor grad_w_ih = wanted.weights ? at::empty({4 * H, I}, options) : unwanted(x);
+  Tensor grad_w_hh = wanted.weights ? at::empty({4 * H, H}, options) : unwanted(x);
+  Tensor grad_bias = wanted.weights ? at::empty({4 * H}, options) : unwanted(x);
+  const scalar_t* gates = r.data_ptr<scalar_t>();
+  small_step::lstm_step_pointwise_backward<scalar_t>(B, H, gates, gates + B * 4 * H, c0_c.data_ptr<scalar_t>(),
+                                                     gy.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
+                                                     gc.data_ptr<scalar_t>(), d_gates.data_ptr<scalar_t>(),
+                                                     grad_c0.data_ptr<scalar_t>());
+  small_step::BackwardProduct<scalar_t> input, hidden;
+  input.dg = hidden.dg = d_gates.data_ptr<scalar_t>();
+  input.rows = hidden.rows = 4 * H;
+  input.w = w1.data_ptr<scalar_t>();
+  input.v = x_c.data_ptr<scalar_t>();
+  input.k = I;
+  input.grad_v = wanted.x ? grad_x.data_ptr<scalar_t>() : nullptr;
+  hidden.w = w2.data_ptr<scalar_t>();
+  hidden.v = h0_c.data_ptr<scalar_t>();
+  hidden.k = H;
+  hidden.grad_v = grad_h0.data_ptr<scalar_t>();
+  if (wanted.weights) {
+    input.grad_w = grad_w_ih.data_ptr<scalar_t>();
+    input.grad_b = grad_bias.data_ptr<scalar_t>();
+    hidden.grad_w = grad_w_hh.data_ptr<scalar_t>();
+  }
+  small_step::backward_product<scalar_t>(B, input);
+  small_step::backward_product<scalar_t>(B, hidden);
+  return {grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, unwanted(x)};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_cpu(
     const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
@@ -242,6 +286,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
                                                       w_hr, y, reserve, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
+  if (is_single_full_step(s) && s.batch <= small_step::kMaxBatch) {
+    return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
+      return lstm_single_step_backward<scalar_t>(s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, reserve,
+                                                 wanted);
+    });
+  }
   if (stationary::enabled(s)) {
     return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
       auto g = begin_lstm_backward<scalar_t>(s, grad_y, grad_h_n, grad_c_n, x, c0, reserve, lengths.has_value());

@@ -302,6 +302,162 @@ void gru_step(int64_t B, int64_t I, int64_t H, const scalar_t* x, const scalar_t
   });
 }
 
+// --- Backward of one step ------------------------------------------------------------------
+//
+// A cell step's backward at a small batch is matrix-vector work too: after the pointwise
+// backward, each weight W [rows, K] with its gate gradients dg [B, rows] and the vector it
+// multiplied v [B, K] gives grad_v = dg W (a sum over W's rows: columns of W scaled and added, no
+// lane sums), grad_W = dg^T v (each row a scaled sum of the B vectors) and grad_b = dg's column
+// sums: one pass over W and one write of grad_W, where the general backward ran four GEMMs and
+// copied both weight gradients out of a combined one.
+
+template <typename scalar_t>
+struct BackwardProduct {
+  const scalar_t* dg = nullptr;  // [B, rows]
+  const scalar_t* w = nullptr;   // [rows, k]
+  const scalar_t* v = nullptr;   // [B, k]
+  int64_t rows = 0, k = 0;
+  scalar_t* grad_v = nullptr;    // [B, k]: dg W, added to what it holds if accumulate_v; or null
+  bool accumulate_v = false;
+  scalar_t* grad_w = nullptr;    // [rows, k]: dg^T v, or null
+  scalar_t* grad_b = nullptr;    // [rows]: the column sums of dg, or null
+};
+
+// grad_w and grad_b, a block of rows at a time.
+template <typename scalar_t>
+void weight_gradient(int64_t B, const BackwardProduct<scalar_t>& p, bool parallel) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  if (p.grad_w == nullptr && p.grad_b == nullptr) return;
+  constexpr int64_t kRowBlock = 64;
+  const int64_t blocks = (p.rows + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, blocks, parallel ? 1 : std::max<int64_t>(1, blocks), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin * kRowBlock; r < std::min(p.rows, end * kRowBlock); ++r) {
+      if (p.grad_b != nullptr) {
+        scalar_t sum = 0;
+        for (int64_t b = 0; b < B; ++b) sum += p.dg[b * p.rows + r];
+        p.grad_b[r] = sum;
+      }
+      if (p.grad_w == nullptr) continue;
+      for_each_vector<scalar_t>(p.k, [&](int64_t j, int n) {
+        Vec acc(scalar_t(0));
+        for (int64_t b = 0; b < B; ++b) acc = at::vec::fmadd(Vec(p.dg[b * p.rows + r]), Vec::loadu(p.v + b * p.k + j, n), acc);
+        acc.store(p.grad_w + r * p.k + j, n);
+      });
+    }
+  });
+}
+
+// grad_v = dg W (+ grad_v) for batch rows [b0, b0 + NB) and columns [j, j + KV vectors), over all
+// of W's rows.
+template <typename scalar_t, int NB, int KV>
+inline void vector_gradient_tile(const BackwardProduct<scalar_t>& p, int64_t b0, int64_t j, int64_t columns) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t width = Vec::size();
+  auto count = [&](int kv) { return static_cast<int>(std::clamp<int64_t>(columns - kv * width, 0, width)); };
+  Vec acc[NB][KV];
+  for (int b = 0; b < NB; ++b)
+    for (int kv = 0; kv < KV; ++kv)
+      acc[b][kv] = p.accumulate_v && count(kv) > 0 ? Vec::loadu(p.grad_v + (b0 + b) * p.k + j + kv * width, count(kv))
+                                                   : Vec(scalar_t(0));
+  const bool full = columns == KV * width;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    Vec wv[KV];
+    for (int kv = 0; kv < KV; ++kv)
+      wv[kv] = full ? Vec::loadu(p.w + r * p.k + j + kv * width) : Vec::loadu(p.w + r * p.k + j + kv * width, count(kv));
+    for (int b = 0; b < NB; ++b) {
+      const Vec scale(p.dg[(b0 + b) * p.rows + r]);
+      for (int kv = 0; kv < KV; ++kv) acc[b][kv] = at::vec::fmadd(wv[kv], scale, acc[b][kv]);
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int kv = 0; kv < KV; ++kv)
+      if (count(kv) > 0) acc[b][kv].store(p.grad_v + (b0 + b) * p.k + j + kv * width, count(kv));
+}
+
+template <typename scalar_t>
+void vector_gradient(int64_t B, const BackwardProduct<scalar_t>& p, bool parallel) {
+  if (p.grad_v == nullptr) return;
+  constexpr int KV = 2;
+  const int64_t span = KV * at::vec::Vectorized<scalar_t>::size();
+  const int64_t blocks = (p.k + span - 1) / span;
+  at::parallel_for(0, blocks, parallel ? 1 : std::max<int64_t>(1, blocks), [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t j = block * span, columns = std::min(span, p.k - j);
+      for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        switch (std::min<int64_t>(4, B - b0)) {
+          case 1: vector_gradient_tile<scalar_t, 1, KV>(p, b0, j, columns); break;
+          case 2: vector_gradient_tile<scalar_t, 2, KV>(p, b0, j, columns); break;
+          case 3: vector_gradient_tile<scalar_t, 3, KV>(p, b0, j, columns); break;
+          default: vector_gradient_tile<scalar_t, 4, KV>(p, b0, j, columns); break;
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_product(int64_t B, const BackwardProduct<scalar_t>& p) {
+  const bool parallel = split_over_threads<scalar_t>(B, p.rows, p.k);
+  weight_gradient(B, p, parallel);
+  vector_gradient(B, p, parallel);
+}
+
+// The LSTM step's pointwise backward: dg [B, 4H] the pre-activation gradients, grad_c0 [B, H].
+// gates / cells are the forward's reserve; dh = grad_y + grad_h_n, dc = grad_c_n.
+template <typename scalar_t>
+void lstm_step_pointwise_backward(int64_t B, int64_t H, const scalar_t* gates, const scalar_t* cells, const scalar_t* c0,
+                             const scalar_t* grad_y, const scalar_t* grad_h_n, const scalar_t* grad_c_n,
+                             scalar_t* dg, scalar_t* grad_c0) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t* g = gates + b * 4 * H;
+    scalar_t* d = dg + b * 4 * H;
+    for_each_vector<scalar_t>(H, [&](int64_t j, int n) {
+      const int64_t k = b * H + j;
+      Vec i = Vec::loadu(g + j, n), f = Vec::loadu(g + H + j, n);
+      Vec gg = Vec::loadu(g + 2 * H + j, n), o = Vec::loadu(g + 3 * H + j, n);
+      const Vec dh = Vec::loadu(grad_y + k, n) + Vec::loadu(grad_h_n + k, n);
+      Vec dc = Vec::loadu(grad_c_n + k, n);
+      lstm_cell_backward<Vec, CellActivations<scalar_t>>(i, f, gg, o, Vec::loadu(c0 + k, n), Vec::loadu(cells + k, n),
+                                                        dh, dc);
+      i.store(d + j, n);
+      f.store(d + H + j, n);
+      gg.store(d + 2 * H + j, n);
+      o.store(d + 3 * H + j, n);
+      dc.store(grad_c0 + k, n);
+    });
+  }
+}
+
+// The GRU step's pointwise backward: dg_input [B, 3H] (the input side's pre-activation
+// gradients, also b_ih's), dg_hidden [B, 3H] (the hidden side's: r and z the same, n times r),
+// grad_h0 [B, H] the part of h0's gradient that does not pass through W_hh.
+template <typename scalar_t>
+void gru_step_pointwise_backward(int64_t B, int64_t H, const scalar_t* gates, const scalar_t* hidden_n, const scalar_t* h0,
+                            const scalar_t* grad_y, const scalar_t* grad_h_n, scalar_t* dg_input,
+                            scalar_t* dg_hidden, scalar_t* grad_h0) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t* g = gates + b * 3 * H;
+    scalar_t *di = dg_input + b * 3 * H, *dhid = dg_hidden + b * 3 * H;
+    for_each_vector<scalar_t>(H, [&](int64_t j, int n) {
+      const int64_t k = b * H + j;
+      Vec r = Vec::loadu(g + j, n), z = Vec::loadu(g + H + j, n), nn = Vec::loadu(g + 2 * H + j, n);
+      const Vec dh = Vec::loadu(grad_y + k, n) + Vec::loadu(grad_h_n + k, n);
+      Vec d_hn, dh_prev;
+      gru_cell_backward<Vec, CellActivations<scalar_t>>(r, z, nn, Vec::loadu(hidden_n + k, n), Vec::loadu(h0 + k, n),
+                                                       dh, d_hn, dh_prev);
+      r.store(di + j, n);
+      z.store(di + H + j, n);
+      nn.store(di + 2 * H + j, n);
+      r.store(dhid + j, n);
+      z.store(dhid + H + j, n);
+      d_hn.store(dhid + 2 * H + j, n);
+      dh_prev.store(grad_h0 + k, n);
+    });
+  }
+}
+
 }  // namespace small_step
 }  // namespace CPU_CAPABILITY
 }  // namespace lstm_fused
