@@ -328,7 +328,9 @@ template <typename scalar_t>
 void weight_gradient(int64_t B, const BackwardProduct<scalar_t>& p, bool parallel) {
   using Vec = at::vec::Vectorized<scalar_t>;
   if (p.grad_w == nullptr && p.grad_b == nullptr) return;
-  constexpr int64_t kRowBlock = 64;
+  constexpr int64_t kRowBlock = 64, width = Vec::size();
+  constexpr int kChains = 4;
+  constexpr int64_t kSpan = kChains * width;
   const int64_t blocks = (p.rows + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, blocks, parallel ? 1 : std::max<int64_t>(1, blocks), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin * kRowBlock; r < std::min(p.rows, end * kRowBlock); ++r) {
@@ -338,11 +340,30 @@ void weight_gradient(int64_t B, const BackwardProduct<scalar_t>& p, bool paralle
         p.grad_b[r] = sum;
       }
       if (p.grad_w == nullptr) continue;
-      for_each_vector<scalar_t>(p.k, [&](int64_t j, int n) {
-        Vec acc(scalar_t(0));
-        for (int64_t b = 0; b < B; ++b) acc = at::vec::fmadd(Vec(p.dg[b * p.rows + r]), Vec::loadu(p.v + b * p.k + j, n), acc);
-        acc.store(p.grad_w + r * p.k + j, n);
-      });
+      // Four vectors of the row at a time: four independent sums over the batch, not one chain.
+      for (int64_t j = 0; j < p.k; j += kSpan) {
+        const int64_t columns = std::min(kSpan, p.k - j);
+        Vec acc[kChains];
+        for (int c = 0; c < kChains; ++c) acc[c] = Vec(scalar_t(0));
+        if (columns == kSpan) {
+          for (int64_t b = 0; b < B; ++b) {
+            const Vec scale(p.dg[b * p.rows + r]);
+            const scalar_t* v = p.v + b * p.k + j;
+            for (int c = 0; c < kChains; ++c) acc[c] = at::vec::fmadd(scale, Vec::loadu(v + c * width), acc[c]);
+          }
+          for (int c = 0; c < kChains; ++c) acc[c].store(p.grad_w + r * p.k + j + c * width);
+          continue;
+        }
+        for (int64_t b = 0; b < B; ++b) {
+          const Vec scale(p.dg[b * p.rows + r]);
+          for (int c = 0; c * width < columns; ++c) {
+            const int n = static_cast<int>(std::min<int64_t>(width, columns - c * width));
+            acc[c] = at::vec::fmadd(scale, Vec::loadu(p.v + b * p.k + j + c * width, n), acc[c]);
+          }
+        }
+        for (int c = 0; c * width < columns; ++c)
+          acc[c].store(p.grad_w + r * p.k + j + c * width, static_cast<int>(std::min<int64_t>(width, columns - c * width)));
+      }
     }
   });
 }
@@ -395,9 +416,11 @@ void vector_gradient(int64_t B, const BackwardProduct<scalar_t>& p, bool paralle
   });
 }
 
+// Each product's two passes are two parallel regions, where the forward's step is one: threads
+// only where the weight is large (each pass then reads or writes 1 MB or more).
 template <typename scalar_t>
 void backward_product(int64_t B, const BackwardProduct<scalar_t>& p) {
-  const bool parallel = split_over_threads<scalar_t>(B, p.rows, p.k);
+  const bool parallel = p.rows * p.k * static_cast<int64_t>(sizeof(scalar_t)) >= (int64_t(1) << 20);
   weight_gradient(B, p, parallel);
   vector_gradient(B, p, parallel);
 }
