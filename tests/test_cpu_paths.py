@@ -392,14 +392,15 @@ def every_other(t, dtype):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-@pytest.mark.parametrize("B,I,H", [(1, 1, 1), (5, 3, 17), (33, 9, 64), (16, 40, 37), (3, 1, 20), (2, 256, 160)])
+@pytest.mark.parametrize("B,I,H", [(1, 1, 1), (5, 3, 17), (33, 9, 64), (16, 40, 37), (3, 1, 20), (2, 256, 160), (8, 200, 200)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_single_step_path_matches_reference(cell, B, I, H, bias, dtype):
     """T = 1 with every row advancing (an LSTMCell / GRUCell call) has its own path: up to
     B = 16 the products dotted from the weights into the cell update (csrc/cpu/small_step.h: the
     sizes take every batch tile of 1-4 rows, unit blocks with tails, and the split over
-    threads by MACs (B=16) and by weight bytes (H=160)), above it MKL's sgemm into the gates
+    threads by MACs (B=16) and by weight bytes (H=160); with AVX2 steps above 1M MACs (B=8 H=200)
+    do not), above it MKL's sgemm into the gates
     buffer. Forward, the reserve backward reads, and the inference op, with non-contiguous
     arguments; float32 against the float64 reference, as close to it as torch.nn's float32 is."""
     seed = 1000 + 100 * B + 10 * I + H + bias

@@ -86,7 +86,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_single_step(const LayerSizes& s, const Te
                                                    const c10::optional<Tensor>& b_hh, bool keep_reserve) {
   const int64_t B = s.batch, H = s.hidden_size;
   const auto options = x.options();
-  const bool small = B <= small_step::kMaxBatch;
+  const bool small = small_step::takes(B, 3 * H, s.input_size + H);
   Tensor y = at::empty({1, B, H}, options), h_n = at::empty({B, H}, options);
   const Tensor x_c = x.contiguous(), h0_c = h0.contiguous();
   const Tensor input_bias = s.has_bias ? b_ih->contiguous() : Tensor();
@@ -263,7 +263,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward_cp
   const LayerSizes s = check_gru_layer_backward_args(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, reserve, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
-  if (is_single_full_step(s) && s.batch <= small_step::kMaxBatch) {
+  if (is_single_full_step(s) && small_step::takes(s.batch, 3 * s.hidden_size, s.input_size + s.hidden_size)) {
     return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_layer_backward_cpu", [&] {
       return gru_single_step_backward<scalar_t>(s, grad_y, grad_h_n, x, h0, w_ih, w_hh, reserve, wanted);
     });

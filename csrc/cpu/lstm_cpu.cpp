@@ -101,7 +101,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_single_step(const LayerSizes& s,
                                                             const c10::optional<Tensor>& b_hh, bool keep_reserve) {
   const int64_t B = s.batch, H = s.hidden_size;
   const auto options = x.options();
-  const bool small = B <= small_step::kMaxBatch;
+  const bool small = small_step::takes(B, 4 * H, s.input_size + H);
   Tensor reserve = keep_reserve || !small ? at::empty({keep_reserve ? lstm_reserve_numel(s) : B * 4 * H}, options)
                                           : Tensor();
   Tensor y = at::empty({1, B, H}, options), h_n = at::empty({B, H}, options), c_n = at::empty({B, H}, options);
@@ -286,7 +286,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
                                                       w_hr, y, reserve, lengths);
   check_cpu_dtype(x);
   at::AutoDispatchBelowADInplaceOrView guard;
-  if (is_single_full_step(s) && s.batch <= small_step::kMaxBatch) {
+  if (is_single_full_step(s) && small_step::takes(s.batch, 4 * s.hidden_size, s.input_size + s.hidden_size)) {
     return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_layer_backward_cpu", [&] {
       return lstm_single_step_backward<scalar_t>(s, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, reserve,
                                                  wanted);
