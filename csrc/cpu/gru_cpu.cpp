@@ -215,43 +215,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_single_step_backw
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& reserve, const WantedGradients& wanted) {
   const int64_t B = s.batch, H = s.hidden_size, I = s.input_size;
   const auto options = x.options();
-  const Tensor gy = grad_y.contiguous(), gh = grad_h_n.contiguous();
+  const Tensor gy = grad_y.contiguous();
   const Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), r = reserve.contiguous();
   const Tensor w1 = w_ih.contiguous(), w2 = w_hh.contiguous();
   Tensor d_gates = at::empty({2, B, 3 * H}, options);  // the input side's, the hidden side's
   Tensor grad_x = wanted.x ? at::empty({1, B, I}, options) : unwanted(x);
-  Tensor grad_h0 = at::empty({B, H}, options);
+  Tensor grad_h0 = grad_h_n.clone(at::MemoryFormat::Contiguous);  // dh in, h0's gradient out
   Tensor grad_w_ih = wanted.weights ? at::empty({3 * H, I}, options) : unwanted(x);
   Tensor grad_w_hh = wanted.weights ? at::empty({3 * H, H}, options) : unwanted(x);
   Tensor grad_b_ih = wanted.weights ? at::empty({3 * H}, options) : unwanted(x);
   Tensor grad_b_hh = wanted.weights ? at::empty({3 * H}, options) : unwanted(x);
-  const scalar_t* gates = r.data_ptr<scalar_t>();
-  scalar_t* dg_input = d_gates.data_ptr<scalar_t>();
-  scalar_t* dg_hidden = dg_input + B * 3 * H;
-  small_step::gru_step_pointwise_backward<scalar_t>(B, H, gates, gates + B * 3 * H, h0_c.data_ptr<scalar_t>(),
-                                                    gy.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), dg_input,
-                                                    dg_hidden, grad_h0.data_ptr<scalar_t>());
-  small_step::BackwardProduct<scalar_t> input, hidden;
-  input.dg = dg_input;
-  hidden.dg = dg_hidden;
-  input.rows = hidden.rows = 3 * H;
-  input.w = w1.data_ptr<scalar_t>();
-  input.v = x_c.data_ptr<scalar_t>();
-  input.k = I;
-  input.grad_v = wanted.x ? grad_x.data_ptr<scalar_t>() : nullptr;
-  hidden.w = w2.data_ptr<scalar_t>();
-  hidden.v = h0_c.data_ptr<scalar_t>();
-  hidden.k = H;
-  hidden.grad_v = grad_h0.data_ptr<scalar_t>();
-  hidden.accumulate_v = true;  // onto the part that does not pass through W_hh
+  GruBackwardStep<scalar_t> step;
+  step.rows = B;
+  step.gates = r.data_ptr<scalar_t>();
+  step.hidden_n_proj = step.gates + B * 3 * H;
+  step.h_prev = h0_c.data_ptr<scalar_t>();
+  step.grad_y = gy.data_ptr<scalar_t>();
+  step.dh = grad_h0.data_ptr<scalar_t>();
+  step.d_input_gates = d_gates.data_ptr<scalar_t>();
+  step.d_hidden_gates = step.d_input_gates + B * 3 * H;
+  gru_pointwise_backward<scalar_t>(step, H);
+  small_step::StepGradients<scalar_t> grad;
+  grad.x = wanted.x ? grad_x.data_ptr<scalar_t>() : nullptr;
+  grad.h0 = grad_h0.data_ptr<scalar_t>();  // z * dh from the pointwise pass; W_hh's part is added
   if (wanted.weights) {
-    input.grad_w = grad_w_ih.data_ptr<scalar_t>();
-    input.grad_b = grad_b_ih.data_ptr<scalar_t>();
-    hidden.grad_w = grad_w_hh.data_ptr<scalar_t>();
-    hidden.grad_b = grad_b_hh.data_ptr<scalar_t>();
+    grad.w_ih = grad_w_ih.data_ptr<scalar_t>();
+    grad.w_hh = grad_w_hh.data_ptr<scalar_t>();
+    grad.b_ih = grad_b_ih.data_ptr<scalar_t>();
+    grad.b_hh = grad_b_hh.data_ptr<scalar_t>();
   }
-  small_step::backward_product<scalar_t>(B, input);
-  small_step::backward_product<scalar_t>(B, hidden);
+  small_step::step_backward_products<scalar_t>(B, 3 * H, I, H, step.d_input_gates, step.d_hidden_gates,
+                                               w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(),
+                                               x_c.data_ptr<scalar_t>(), h0_c.data_ptr<scalar_t>(), grad);
   return {grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 

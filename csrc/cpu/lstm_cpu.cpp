@@ -232,8 +232,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_inference_cpu(
   return {y, final_hidden(h_buffers, s, reverse), c};
 }
 
-// The backward of lstm_single_step at a small batch (small_step.h): the pointwise backward, then
-// one pass over each weight for its gradient, its input's and (W_ih) the bias's.
+// The backward of lstm_single_step at a small batch (small_step.h): the per-step loop's pointwise
+// backward, then one pass over each weight for its gradient, its input's and (W_ih) the bias's.
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_single_step_backward(
     const LayerSizes& s, const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
@@ -241,38 +241,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_single_s
     const WantedGradients& wanted) {
   const int64_t B = s.batch, H = s.hidden_size, I = s.input_size;
   const auto options = x.options();
-  const Tensor gy = grad_y.contiguous(), gh = grad_h_n.contiguous(), gc = grad_c_n.contiguous();
+  const Tensor gy = grad_y.contiguous(), gh = grad_h_n.contiguous();
   const Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous(), r = reserve.contiguous();
   const Tensor w1 = w_ih.contiguous(), w2 = w_hh.contiguous();
   Tensor d_gates = at::empty({B, 4 * H}, options);
   Tensor grad_x = wanted.x ? at::empty({1, B, I}, options) : unwanted(x);
-  Tensor grad_h0 = at::empty({B, H}, options), grad_c0 = at::empty({B, H}, options);
+  Tensor grad_h0 = at::zeros({B, H}, options);
+  Tensor grad_c0 = grad_c_n.clone(at::MemoryFormat::Contiguous);  // dc in, c0's gradient out
   Tensor grad_w_ih = wanted.weights ? at::empty({4 * H, I}, options) : unwanted(x);
   Tensor grad_w_hh = wanted.weights ? at::empty({4 * H, H}, options) : unwanted(x);
   Tensor grad_bias = wanted.weights ? at::empty({4 * H}, options) : unwanted(x);
-  const scalar_t* gates = r.data_ptr<scalar_t>();
-  small_step::lstm_step_pointwise_backward<scalar_t>(B, H, gates, gates + B * 4 * H, c0_c.data_ptr<scalar_t>(),
-                                                     gy.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(),
-                                                     gc.data_ptr<scalar_t>(), d_gates.data_ptr<scalar_t>(),
-                                                     grad_c0.data_ptr<scalar_t>());
-  small_step::BackwardProduct<scalar_t> input, hidden;
-  input.dg = hidden.dg = d_gates.data_ptr<scalar_t>();
-  input.rows = hidden.rows = 4 * H;
-  input.w = w1.data_ptr<scalar_t>();
-  input.v = x_c.data_ptr<scalar_t>();
-  input.k = I;
-  input.grad_v = wanted.x ? grad_x.data_ptr<scalar_t>() : nullptr;
-  hidden.w = w2.data_ptr<scalar_t>();
-  hidden.v = h0_c.data_ptr<scalar_t>();
-  hidden.k = H;
-  hidden.grad_v = grad_h0.data_ptr<scalar_t>();
+  LstmBackwardStep<scalar_t, scalar_t> step;
+  step.rows = B;
+  step.gates = r.data_ptr<scalar_t>();
+  step.cells = step.gates + B * 4 * H;
+  step.c0 = c0_c.data_ptr<scalar_t>();
+  step.d_gates = d_gates.data_ptr<scalar_t>();
+  step.d_cell_out = gh.data_ptr<scalar_t>();
+  step.grad_y = gy.data_ptr<scalar_t>();
+  step.dc_state = grad_c0.data_ptr<scalar_t>();
+  lstm_pointwise_backward<scalar_t>(step, s, /*reverse=*/false);
+  small_step::StepGradients<scalar_t> grad;
+  grad.x = wanted.x ? grad_x.data_ptr<scalar_t>() : nullptr;
+  grad.h0 = grad_h0.data_ptr<scalar_t>();
   if (wanted.weights) {
-    input.grad_w = grad_w_ih.data_ptr<scalar_t>();
-    input.grad_b = grad_bias.data_ptr<scalar_t>();
-    hidden.grad_w = grad_w_hh.data_ptr<scalar_t>();
+    grad.w_ih = grad_w_ih.data_ptr<scalar_t>();
+    grad.w_hh = grad_w_hh.data_ptr<scalar_t>();
+    grad.b_ih = grad_bias.data_ptr<scalar_t>();
   }
-  small_step::backward_product<scalar_t>(B, input);
-  small_step::backward_product<scalar_t>(B, hidden);
+  small_step::step_backward_products<scalar_t>(B, 4 * H, I, H, step.d_gates, step.d_gates, w1.data_ptr<scalar_t>(),
+                                               w2.data_ptr<scalar_t>(), x_c.data_ptr<scalar_t>(),
+                                               h0_c.data_ptr<scalar_t>(), grad);
   return {grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, unwanted(x)};
 }
 

@@ -438,60 +438,44 @@ void backward_product(int64_t B, const BackwardProduct<scalar_t>& p) {
   vector_gradient(B, p, parallel);
 }
 
-// The LSTM step's pointwise backward: dg [B, 4H] the pre-activation gradients, grad_c0 [B, H].
-// gates / cells are the forward's reserve; dh = grad_y + grad_h_n, dc = grad_c_n.
+// Where a cell step's backward writes its gradients; a null one is not wanted. h0 holds, on
+// entry, the part of h0's gradient that does not pass through W_hh (zeros for the LSTM).
 template <typename scalar_t>
-void lstm_step_pointwise_backward(int64_t B, int64_t H, const scalar_t* gates, const scalar_t* cells, const scalar_t* c0,
-                             const scalar_t* grad_y, const scalar_t* grad_h_n, const scalar_t* grad_c_n,
-                             scalar_t* dg, scalar_t* grad_c0) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  for (int64_t b = 0; b < B; ++b) {
-    const scalar_t* g = gates + b * 4 * H;
-    scalar_t* d = dg + b * 4 * H;
-    for_each_vector<scalar_t>(H, [&](int64_t j, int n) {
-      const int64_t k = b * H + j;
-      Vec i = Vec::loadu(g + j, n), f = Vec::loadu(g + H + j, n);
-      Vec gg = Vec::loadu(g + 2 * H + j, n), o = Vec::loadu(g + 3 * H + j, n);
-      const Vec dh = Vec::loadu(grad_y + k, n) + Vec::loadu(grad_h_n + k, n);
-      Vec dc = Vec::loadu(grad_c_n + k, n);
-      lstm_cell_backward<Vec, CellActivations<scalar_t>>(i, f, gg, o, Vec::loadu(c0 + k, n), Vec::loadu(cells + k, n),
-                                                        dh, dc);
-      i.store(d + j, n);
-      f.store(d + H + j, n);
-      gg.store(d + 2 * H + j, n);
-      o.store(d + 3 * H + j, n);
-      dc.store(grad_c0 + k, n);
-    });
-  }
-}
+struct StepGradients {
+  scalar_t* x = nullptr;     // [B, I]
+  scalar_t* h0 = nullptr;    // [B, H]
+  scalar_t* w_ih = nullptr;  // [rows, I]
+  scalar_t* w_hh = nullptr;  // [rows, H]
+  scalar_t* b_ih = nullptr;  // [rows]
+  scalar_t* b_hh = nullptr;  // [rows]
+};
 
-// The GRU step's pointwise backward: dg_input [B, 3H] (the input side's pre-activation
-// gradients, also b_ih's), dg_hidden [B, 3H] (the hidden side's: r and z the same, n times r),
-// grad_h0 [B, H] the part of h0's gradient that does not pass through W_hh.
+// The two products of a cell step's backward, after its pointwise backward: W_ih [rows, I] with x
+// and the input side's gate gradients dg_input [B, rows], W_hh [rows, H] with h0 and the hidden
+// side's dg_hidden (the same pointer for the LSTM).
 template <typename scalar_t>
-void gru_step_pointwise_backward(int64_t B, int64_t H, const scalar_t* gates, const scalar_t* hidden_n, const scalar_t* h0,
-                            const scalar_t* grad_y, const scalar_t* grad_h_n, scalar_t* dg_input,
-                            scalar_t* dg_hidden, scalar_t* grad_h0) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  for (int64_t b = 0; b < B; ++b) {
-    const scalar_t* g = gates + b * 3 * H;
-    scalar_t *di = dg_input + b * 3 * H, *dhid = dg_hidden + b * 3 * H;
-    for_each_vector<scalar_t>(H, [&](int64_t j, int n) {
-      const int64_t k = b * H + j;
-      Vec r = Vec::loadu(g + j, n), z = Vec::loadu(g + H + j, n), nn = Vec::loadu(g + 2 * H + j, n);
-      const Vec dh = Vec::loadu(grad_y + k, n) + Vec::loadu(grad_h_n + k, n);
-      Vec d_hn, dh_prev;
-      gru_cell_backward<Vec, CellActivations<scalar_t>>(r, z, nn, Vec::loadu(hidden_n + k, n), Vec::loadu(h0 + k, n),
-                                                       dh, d_hn, dh_prev);
-      r.store(di + j, n);
-      z.store(di + H + j, n);
-      nn.store(di + 2 * H + j, n);
-      r.store(dhid + j, n);
-      z.store(dhid + H + j, n);
-      d_hn.store(dhid + 2 * H + j, n);
-      dh_prev.store(grad_h0 + k, n);
-    });
-  }
+void step_backward_products(int64_t B, int64_t rows, int64_t I, int64_t H, const scalar_t* dg_input,
+                            const scalar_t* dg_hidden, const scalar_t* w_ih, const scalar_t* w_hh, const scalar_t* x,
+                            const scalar_t* h0, const StepGradients<scalar_t>& grad) {
+  BackwardProduct<scalar_t> input, hidden;
+  input.dg = dg_input;
+  input.w = w_ih;
+  input.v = x;
+  input.k = I;
+  input.grad_v = grad.x;
+  input.grad_w = grad.w_ih;
+  input.grad_b = grad.b_ih;
+  hidden.dg = dg_hidden;
+  hidden.w = w_hh;
+  hidden.v = h0;
+  hidden.k = H;
+  hidden.grad_v = grad.h0;
+  hidden.accumulate_v = true;
+  hidden.grad_w = grad.w_hh;
+  hidden.grad_b = grad.b_hh;
+  input.rows = hidden.rows = rows;
+  backward_product(B, input);
+  backward_product(B, hidden);
 }
 
 }  // namespace small_step
