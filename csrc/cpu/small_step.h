@@ -9,7 +9,8 @@
 // pre-activations are still in registers and L1. The blocks are split over the threads only where
 // the weights are large enough to need both cores' caches (each thread then reads the same rows on
 // every call, and keeps them in its own L2) or the products long enough to pay for a parallel
-// region.
+// region. The step's backward (the end of this file) is one pass over each weight likewise.
+// Measurements: benchmarks/results/cpu-2026-12-02-cells.md.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,8 +28,8 @@ namespace lstm_fused {
 namespace CPU_CAPABILITY {  // one copy per SIMD level: cpu_kernels.h
 namespace small_step {
 
-// The largest batch this path takes; above it a step is GEMM-sized work (measured: B=32 H=128
-// went to MKL as fast).
+// The largest batch this path takes: above it a step is GEMM-sized work, which MKL's sgemm does at
+// a higher rate than these tiles (B=32 was not measured with them).
 constexpr int64_t kMaxBatch = 16;
 // Whether a step of this size takes this path: every batch up to kMaxBatch with AVX-512. With
 // AVX2's 16 registers (8 accumulators a tile) the products run at ~58 GFLOP/s on one core where
@@ -189,7 +190,8 @@ inline void block_products(const Product<scalar_t> (&sets)[kSets][2], const int 
 
 // Whether a step of this size splits its blocks over the threads: the weights (read once per
 // call) no longer fit one core's L2 beside everything else, or the products are long enough for a
-// parallel region's cost (~1-2 us on two cores) to be a small part.
+// parallel region's cost (~1-2 us on two cores) to be a small part (from 128k MACs: B=8 H=64
+// inference 1.85 -> 1.95x torch.nn, paired; at 1M MACs it was 1.85x).
 template <typename scalar_t>
 inline bool split_over_threads(int64_t batch, int64_t rows, int64_t k_total) {
   const int64_t weight_bytes = rows * k_total * static_cast<int64_t>(sizeof(scalar_t));
