@@ -350,3 +350,18 @@ def test_export_decompositions_decline_outside_an_onnx_export():
         y, h_n, c_n = entry(*fakes, None, None, None, None, False)
     assert y.shape == (T, B, HIDDEN) and h_n.shape == c_n.shape == (B, HIDDEN)
     assert torch._subclasses.fake_tensor.is_fake(y)
+
+
+@NEEDS_ONNXSCRIPT
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_program_exported_under_no_grad_holds_the_inference_ops_and_exports(cell, tmp_path):
+    model = make_model(cell, dict(bidirectional=True, num_layers=2), seed=16)
+    generator = torch.Generator().manual_seed(17)
+    inputs = make_inputs(model, True, generator)
+    with torch.no_grad():
+        program = torch.export.export(model, inputs)
+    assert f"lstm_fused.{cell.lower()}_layer_inference" in program.graph_module.code
+    path = tmp_path / "program.onnx"
+    names = export(program, inputs, path, True)
+    assert_matches_eager(model, path, names, make_inputs(model, True, generator))
+    assert op_types(path).count(cell) == 4
