@@ -35,6 +35,8 @@ import torch
 import torch._decomp
 from torch import Tensor
 
+from . import ops as fused
+
 __all__ = ["is_exporting", "check_packed_export", "run_layers_for_export", "run_packed_for_export"]
 
 
@@ -303,9 +305,8 @@ def _lstm_layer_inference_onnx(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr
 
 def _lstm_layer_forward_onnx(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False):
     """As the inference op, with an unread reserve of the forward op's size."""
-    from .ops import lstm_reserve_numel
     y, h_n, c_n = _lstm_direction(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
-    reserve = x.new_zeros(lstm_reserve_numel(x.size(0), x.size(1), c0.size(-1), w_hr is not None))
+    reserve = x.new_zeros(fused.lstm_reserve_numel(x.size(0), x.size(1), c0.size(-1), w_hr is not None))
     return y, h_n, c_n, reserve
 
 
@@ -315,7 +316,7 @@ def _gru_layer_inference_onnx(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=N
 
 def _gru_layer_forward_onnx(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, reverse=False):
     y, h_n = _gru_direction(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
-    return y, h_n, x.new_zeros(x.size(0) * x.size(1) * h0.size(-1) * 4)
+    return y, h_n, x.new_zeros(fused.gru_reserve_numel(x.size(0), x.size(1), h0.size(-1)))
 
 
 def _lstm_layer_bidirectional_onnx(x, state, weights, weights_reverse, lengths=None):
@@ -333,7 +334,6 @@ def _gru_layer_bidirectional_onnx(x, state, weights, weights_reverse, lengths=No
 
 
 def _register_export_decompositions() -> None:
-    from . import ops as fused
     table = torch._decomp.decomposition_table
     ops = torch.ops.lstm_fused
     for op, decomposition, fake in (

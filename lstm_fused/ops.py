@@ -121,6 +121,11 @@ def lstm_reserve_numel(seq_len: int, batch: int, hidden_size: int, has_proj: boo
     return seq_len * batch * hidden_size * (6 if has_proj else 5)
 
 
+def gru_reserve_numel(seq_len: int, batch: int, hidden_size: int):
+    """Elements of the GRU reserve: activated gates and the hidden side's n projection."""
+    return seq_len * batch * hidden_size * 4
+
+
 def _check_devices(x, **tensors):
     """The device check of the C++ kernels (layer_args.cpp), in the fake kernels. They also run
     when an argument on the meta device sends a call with real CPU tensors to them: without the
@@ -207,7 +212,7 @@ def _gru_layer_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
     return (
         x.new_empty(seq_len, batch, hidden),
         x.new_empty(batch, hidden),
-        x.new_empty(seq_len * batch * hidden * 4),
+        x.new_empty(gru_reserve_numel(seq_len, batch, hidden)),
     )
 
 

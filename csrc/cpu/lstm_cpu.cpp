@@ -102,12 +102,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_single_step(const LayerSizes& s,
   const int64_t B = s.batch, H = s.hidden_size;
   const auto options = x.options();
   const bool small = small_step::takes(B, 4 * H, s.input_size + H);
-  Tensor reserve = keep_reserve || !small ? at::empty({keep_reserve ? lstm_reserve_numel(s) : B * 4 * H}, options)
-                                          : Tensor();
   Tensor y = at::empty({1, B, H}, options), h_n = at::empty({B, H}, options), c_n = at::empty({B, H}, options);
   const Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
   const Tensor b1 = s.has_bias ? b_ih->contiguous() : Tensor(), b2 = s.has_bias ? b_hh->contiguous() : Tensor();
   if (small) {
+    Tensor reserve = keep_reserve ? at::empty({lstm_reserve_numel(s)}, options) : Tensor();
     const Tensor w1 = w_ih.contiguous(), w2 = w_hh.contiguous();
     small_step::LstmStepOut<scalar_t> out;
     out.h = y.data_ptr<scalar_t>();
@@ -121,8 +120,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_single_step(const LayerSizes& s,
                                     c0_c.data_ptr<scalar_t>(), w1.data_ptr<scalar_t>(), w2.data_ptr<scalar_t>(),
                                     s.has_bias ? b1.data_ptr<scalar_t>() : nullptr,
                                     s.has_bias ? b2.data_ptr<scalar_t>() : nullptr, out);
-    return {y, h_n, c_n, keep_reserve ? reserve : Tensor()};
+    return {y, h_n, c_n, reserve};
   }
+  // Without a reserve its gates part is scratch for the products.
+  Tensor reserve = at::empty({keep_reserve ? lstm_reserve_numel(s) : B * 4 * H}, options);
   scalar_t* gates = reserve.data_ptr<scalar_t>();
   RecurrentGemm(w_ih, /*transposed=*/true, B, 1).run(x_c.data_ptr<scalar_t>(), B, gates, /*accumulate=*/false);
   RecurrentGemm(w_hh, /*transposed=*/true, B, 1).run(h0_c.data_ptr<scalar_t>(), B, gates, /*accumulate=*/true);
