@@ -1,4 +1,6 @@
 """Shared test helpers: running a module and collecting every gradient, and error bounds."""
+import re
+
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
@@ -37,3 +39,15 @@ def assert_error_bounded(ours, theirs, exact, what, factor=2.0, floor=1e-6):
     assert ours_err <= factor * theirs_err + floor, (
         f"{what}: error {ours_err:.3g} against float64, nn.LSTM's is {theirs_err:.3g}"
     )
+
+
+def cpu_vendor():
+    """The CPU's vendor_id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), or None where
+    there is none. Some choices of the CPU kernels follow it (lstm_stationary.h:
+    large_steps_to_mkl)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            found = re.search(r"^vendor_id\s*:\s*(\S+)", f.read(), re.M)
+    except OSError:
+        return None
+    return found.group(1) if found else None

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import lstm_fused
+from helpers import cpu_vendor
 
 LEVELS = ["avx512", "avx2", "default"]  # best first
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -254,15 +255,6 @@ def test_no_code_outside_a_levels_namespace_uses_its_registers():
             if j >= 0 and j != k and "[clone ." in names[j] and level_of(names[j]) == "baseline":
                 pending.append((j, level, root))
     assert not offenders, "\n".join(f"{name}: {insn}" for name, insn in list(offenders.items())[:20])
-
-
-def cpu_vendor():
-    try:
-        with open("/proc/cpuinfo") as f:
-            found = re.search(r"^vendor_id\s*:\s*(\S+)", f.read(), re.M)
-    except OSError:
-        return None
-    return found.group(1) if found else None
 
 
 def test_large_lstm_steps_go_to_mkl_only_on_intel(monkeypatch):
