@@ -214,7 +214,7 @@ def make_simt_extension():
     from torch.utils import cpp_extension
 
     sources = [f"csrc/simt/{name}.cpp" for name in ("simt_ops", "lstm_cuda_simt", "gru_cuda_simt", "lstm_persistent_simt")]
-    sources.append("csrc/layer_args.cpp")
+    sources += ["csrc/layer_args.cpp", "csrc/gradient_gemms.cpp"]
     return cpp_extension.CppExtension(
         "lstm_fused._simt",
         sources,

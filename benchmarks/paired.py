@@ -78,6 +78,8 @@ def main():
     parser.add_argument("cell", choices=list(MODULES))
     parser.add_argument("--pairs", type=int, default=25)
     parser.add_argument("--configs", default=None, help="which configs, by index (default: all)")
+    parser.add_argument("--shape", action="append", default=[], metavar="B,T,I,H",
+                        help="a config of your own instead of the table's (repeatable)")
     parser.add_argument("--modes", default="inference,training")
     parser.add_argument("--plain-input", action="store_true",
                         help="train with an input that needs no gradient (data, as in a first layer)")
@@ -93,6 +95,8 @@ def main():
         parser.error("--single is for lstmcell and grucell")
     table = SINGLE_CALL_CONFIGS if args.single else CELL_CONFIGS if is_cell else CONFIGS
     configs = table if args.configs is None else [table[int(i)] for i in args.configs.split(",")]
+    if args.shape:
+        configs = [tuple(int(v) for v in shape.split(",")) for shape in args.shape]
     modes = args.modes.split(",")
     torch_class, our_class = MODULES[args.cell]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratio = torch.nn time / lstm_fused time")

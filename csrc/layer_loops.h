@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "gradient_gemms.h"
 #include "layer_args.h"
 
 namespace lstm_fused {
@@ -162,18 +163,18 @@ struct WantedGradients {
 inline at::Tensor unwanted(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 // grad_x when wanted, from the gate gradients of every step.
-inline at::Tensor input_gradient(const at::Tensor& d_gates_2d, const at::Tensor& w_ih, const at::Tensor& x,
+inline at::Tensor input_gradient(const GemmOperand& d_gates_2d, const at::Tensor& w_ih, const at::Tensor& x,
                                  const WantedGradients& wanted) {
   if (!wanted.x) return unwanted(x);
-  return at::mm(d_gates_2d, w_ih).view({x.size(0), x.size(1), x.size(2)});
+  return d_gates_2d.nn(w_ih).view({x.size(0), x.size(1), x.size(2)});
 }
 
 // The gradients of x and W_ih, when wanted, from the gate gradients of every step.
-inline std::pair<at::Tensor, at::Tensor> input_gradients(const at::Tensor& d_gates_2d, const at::Tensor& w_ih,
+inline std::pair<at::Tensor, at::Tensor> input_gradients(const GemmOperand& d_gates_2d, const at::Tensor& w_ih,
                                                          const at::Tensor& x, const WantedGradients& wanted) {
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
   return {input_gradient(d_gates_2d, w_ih, x, wanted),
-          wanted.weights ? at::mm(d_gates_2d.t(), x.reshape({T * B, I})) : unwanted(x)};
+          wanted.weights ? d_gates_2d.tn(x.reshape({T * B, I})) : unwanted(x)};
 }
 
 
@@ -273,7 +274,8 @@ struct LstmBackwardBuffers {
       const at::Tensor& y, bool reverse, const WantedGradients& wanted) const {
     const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size, I = s.input_size;
     const at::Tensor d_gates_2d = d_gates.view({T * B, 4 * H});
-    at::Tensor grad_x = input_gradient(d_gates_2d, w_ih, x, wanted);
+    const GemmOperand d_gates_operand(d_gates_2d);
+    at::Tensor grad_x = input_gradient(d_gates_operand, w_ih, x, wanted);
     if (!wanted.weights) {
       return {grad_x, dh, dc.to(x.scalar_type()), unwanted(x), unwanted(x), unwanted(x), unwanted(x)};
     }
@@ -289,21 +291,29 @@ struct LstmBackwardBuffers {
       // more column, of ones, instead of a third pass over d_gates (measured 1.01-1.50x faster
       // than GEMM + column sum, benchmarks/NOTES.md). Not on CUDA, unmeasured there: the odd
       // leading dimension could keep cuBLAS off its tensor-core kernels.
-      const int64_t ones = x.is_cpu() ? 1 : 0;
+      // Where the GEMM goes to oneDNN (gradient_gemms.h), its inner product gives the bias
+      // gradient itself.
+      const bool onednn = d_gates_operand.on_onednn(I + P);
+      const int64_t ones = x.is_cpu() && !onednn ? 1 : 0;
       at::Tensor inputs = at::empty({T, B, I + P + ones}, x.options());
       inputs.narrow(2, 0, I).copy_(x);
       write_previous_hidden(inputs.narrow(2, I, P), y, h0, s, reverse);
       if (ones) inputs.narrow(2, I + P, 1).fill_(1);
-      const at::Tensor grad_w = at::mm(d_gates_2d.t(), inputs.view({T * B, I + P + ones}));
+      at::Tensor grad_w;
+      if (onednn) {
+        std::tie(grad_w, grad_bias) = d_gates_operand.tn_with_sums(inputs.view({T * B, I + P}));
+      } else {
+        grad_w = at::mm(d_gates_2d.t(), inputs.view({T * B, I + P + ones}));
+        grad_bias = ones ? grad_w.select(1, I + P).contiguous() : d_gates_2d.sum(0);
+      }
       grad_w_ih = grad_w.narrow(1, 0, I).contiguous();
       grad_w_hh = grad_w.narrow(1, I, P).contiguous();
-      grad_bias = ones ? grad_w.select(1, I + P).contiguous() : d_gates_2d.sum(0);
     } else {
-      grad_w_ih = at::mm(d_gates_2d.t(), x.reshape({T * B, I}));
-      grad_w_hh = at::mm(d_gates_2d.t(), gather_previous_hidden(y, h0, s, reverse).view({T * B, P}));
+      grad_w_ih = d_gates_operand.tn(x.reshape({T * B, I}));
+      grad_w_hh = d_gates_operand.tn(gather_previous_hidden(y, h0, s, reverse).view({T * B, P}));
       grad_bias = d_gates_2d.sum(0);
     }
-    at::Tensor grad_w_hr = s.has_proj ? at::mm(d_h_steps.view({T * B, P}).t(), r.proj_in.view({T * B, H}))
+    at::Tensor grad_w_hr = s.has_proj ? gemm_tn(d_h_steps.view({T * B, P}), r.proj_in.view({T * B, H}))
                                       : at::empty({0}, x.options());
     return {grad_x, dh, dc.to(x.scalar_type()), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
   }
@@ -448,15 +458,15 @@ struct GruBackwardBuffers {
       const WantedGradients& wanted) const {
     const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
     const at::Tensor d_input_2d = d_input_gates.view({T * B, 3 * H});
-    auto [grad_x, grad_w_ih] = input_gradients(d_input_2d, w_ih, x, wanted);
+    auto [grad_x, grad_w_ih] = input_gradients(GemmOperand(d_input_2d), w_ih, x, wanted);
     if (!wanted.weights) return {grad_x, dh, grad_w_ih, unwanted(x), unwanted(x), unwanted(x)};
     const at::Tensor grad_b_ih = d_input_2d.sum(0);
     // d_input_gates is no longer needed as such: its n column times r turns it into the gradients
     // of h W_hh^T + b_hh, in place.
     d_input_2d.narrow(1, 2 * H, H).mul_(r.gates.view({T * B, 3 * H}).narrow(1, 0, H));
-    at::Tensor grad_w_hh;
+    at::Tensor grad_w_hh, grad_b_hh;
     if (gathered) {
-      grad_w_hh = at::mm(d_input_2d.t(), h_prev.view({T * B, H}));
+      std::tie(grad_w_hh, grad_b_hh) = GemmOperand(d_input_2d).tn_with_sums(h_prev.view({T * B, H}));
     } else if (T > 0) {
       // The step that starts from h0, then the T - 1 steps whose h_{t-1} is a step of y.
       const int64_t first = reverse ? T - 1 : 0;
@@ -464,12 +474,18 @@ struct GruBackwardBuffers {
       if (T > 1) {  // (an empty addmm_ would still pass over the result)
         const at::Tensor d_rest = d_input_gates.narrow(0, reverse ? 0 : 1, T - 1).reshape({(T - 1) * B, 3 * H});
         const at::Tensor y_rest = y.narrow(0, reverse ? 1 : 0, T - 1).reshape({(T - 1) * B, H});
-        grad_w_hh.addmm_(d_rest.t(), y_rest);
+        const GemmOperand rest(d_rest);
+        if (rest.on_onednn(H)) {
+          grad_w_hh.add_(rest.tn(y_rest));
+        } else {
+          grad_w_hh.addmm_(d_rest.t(), y_rest);
+        }
       }
     } else {
       grad_w_hh = at::zeros({3 * H, H}, x.options());
     }
-    return {grad_x, dh, grad_w_ih, grad_w_hh, grad_b_ih, d_input_2d.sum(0)};
+    if (!grad_b_hh.defined()) grad_b_hh = d_input_2d.sum(0);
+    return {grad_x, dh, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
   }
 };
 

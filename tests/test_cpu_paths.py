@@ -2,6 +2,8 @@
 team; chosen without projection for steps up to ~100 MFLOP) and the per-step one (projection,
 larger steps); LSTM_FUSED_CPU_LOOP=stationary|step forces either. Also the float32 activations
 of AVX-512 builds, and the inference ops (no reserve) of both cells."""
+import platform
+
 import pytest
 import torch
 from torch import nn
@@ -483,3 +485,103 @@ def test_ops_under_autocast_compute_in_their_arguments_dtype(cell):
     for a, b in zip(autocast, plain):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# The gradient GEMMs after the backward loop go to oneDNN on x86 CPUs of vendors other than
+# Intel, to MKL (at::mm) elsewhere (csrc/gradient_gemms.h); LSTM_FUSED_CPU_GEMM forces either.
+# Sizes of at least 2^20 multiply-adds, where the vendor rule applies; the LSTM's combined
+# weight-gradient GEMM (I <= P) and its two separate ones (I > P), with a projection, the GRU's
+# gathered and ungathered h_{t-1}.
+GEMM_CASES = [
+    # cell, T, B, I, H, proj, use_lengths, reverse
+    ("lstm", 12, 24, 20, 48, 0, False, False),
+    ("lstm", 12, 24, 20, 48, 0, True, True),
+    ("lstm", 10, 20, 70, 40, 0, False, False),
+    ("lstm", 10, 20, 30, 40, 24, True, False),
+    ("gru", 12, 24, 40, 48, 0, False, False),
+    ("gru", 12, 24, 40, 48, 0, True, True),
+]
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="this torch build has no oneDNN (mkldnn)")
+
+
+def gemm_case(cell, T, B, I, H, proj, use_lengths, reverse):
+    seed = hash((cell, T, B, I, H, proj, use_lengths, reverse)) % 10_000
+    args64 = (make_layer_args(T, B, I, H, proj, True, "cpu", seed=seed) if cell == "lstm"
+              else make_gru_args(T, B, I, H, True, "cpu", seed=seed))
+    args32 = [a.detach().float().requires_grad_() if a is not None else None for a in args64]
+    lengths = random_lengths(T, B, seed) if use_lengths else None
+    return args64, args32, lengths
+
+
+@needs_onednn
+@pytest.mark.parametrize("cell,T,B,I,H,proj,use_lengths,reverse", GEMM_CASES)
+def test_gradient_gemms_on_onednn_match_reference(monkeypatch, cell, T, B, I, H, proj, use_lengths, reverse):
+    """With oneDNN's GEMMs the outputs and gradients are as close to the float64 result as
+    torch.nn's float32 ones, or as those of our MKL path (which the rest of the suite holds to
+    torch.nn's error), whichever is further off: the projected LSTM's float32 gradients at these
+    sizes carry errors that vary by a few times between summation orders."""
+    args64, args32, lengths = gemm_case(cell, T, B, I, H, proj, use_lengths, reverse)
+    reference, layer = (lstm_layer_reference, lstm_layer) if cell == "lstm" else (gru_layer_reference, gru_layer)
+    exact, weights = outputs_and_grads(reference, args64, lengths, reverse)
+    theirs, _ = outputs_and_grads(lambda *a, lengths, reverse: torch_nn_layer(*a, lengths=lengths, reverse=reverse),
+                                  args32, lengths, reverse, weights)
+    monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", "mkl")
+    mkl, _ = outputs_and_grads(layer, args32, lengths, reverse, weights)
+    monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", "onednn")
+    onednn, _ = outputs_and_grads(layer, args32, lengths, reverse, weights)
+    for k, (a, t, m, e) in enumerate(zip(onednn, theirs, mkl, exact)):
+        yardstick = max((t, m), key=lambda r: (r.double() - e).abs().max().item() if r.numel() else 0.0)
+        assert_error_bounded(a, yardstick, e, f"oneDNN, result {k}", floor=rounding_floor(e))
+
+
+@needs_onednn
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gradient_gemms_follow_the_vendor_rule(monkeypatch, cell):
+    """The default takes oneDNN on non-Intel x86 CPUs and MKL on Intel ones (and elsewhere): its
+    weight gradients are bitwise those of the library it took, and the two libraries differ."""
+    vendor = cpu_vendor()
+    if vendor is None:
+        pytest.skip("no vendor_id in /proc/cpuinfo here")
+    _, args32, _ = gemm_case(cell, 12, 24, 40, 48, 0, False, False)
+    layer = lstm_layer if cell == "lstm" else gru_layer
+
+    def grads(gemm):
+        if gemm is None:
+            monkeypatch.delenv("LSTM_FUSED_CPU_GEMM", raising=False)
+        else:
+            monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", gemm)
+        out = layer(*args32)
+        return torch.autograd.grad(out[0].square().sum(), [a for a in args32 if a is not None])
+
+    default, onednn, mkl = grads(None), grads("onednn"), grads("mkl")
+    w_ih = 3 if cell == "lstm" else 2
+    assert not torch.equal(onednn[w_ih], mkl[w_ih]), "oneDNN and MKL agree bitwise: this test cannot tell them apart"
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    expected = onednn if x86 and vendor != "GenuineIntel" else mkl
+    for k, (a, b) in enumerate(zip(default, expected)):
+        assert torch.equal(a, b), f"vendor {vendor}, gradient {k}: the default took the other library"
+
+
+@needs_onednn
+def test_gradient_gemms_leave_float64_and_small_steps_to_mkl(monkeypatch):
+    """float64 (which oneDNN does not do) runs whatever LSTM_FUSED_CPU_GEMM says, and gives the
+    float64 reference's gradients; a cell step (below 2^20 multiply-adds) is MKL's under the
+    vendor rule: forcing MKL changes nothing."""
+    monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", "onednn")
+    args64, _, _ = gemm_case("lstm", 12, 24, 20, 48, 0, False, False)
+    exact, weights = outputs_and_grads(lstm_layer_reference, args64, None, False)
+    ours, _ = outputs_and_grads(lstm_layer, args64, None, False, weights)
+    for a, e in zip(ours, exact):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11)
+    _, small, _ = gemm_case("lstm", 3, 8, 16, 16, 0, False, False)
+    results = []
+    for gemm in (None, "mkl"):
+        if gemm is None:
+            monkeypatch.delenv("LSTM_FUSED_CPU_GEMM", raising=False)
+        else:
+            monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", gemm)
+        out = lstm_layer(*small)
+        results.append(torch.autograd.grad(out[0].square().sum(), [a for a in small if a is not None]))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

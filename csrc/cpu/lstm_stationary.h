@@ -517,13 +517,19 @@ void forward_steps(const LayerSizes& s, bool reverse, int64_t first_index, int64
 // separate time / fused time): inference 1.02-1.22x at B=64 I=H=256, 1.04x at B=32 I=32 H=128,
 // 1.00x at B=8 I=1 H=64; training 0.97x at B=64 I=256 (the fused loop then also takes the first
 // touch of the reserve's fresh pages inside its barrier-bound steps), 1.02-1.10x at B=32 and
-// 1.07x at B=8. Hence I <= H for inference and I <= H/2 for training.
+// 1.07x at B=8. Hence I <= H for inference and I <= H/2 for training, on an Intel Xeon.
+// The separate GEMM is MKL's sgemm, which runs its best code only on Intel CPUs: on an AMD EPYC
+// (Zen 5, AVX-512) the fused loop was faster at every size tried, I up to 2H, in inference
+// (1.6-1.8x at B=32 I=1024 H=512, B=64 I=512 H=256, B=128 I=H=512) and in training (1.04-1.3x),
+// so on other vendors' CPUs the loop always projects the input itself (benchmarks/NOTES.md,
+// session 9).
 // LSTM_FUSED_CPU_INPUT=separate|fused forces either (for comparisons and tests).
 inline bool fuse_input_projection(const LayerSizes& s, bool training) {
   if (const char* setting = std::getenv("LSTM_FUSED_CPU_INPUT")) {
     if (std::strcmp(setting, "separate") == 0) return false;
     if (std::strcmp(setting, "fused") == 0) return true;
   }
+  if (!large_steps_to_mkl()) return true;
   return training ? 2 * s.input_size <= s.hidden_size : s.input_size <= s.hidden_size;
 }
 
