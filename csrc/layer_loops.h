@@ -162,19 +162,9 @@ struct WantedGradients {
 
 inline at::Tensor unwanted(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
-// grad_x when wanted, from the gate gradients of every step.
-inline at::Tensor input_gradient(const GemmOperand& d_gates_2d, const at::Tensor& w_ih, const at::Tensor& x,
-                                 const WantedGradients& wanted) {
-  if (!wanted.x) return unwanted(x);
-  return d_gates_2d.nn(w_ih).view({x.size(0), x.size(1), x.size(2)});
-}
-
-// The gradients of x and W_ih, when wanted, from the gate gradients of every step.
-inline std::pair<at::Tensor, at::Tensor> input_gradients(const GemmOperand& d_gates_2d, const at::Tensor& w_ih,
-                                                         const at::Tensor& x, const WantedGradients& wanted) {
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
-  return {input_gradient(d_gates_2d, w_ih, x, wanted),
-          wanted.weights ? d_gates_2d.tn(x.reshape({T * B, I})) : unwanted(x)};
+// grad_x from d_gates W_ih (gate_gemms' `nn`), in x's shape, or empty when not wanted.
+inline at::Tensor input_gradient(const at::Tensor& product, const at::Tensor& x, const WantedGradients& wanted) {
+  return wanted.x ? product.view({x.size(0), x.size(1), x.size(2)}) : unwanted(x);
 }
 
 
@@ -273,46 +263,47 @@ struct LstmBackwardBuffers {
       const LayerSizes& s, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
       const at::Tensor& y, bool reverse, const WantedGradients& wanted) const {
     const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size, I = s.input_size;
-    const at::Tensor d_gates_2d = d_gates.view({T * B, 4 * H});
-    const GemmOperand d_gates_operand(d_gates_2d);
-    at::Tensor grad_x = input_gradient(d_gates_operand, w_ih, x, wanted);
+    const int64_t M = T * B;
+    const at::Tensor d_gates_2d = d_gates.view({M, 4 * H});
+    const at::Tensor w_for_x = wanted.x ? w_ih : at::Tensor();
     if (!wanted.weights) {
+      const at::Tensor grad_x = input_gradient(gate_gemms(d_gates_2d, w_for_x, {}, false).nn, x, wanted);
       return {grad_x, dh, dc.to(x.scalar_type()), unwanted(x), unwanted(x), unwanted(x), unwanted(x)};
     }
-    at::Tensor grad_w_ih, grad_w_hh, grad_bias;
+    at::Tensor grad_x, grad_w_ih, grad_w_hh, grad_bias;
     // A few rows (an LSTMCell step: T * B <= 16) make the weight gradients outer-product-like
     // GEMMs that write as much as they read: there the two copies out of one combined result
     // cost as much as the GEMM, and two GEMMs straight into their results are cheaper.
     constexpr int64_t kFewRows = 16;
-    if (I <= P && T * B > kFewRows) {
+    if (I <= P && M > kFewRows) {
       // Both weight gradients in one GEMM, d_gates^T [x | h_{t-1}]: d_gates (the large operand)
       // is read and packed once instead of twice, for a copy of x (at most as large as h_{t-1},
-      // which is copied anyway). On the CPU the bias gradient comes out of the same GEMM as one
-      // more column, of ones, instead of a third pass over d_gates (measured 1.01-1.50x faster
-      // than GEMM + column sum, benchmarks/NOTES.md). Not on CUDA, unmeasured there: the odd
-      // leading dimension could keep cuBLAS off its tensor-core kernels.
-      // Where the GEMM goes to oneDNN (gradient_gemms.h), its inner product gives the bias
-      // gradient itself.
-      const bool onednn = d_gates_operand.on_onednn(I + P);
+      // which is copied anyway). With MKL on the CPU the bias gradient comes out of the same
+      // GEMM as one more column, of ones, instead of a third pass over d_gates (measured
+      // 1.01-1.50x faster than GEMM + column sum, benchmarks/NOTES.md); oneDNN's inner product
+      // (gradient_gemms.h) gives it itself. Not on CUDA, unmeasured there: the odd leading
+      // dimension could keep cuBLAS off its tensor-core kernels.
+      const bool onednn =
+          gradient_gemm_on_onednn(d_gates_2d, static_cast<double>(M) * 4 * H * (I + P + (wanted.x ? I : 0)));
       const int64_t ones = x.is_cpu() && !onednn ? 1 : 0;
       at::Tensor inputs = at::empty({T, B, I + P + ones}, x.options());
       inputs.narrow(2, 0, I).copy_(x);
       write_previous_hidden(inputs.narrow(2, I, P), y, h0, s, reverse);
       if (ones) inputs.narrow(2, I + P, 1).fill_(1);
-      at::Tensor grad_w;
-      if (onednn) {
-        std::tie(grad_w, grad_bias) = d_gates_operand.tn_with_sums(inputs.view({T * B, I + P}));
-      } else {
-        grad_w = at::mm(d_gates_2d.t(), inputs.view({T * B, I + P + ones}));
-        grad_bias = ones ? grad_w.select(1, I + P).contiguous() : d_gates_2d.sum(0);
-      }
+      GateGemms products = gate_gemms(d_gates_2d, w_for_x, inputs.view({M, I + P + ones}), /*sums=*/!ones);
+      const at::Tensor& grad_w = products.tn;
+      grad_x = products.nn;
+      grad_bias = ones ? grad_w.select(1, I + P).contiguous() : products.sums;
       grad_w_ih = grad_w.narrow(1, 0, I).contiguous();
       grad_w_hh = grad_w.narrow(1, I, P).contiguous();
     } else {
-      grad_w_ih = d_gates_operand.tn(x.reshape({T * B, I}));
-      grad_w_hh = d_gates_operand.tn(gather_previous_hidden(y, h0, s, reverse).view({T * B, P}));
-      grad_bias = d_gates_2d.sum(0);
+      GateGemms products = gate_gemms(d_gates_2d, w_for_x, x.reshape({M, I}), /*sums=*/true);
+      grad_x = products.nn;
+      grad_w_ih = products.tn;
+      grad_bias = products.sums;
+      grad_w_hh = gemm_tn(d_gates_2d, gather_previous_hidden(y, h0, s, reverse).view({M, P}));
     }
+    grad_x = input_gradient(grad_x, x, wanted);
     at::Tensor grad_w_hr = s.has_proj ? gemm_tn(d_h_steps.view({T * B, P}), r.proj_in.view({T * B, H}))
                                       : at::empty({0}, x.options());
     return {grad_x, dh, dc.to(x.scalar_type()), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
@@ -458,15 +449,19 @@ struct GruBackwardBuffers {
       const WantedGradients& wanted) const {
     const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
     const at::Tensor d_input_2d = d_input_gates.view({T * B, 3 * H});
-    auto [grad_x, grad_w_ih] = input_gradients(GemmOperand(d_input_2d), w_ih, x, wanted);
-    if (!wanted.weights) return {grad_x, dh, grad_w_ih, unwanted(x), unwanted(x), unwanted(x)};
-    const at::Tensor grad_b_ih = d_input_2d.sum(0);
+    GateGemms products = gate_gemms(d_input_2d, wanted.x ? w_ih : at::Tensor(),
+                                    wanted.weights ? x.reshape({T * B, s.input_size}) : at::Tensor(), wanted.weights);
+    const at::Tensor grad_x = input_gradient(products.nn, x, wanted);
+    if (!wanted.weights) return {grad_x, dh, unwanted(x), unwanted(x), unwanted(x), unwanted(x)};
+    const at::Tensor grad_w_ih = products.tn, grad_b_ih = products.sums;
     // d_input_gates is no longer needed as such: its n column times r turns it into the gradients
     // of h W_hh^T + b_hh, in place.
     d_input_2d.narrow(1, 2 * H, H).mul_(r.gates.view({T * B, 3 * H}).narrow(1, 0, H));
     at::Tensor grad_w_hh, grad_b_hh;
     if (gathered) {
-      std::tie(grad_w_hh, grad_b_hh) = GemmOperand(d_input_2d).tn_with_sums(h_prev.view({T * B, H}));
+      GateGemms hidden = gate_gemms(d_input_2d, {}, h_prev.view({T * B, H}), /*sums=*/true);
+      grad_w_hh = hidden.tn;
+      grad_b_hh = hidden.sums;
     } else if (T > 0) {
       // The step that starts from h0, then the T - 1 steps whose h_{t-1} is a step of y.
       const int64_t first = reverse ? T - 1 : 0;
@@ -474,9 +469,8 @@ struct GruBackwardBuffers {
       if (T > 1) {  // (an empty addmm_ would still pass over the result)
         const at::Tensor d_rest = d_input_gates.narrow(0, reverse ? 0 : 1, T - 1).reshape({(T - 1) * B, 3 * H});
         const at::Tensor y_rest = y.narrow(0, reverse ? 1 : 0, T - 1).reshape({(T - 1) * B, H});
-        const GemmOperand rest(d_rest);
-        if (rest.on_onednn(H)) {
-          grad_w_hh.add_(rest.tn(y_rest));
+        if (gradient_gemm_on_onednn(d_rest, static_cast<double>((T - 1) * B) * 3 * H * H)) {
+          grad_w_hh.add_(gemm_tn(d_rest, y_rest));
         } else {
           grad_w_hh.addmm_(d_rest.t(), y_rest);
         }

@@ -516,8 +516,11 @@ def gemm_case(cell, T, B, I, H, proj, use_lengths, reverse):
 
 @needs_onednn
 @pytest.mark.parametrize("cell,T,B,I,H,proj,use_lengths,reverse", GEMM_CASES)
-def test_gradient_gemms_on_onednn_match_reference(monkeypatch, cell, T, B, I, H, proj, use_lengths, reverse):
-    """With oneDNN's GEMMs the outputs and gradients are as close to the float64 result as
+@pytest.mark.parametrize("block", [None, "50000"])
+def test_gradient_gemms_on_onednn_match_reference(monkeypatch, cell, T, B, I, H, proj, use_lengths, reverse, block):
+    """With oneDNN's GEMMs, in one block of rows or in several (LSTM_FUSED_CPU_GEMM_BLOCK: here
+    blocks of at most 50 kB, the last one shorter; 64 MB by default), the outputs and gradients
+    are as close to the float64 result as
     torch.nn's float32 ones, or as those of our MKL path (which the rest of the suite holds to
     torch.nn's error), whichever is further off: the projected LSTM's float32 gradients at these
     sizes carry errors that vary by a few times between summation orders."""
@@ -529,6 +532,8 @@ def test_gradient_gemms_on_onednn_match_reference(monkeypatch, cell, T, B, I, H,
     monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", "mkl")
     mkl, _ = outputs_and_grads(layer, args32, lengths, reverse, weights)
     monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", "onednn")
+    if block is not None:
+        monkeypatch.setenv("LSTM_FUSED_CPU_GEMM_BLOCK", block)
     onednn, _ = outputs_and_grads(layer, args32, lengths, reverse, weights)
     for k, (a, t, m, e) in enumerate(zip(onednn, theirs, mkl, exact)):
         yardstick = max((t, m), key=lambda r: (r.double() - e).abs().max().item() if r.numel() else 0.0)
