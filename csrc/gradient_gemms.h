@@ -6,17 +6,18 @@
 // ATen's mkldnn linear ops, the conversions to its tensors included) gave 230-400
 // (benchmarks/NOTES.md, session 9); on Zen 3 MKL reached 53 GFLOP/s at 128x512x2048 (issue 18).
 // oneDNN picks its code by ISA, not by vendor. So on x86 CPUs of other vendors, float32 GEMMs of
-// at least 2^20 multiply-adds go to oneDNN; on Intel, elsewhere, for other dtypes and for CUDA
-// tensors they stay on at::mm. LSTM_FUSED_CPU_GEMM=mkl or =onednn forces either (tests,
-// measurements).
+// at least 512 rows and 2^20 multiply-adds go to oneDNN; on Intel, elsewhere, for other dtypes,
+// for smaller GEMMs and for CUDA tensors they stay on at::mm. LSTM_FUSED_CPU_GEMM=mkl or =onednn
+// forces either (tests, measurements).
 #pragma once
 
 #include <ATen/ATen.h>
 
 namespace lstm_fused {
 
-// Whether a GEMM of `macs` multiply-adds on tensors like `like` goes to oneDNN.
-bool gradient_gemm_on_onednn(const at::Tensor& like, double macs);
+// Whether the GEMMs of gate_gemms over a [M, N], with k columns in all in their other operands,
+// go to oneDNN.
+bool gradient_gemm_on_onednn(const at::Tensor& a, int64_t k);
 
 struct GateGemms {
   at::Tensor nn;    // a b_nn

@@ -283,8 +283,7 @@ struct LstmBackwardBuffers {
       // 1.01-1.50x faster than GEMM + column sum, benchmarks/NOTES.md); oneDNN's inner product
       // (gradient_gemms.h) gives it itself. Not on CUDA, unmeasured there: the odd leading
       // dimension could keep cuBLAS off its tensor-core kernels.
-      const bool onednn =
-          gradient_gemm_on_onednn(d_gates_2d, static_cast<double>(M) * 4 * H * (I + P + (wanted.x ? I : 0)));
+      const bool onednn = gradient_gemm_on_onednn(d_gates_2d, I + P + (wanted.x ? I : 0));
       const int64_t ones = x.is_cpu() && !onednn ? 1 : 0;
       at::Tensor inputs = at::empty({T, B, I + P + ones}, x.options());
       inputs.narrow(2, 0, I).copy_(x);
@@ -469,7 +468,7 @@ struct GruBackwardBuffers {
       if (T > 1) {  // (an empty addmm_ would still pass over the result)
         const at::Tensor d_rest = d_input_gates.narrow(0, reverse ? 0 : 1, T - 1).reshape({(T - 1) * B, 3 * H});
         const at::Tensor y_rest = y.narrow(0, reverse ? 1 : 0, T - 1).reshape({(T - 1) * B, H});
-        if (gradient_gemm_on_onednn(d_rest, static_cast<double>((T - 1) * B) * 3 * H * H)) {
+        if (gradient_gemm_on_onednn(d_rest, H)) {
           grad_w_hh.add_(gemm_tn(d_rest, y_rest));
         } else {
           grad_w_hh.addmm_(d_rest.t(), y_rest);

@@ -489,7 +489,8 @@ def test_ops_under_autocast_compute_in_their_arguments_dtype(cell):
 
 # The gradient GEMMs after the backward loop go to oneDNN on x86 CPUs of vendors other than
 # Intel, to MKL (at::mm) elsewhere (csrc/gradient_gemms.h); LSTM_FUSED_CPU_GEMM forces either.
-# Sizes of at least 2^20 multiply-adds, where the vendor rule applies; the LSTM's combined
+# Sizes of at least 512 rows and 2^20 multiply-adds, where the vendor rule applies (in the first
+# test, which forces oneDNN, smaller ones too); the LSTM's combined
 # weight-gradient GEMM (I <= P) and its two separate ones (I > P), with a projection, the GRU's
 # gathered and ungathered h_{t-1}.
 GEMM_CASES = [
@@ -548,7 +549,7 @@ def test_gradient_gemms_follow_the_vendor_rule(monkeypatch, cell):
     vendor = cpu_vendor()
     if vendor is None:
         pytest.skip("no vendor_id in /proc/cpuinfo here")
-    _, args32, _ = gemm_case(cell, 12, 24, 40, 48, 0, False, False)
+    _, args32, _ = gemm_case(cell, 24, 24, 40, 48, 0, False, False)
     layer = lstm_layer if cell == "lstm" else gru_layer
 
     def grads(gemm):
@@ -571,22 +572,26 @@ def test_gradient_gemms_follow_the_vendor_rule(monkeypatch, cell):
 @needs_onednn
 def test_gradient_gemms_leave_float64_and_small_steps_to_mkl(monkeypatch):
     """float64 (which oneDNN does not do) runs whatever LSTM_FUSED_CPU_GEMM says, and gives the
-    float64 reference's gradients; a cell step (below 2^20 multiply-adds) is MKL's under the
-    vendor rule: forcing MKL changes nothing."""
+    float64 reference's gradients. GEMMs below 2^20 multiply-adds or below 512 rows (the step of
+    an LSTMCell at B=64) are MKL's under the vendor rule: the default gives MKL's gradients
+    bitwise, where forcing oneDNN gives others."""
     monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", "onednn")
     args64, _, _ = gemm_case("lstm", 12, 24, 20, 48, 0, False, False)
     exact, weights = outputs_and_grads(lstm_layer_reference, args64, None, False)
     ours, _ = outputs_and_grads(lstm_layer, args64, None, False, weights)
     for a, e in zip(ours, exact):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11)
-    _, small, _ = gemm_case("lstm", 3, 8, 16, 16, 0, False, False)
-    results = []
-    for gemm in (None, "mkl"):
-        if gemm is None:
-            monkeypatch.delenv("LSTM_FUSED_CPU_GEMM", raising=False)
-        else:
-            monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", gemm)
-        out = lstm_layer(*small)
-        results.append(torch.autograd.grad(out[0].square().sum(), [a for a in small if a is not None]))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for T, B, I, H in [(3, 8, 16, 16), (1, 64, 200, 256)]:
+        _, small, _ = gemm_case("lstm", T, B, I, H, 0, False, False)
+        results = {}
+        for gemm in (None, "mkl", "onednn"):
+            if gemm is None:
+                monkeypatch.delenv("LSTM_FUSED_CPU_GEMM", raising=False)
+            else:
+                monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", gemm)
+            out = lstm_layer(*small)
+            results[gemm] = torch.autograd.grad(out[0].square().sum(), [a for a in small if a is not None])
+        assert not all(torch.equal(a, b) for a, b in zip(results["mkl"], results["onednn"])), \
+            f"T={T} B={B}: oneDNN and MKL agree bitwise: this test cannot tell them apart"
+        for k, (a, b) in enumerate(zip(results[None], results["mkl"])):
+            assert torch.equal(a, b), f"T={T} B={B} I={I} H={H}, gradient {k}: the default did not take MKL"
