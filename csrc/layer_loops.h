@@ -280,9 +280,9 @@ struct LstmBackwardBuffers {
       // is read and packed once instead of twice, for a copy of x (at most as large as h_{t-1},
       // which is copied anyway). With MKL on the CPU the bias gradient comes out of the same
       // GEMM as one more column, of ones, instead of a third pass over d_gates (measured
-      // 1.01-1.50x faster than GEMM + column sum, benchmarks/NOTES.md); oneDNN's inner product
-      // (gradient_gemms.h) gives it itself. Not on CUDA, unmeasured there: the odd leading
-      // dimension could keep cuBLAS off its tensor-core kernels.
+      // 1.01-1.50x faster than GEMM + column sum, benchmarks/NOTES.md); where the GEMM goes to
+      // oneDNN (gradient_gemms.h) it is ATen's column sum. Not on CUDA, unmeasured there: the
+      // odd leading dimension could keep cuBLAS off its tensor-core kernels.
       const bool onednn = gradient_gemm_on_onednn(d_gates_2d, I + P + (wanted.x ? I : 0));
       const int64_t ones = x.is_cpu() && !onednn ? 1 : 0;
       at::Tensor inputs = at::empty({T, B, I + P + ones}, x.options());
