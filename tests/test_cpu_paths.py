@@ -562,7 +562,8 @@ def test_gradient_gemms_follow_the_vendor_rule(monkeypatch, cell):
 
     default, onednn, mkl = grads(None), grads("onednn"), grads("mkl")
     w_ih = 3 if cell == "lstm" else 2
-    assert not torch.equal(onednn[w_ih], mkl[w_ih]), "oneDNN and MKL agree bitwise: this test cannot tell them apart"
+    if torch.equal(onednn[w_ih], mkl[w_ih]):
+        pytest.skip("oneDNN and MKL agree bitwise on this CPU: the default's choice cannot be told from its result")
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     expected = onednn if x86 and vendor != "GenuineIntel" else mkl
     for k, (a, b) in enumerate(zip(default, expected)):
@@ -581,6 +582,7 @@ def test_gradient_gemms_leave_float64_and_small_steps_to_mkl(monkeypatch):
     ours, _ = outputs_and_grads(lstm_layer, args64, None, False, weights)
     for a, e in zip(ours, exact):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11)
+    told_apart = []
     for T, B, I, H in [(3, 8, 16, 16), (1, 64, 200, 256)]:
         _, small, _ = gemm_case("lstm", T, B, I, H, 0, False, False)
         results = {}
@@ -591,7 +593,10 @@ def test_gradient_gemms_leave_float64_and_small_steps_to_mkl(monkeypatch):
                 monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", gemm)
             out = lstm_layer(*small)
             results[gemm] = torch.autograd.grad(out[0].square().sum(), [a for a in small if a is not None])
-        assert not all(torch.equal(a, b) for a, b in zip(results["mkl"], results["onednn"])), \
-            f"T={T} B={B}: oneDNN and MKL agree bitwise: this test cannot tell them apart"
+        if all(torch.equal(a, b) for a, b in zip(results["mkl"], results["onednn"])):
+            continue  # the two libraries agree bitwise on this CPU: nothing to tell apart (counted below)
+        told_apart.append((T, B))
         for k, (a, b) in enumerate(zip(results[None], results["mkl"])):
             assert torch.equal(a, b), f"T={T} B={B} I={I} H={H}, gradient {k}: the default did not take MKL"
+    if not told_apart:
+        pytest.skip("oneDNN and MKL agree bitwise on this CPU at both sizes: the default's choice cannot be told apart")
