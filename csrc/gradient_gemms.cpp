@@ -32,18 +32,6 @@ int64_t block_bytes() {
   return kBlockBytes;
 }
 
-bool vendor_prefers_onednn() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const bool not_intel = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("intel") == 0;
-  }();
-  return not_intel;
-#else
-  return false;
-#endif
-}
-
 enum class Choice { kByVendor, kMkl, kOneDnn };
 
 Choice forced_choice() {
@@ -55,6 +43,18 @@ Choice forced_choice() {
 }
 
 }  // namespace
+
+bool mkl_runs_its_best_code() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+#else
+  return true;
+#endif
+}
 
 bool gradient_gemm_on_onednn(const at::Tensor& a, int64_t k) {
 #if AT_MKLDNN_ENABLED()
@@ -68,7 +68,7 @@ bool gradient_gemm_on_onednn(const at::Tensor& a, int64_t k) {
       break;
   }
   const double macs = static_cast<double>(a.size(0)) * a.size(1) * k;
-  return vendor_prefers_onednn() && a.size(0) >= kOneDnnMinRows && macs >= kOneDnnMinMacs;
+  return !mkl_runs_its_best_code() && a.size(0) >= kOneDnnMinRows && macs >= kOneDnnMinMacs;
 #else
   (void)a;
   (void)k;

@@ -15,6 +15,11 @@
 
 namespace lstm_fused {
 
+// The vendor rule of the CPU paths: true on Intel x86 CPUs, and off x86 (where at::mm's BLAS is
+// not MKL and the rules measured on the Xeon stand); false on x86 CPUs of other vendors, where
+// MKL does not run its best code. Compiled once (gradient_gemms.cpp) for every SIMD level.
+bool mkl_runs_its_best_code();
+
 // Whether the GEMMs of gate_gemms over a [M, N], with k columns in all in their other operands,
 // go to oneDNN.
 bool gradient_gemm_on_onednn(const at::Tensor& a, int64_t k);

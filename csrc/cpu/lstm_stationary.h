@@ -323,17 +323,7 @@ constexpr int64_t kMinSteps = 4;
 // B=128 H=512 gave 1.05x nn.LSTM where the per-step MKL path gave 0.68x (issue 18). So the
 // largest steps go to MKL only on Intel, and on x86 CPUs of other vendors stay on this loop.
 // Elsewhere (not x86) the per-step path's BLAS is not MKL's and the rule is unchanged.
-inline bool large_steps_to_mkl() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const bool intel = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("intel") != 0;
-  }();
-  return intel;
-#else
-  return true;
-#endif
-}
+inline bool large_steps_to_mkl() { return mkl_runs_its_best_code(); }
 
 inline bool enabled(const LayerSizes& s) {
   if (s.has_proj) return false;
@@ -529,7 +519,7 @@ inline bool fuse_input_projection(const LayerSizes& s, bool training) {
     if (std::strcmp(setting, "separate") == 0) return false;
     if (std::strcmp(setting, "fused") == 0) return true;
   }
-  if (!large_steps_to_mkl()) return true;
+  if (!mkl_runs_its_best_code()) return true;
   return training ? 2 * s.input_size <= s.hidden_size : s.input_size <= s.hidden_size;
 }
 
