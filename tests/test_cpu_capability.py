@@ -132,7 +132,7 @@ for T, B, I, H in SHAPES:
                 err32 = (a32.double() - e).abs().max().item()
                 bound32 = 4 * (t32.double() - e).abs().max().item() + 1e-6 * scale
                 if err64 > 1e-10 * scale or err32 > bound32:
-                    failures.append(f"{cell} {env} T,B,I,H={T, B, I, H} lengths={use_lengths} reverse={reverse} "
+                    failures.append(f"{cell} {env} T,B,I,H={T, B, I, H} seed={seed} lengths={use_lengths} reverse={reverse} "
                                     f"output/grad {k}: float64 error {err64:.3g}, float32 error {err32:.3g} "
                                     f"(bound {bound32:.3g})")
 print("\n".join(failures) if failures else "ok")
