@@ -345,6 +345,7 @@ def _register_export_decompositions() -> None:
             (ops.gru_layer_inference.default, _gru_layer_inference_onnx, fused._gru_layer_inference_fake),
             (ops.gru_layer_bidirectional.default, _gru_layer_bidirectional_onnx, fused._gru_layer_bidirectional_fake)):
         table.setdefault(op, _onnx_only(decomposition, fake))
+        fused._INDUCTOR_FALLBACKS.append(op)  # inductor must not see it as a decomposition (ops.py)
 
 
 _register_export_decompositions()

@@ -6,6 +6,7 @@ step more than its kernels). The fake kernels here are what lets torch.compile t
 through the ops without a graph break.
 """
 import os
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -135,8 +136,45 @@ def _check_devices(x, **tensors):
             raise RuntimeError(f"lstm_fused: {name} is on {tensor.device} but the input is on {x.device}")
 
 
+# --- inductor --------------------------------------------------------------------------------
+#
+# lstm_fused.onnx puts the layer ops in torch's global decomposition table, for the ONNX exporter.
+# Inductor lowers a custom op it has no lowering for to a call of the op's kernels (an implicit
+# fallback), but it refuses one with an entry in that table, with an AssertionError ("a
+# decomposition exists, we should switch to it"), whenever the environment variable CI is set: a
+# check meant for PyTorch's own CI that a user's CI job trips too (it failed this project's CI).
+# So those ops get their fallback registered explicitly, with the layout constraint that the
+# implicit one takes, once inductor's lowering module is loaded: from the fake kernels, which
+# run while torch.compile traces a graph for inductor and before inductor lowers it. Importing
+# inductor here instead would add about 3 s to `import lstm_fused`.
+
+_INDUCTOR_FALLBACKS = []  # the ops lstm_fused.onnx puts in the table
+_inductor_fallbacks_registered = False
+
+
+def _register_inductor_fallbacks() -> None:
+    global _inductor_fallbacks_registered
+    if _inductor_fallbacks_registered:
+        return
+    lowering = sys.modules.get("torch._inductor.lowering")
+    if lowering is None:
+        return
+    _inductor_fallbacks_registered = True
+    try:
+        from torch._library.utils import get_layout_constraint_tag
+        lowerings, make_fallback = lowering.lowerings, lowering.make_fallback
+        constraint_of_tag = lowering.tag_to_layout_constraint
+    except (ImportError, AttributeError):  # another torch: its implicit fallbacks, as before
+        return
+    for op in _INDUCTOR_FALLBACKS:
+        if op not in lowerings:
+            make_fallback(op, layout_constraint=constraint_of_tag(get_layout_constraint_tag(op, with_default=True)),
+                          warn=False)
+
+
 @torch.library.register_fake("lstm_fused::lstm_layer_forward")
 def _lstm_layer_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+    _register_inductor_fallbacks()
     _check_devices(x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
     seq_len, batch, _ = x.shape
     hidden = w_ih.shape[0] // 4
@@ -206,6 +244,7 @@ def gru_layer(
 
 @torch.library.register_fake("lstm_fused::gru_layer_forward")
 def _gru_layer_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse):
+    _register_inductor_fallbacks()
     _check_devices(x, h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
     seq_len, batch, _ = x.shape
     hidden = w_ih.shape[0] // 3

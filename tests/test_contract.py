@@ -336,6 +336,39 @@ def test_torch_compile_fullgraph_matches_eager(module_class):
 
 
 
+_COMPILE_UNDER_CI = """
+import torch, lstm_fused
+torch.manual_seed(0)
+for cls in (lstm_fused.LSTM, lstm_fused.GRU):
+    for bidirectional in (False, True):
+        m = cls(3, 8, num_layers=2, bidirectional=bidirectional)
+        for dynamic in (False, True):
+            torch.compiler.reset()  # one code object compiled for each case: no recompile limit
+            f = torch.compile(lambda x: m(x)[0].sum(), fullgraph=True, dynamic=dynamic)
+            for grad in (True, False):
+                x = torch.randn(5, 4, 3)
+                with torch.set_grad_enabled(grad):
+                    torch.testing.assert_close(f(x), m(x)[0].sum())
+print("compiled", flush=True)
+"""
+
+
+def test_torch_compile_with_the_ci_variable_set(tmp_path):
+    """With CI set in the environment (as CI services set it), inductor refuses an implicit
+    fallback for an op that has an entry in torch's global decomposition table, as the layer ops
+    have for the ONNX exporter (onnx.py): they must get explicit fallbacks (ops.py). A fresh
+    process, so that no earlier compile has registered them already, with an empty inductor cache,
+    so that inductor lowers every graph; static and dynamic shapes, the forward and the inference
+    ops, one and two directions. This failed the project's CI."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, CI="true", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    done = subprocess.run([sys.executable, "-c", _COMPILE_UNDER_CI], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("module_class", [lstm_fused.LSTM, lstm_fused.GRU])
 def test_compiled_autograd_gives_the_eager_gradients(module_class):
     """Compiled autograd (torch._dynamo.compiled_autograd) traces the backward graph, C++
