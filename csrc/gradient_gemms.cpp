@@ -3,9 +3,16 @@
 
 #include <ATen/Config.h>
 
+#include <c10/core/Storage.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+
+#if defined(__linux__) || defined(__APPLE__)
+#include <dlfcn.h>
+#define LSTM_FUSED_HAS_DLSYM 1
+#endif
 
 namespace lstm_fused {
 namespace {
@@ -42,6 +49,55 @@ Choice forced_choice() {
   return Choice::kByVendor;
 }
 
+#if AT_MKLDNN_ENABLED()
+// ATen's at::native::data_ptr_from_mkldnn (the memory of a oneDNN tensor, as AOTInductor uses
+// it), exported by libtorch_cpu but declared only in a header that the wheel does not ship: looked
+// up by its symbol at run time, so that a torch without it costs the copy, not the import.
+using DataPtrFromOneDnn = void* (*)(const at::Tensor&);
+
+DataPtrFromOneDnn data_ptr_from_onednn() {
+  static const DataPtrFromOneDnn fn = []() -> DataPtrFromOneDnn {
+#ifdef LSTM_FUSED_HAS_DLSYM
+    constexpr const char* kSymbol = "_ZN2at6native20data_ptr_from_mkldnnERKNS_6TensorE";
+    void* found = dlsym(RTLD_DEFAULT, kSymbol);
+    if (found == nullptr) {
+      Dl_info info;
+      // The library that holds ATen's CPU ops (libtorch_cpu), already loaded.
+      if (dladdr(reinterpret_cast<void*>(&at::_ops::mkldnn_linear_backward_input::call), &info) != 0 && info.dli_fname != nullptr) {
+        if (void* library = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD)) {
+          found = dlsym(library, kSymbol);
+          dlclose(library);
+        }
+      }
+    }
+    return reinterpret_cast<DataPtrFromOneDnn>(found);
+#else
+    return nullptr;
+#endif
+  }();
+  return fn;
+}
+
+// The context of a dense tensor's memory that belongs to a oneDNN tensor: the tensor, kept alive
+// by the dense one; the deleter identifies such memory (onednn_twin).
+struct OneDnnOwned {
+  at::Tensor onednn;
+};
+
+void release_onednn_owned(void* context) { delete static_cast<OneDnnOwned*>(context); }
+
+// The oneDNN tensor whose memory `t` is, whole and in the same [rows, cols] shape; or nullptr.
+const at::Tensor* onednn_twin(const at::Tensor& t) {
+  if (!t.defined() || !t.has_storage() || t.dim() != 2 || t.storage_offset() != 0 || !t.is_contiguous()) {
+    return nullptr;
+  }
+  const c10::DataPtr& memory = t.storage().data_ptr();
+  if (memory.get_deleter() != &release_onednn_owned) return nullptr;
+  const at::Tensor& onednn = static_cast<const OneDnnOwned*>(memory.get_context())->onednn;
+  return onednn.sizes() == t.sizes() ? &onednn : nullptr;
+}
+#endif
+
 }  // namespace
 
 bool mkl_runs_its_best_code() {
@@ -56,9 +112,9 @@ bool mkl_runs_its_best_code() {
 #endif
 }
 
-bool gradient_gemm_on_onednn(const at::Tensor& a, int64_t k) {
+bool gradient_gemm_on_onednn(int64_t rows, int64_t cols, int64_t k, const at::TensorOptions& options) {
 #if AT_MKLDNN_ENABLED()
-  if (!a.is_cpu() || a.scalar_type() != at::kFloat || !at::hasMKLDNN()) return false;
+  if (!options.device().is_cpu() || options.dtype() != at::kFloat || !at::hasMKLDNN()) return false;
   switch (forced_choice()) {
     case Choice::kMkl:
       return false;
@@ -67,13 +123,57 @@ bool gradient_gemm_on_onednn(const at::Tensor& a, int64_t k) {
     case Choice::kByVendor:
       break;
   }
-  const double macs = static_cast<double>(a.size(0)) * a.size(1) * k;
-  return !mkl_runs_its_best_code() && a.size(0) >= kOneDnnMinRows && macs >= kOneDnnMinMacs;
+  const double macs = static_cast<double>(rows) * cols * k;
+  return !mkl_runs_its_best_code() && rows >= kOneDnnMinRows && macs >= kOneDnnMinMacs;
 #else
-  (void)a;
+  (void)rows;
+  (void)cols;
   (void)k;
+  (void)options;
   return false;
 #endif
+}
+
+bool gradient_gemm_on_onednn(const at::Tensor& a, int64_t k) {
+  return gradient_gemm_on_onednn(a.size(0), a.size(1), k, a.options());
+}
+
+bool onednn_operand_buffers() {
+#if AT_MKLDNN_ENABLED()
+  return data_ptr_from_onednn() != nullptr;
+#else
+  return false;
+#endif
+}
+
+at::Tensor gemm_operand_buffer(at::IntArrayRef shape, const at::TensorOptions& options, bool onednn) {
+#if AT_MKLDNN_ENABLED()
+  const char* setting = std::getenv("LSTM_FUSED_CPU_GEMM_BUFFERS");
+  if (setting != nullptr && std::strcmp(setting, "dense") == 0) onednn = false;
+  if (onednn && !shape.empty() && options.device().is_cpu() && options.dtype() == at::kFloat &&
+      data_ptr_from_onednn() != nullptr) {
+    const int64_t cols = shape.back();
+    int64_t rows = 1;
+    for (size_t d = 0; d + 1 < shape.size(); ++d) rows *= shape[d];
+    if (rows > 0 && cols > 0) {
+      // A 2-D float32 oneDNN tensor from empty is in the plain layout (format tag ab): its memory
+      // is the row-major [rows, cols] matrix. (tests/test_cpu_paths.py checks it.)
+      at::Tensor onednn_tensor = at::empty({rows, cols}, options.layout(at::kMkldnn));
+      void* memory = data_ptr_from_onednn()(onednn_tensor);
+      if (memory != nullptr) {
+        const size_t bytes = static_cast<size_t>(rows * cols) * sizeof(float);
+        auto* owner = new OneDnnOwned{std::move(onednn_tensor)};
+        c10::Storage storage(c10::Storage::use_byte_size_t(), bytes,
+                             c10::DataPtr(memory, owner, &release_onednn_owned, options.device()),
+                             /*allocator=*/nullptr, /*resizable=*/false);
+        return at::empty({0}, options).set_(storage, 0, shape);
+      }
+    }
+  }
+#else
+  (void)onednn;
+#endif
+  return at::empty(shape, options);
 }
 
 GateGemms gate_gemms(const at::Tensor& a, const at::Tensor& b_nn, const at::Tensor& b_tn, bool sums) {
@@ -89,6 +189,22 @@ GateGemms gate_gemms(const at::Tensor& a, const at::Tensor& b_nn, const at::Tens
   // oneDNN's inner product: backward-by-data is grad_output [m, N] times weight [N, K1] (its
   // result a oneDNN tensor); backward-by-weights is grad_output^T input (its weight argument only
   // gives the dense result's dtype and device).
+#if AT_MKLDNN_ENABLED()
+  // Gate gradients whose memory is already a oneDNN tensor's go as they are, in one block (b_tn
+  // too where it is such a tensor; otherwise it is converted whole: at most its own size more).
+  if (const at::Tensor* a_onednn = onednn_twin(a)) {
+    if (b_nn.defined()) {
+      out.nn = at::mkldnn_linear_backward_input({M, b_nn.size(1)}, *a_onednn, b_nn.contiguous()).to_dense();
+    }
+    if (b_tn.defined()) {
+      const at::Tensor* b_tn_onednn = onednn_twin(b_tn);
+      const at::Tensor input = b_tn_onednn != nullptr ? *b_tn_onednn : b_tn.contiguous().to_mkldnn();
+      out.tn = std::get<0>(at::mkldnn_linear_backward_weights(*a_onednn, input, a, false));
+    }
+    if (sums) out.sums = a.sum(0);
+    return out;
+  }
+#endif
   const int64_t row_bytes = std::max<int64_t>(1, N * static_cast<int64_t>(a.element_size()));
   const int64_t bound = block_bytes();
   const int64_t blocks = std::max<int64_t>(1, (M * row_bytes + bound - 1) / bound);

@@ -23,6 +23,20 @@ bool mkl_runs_its_best_code();
 // Whether the GEMMs of gate_gemms over a [M, N], with k columns in all in their other operands,
 // go to oneDNN.
 bool gradient_gemm_on_onednn(const at::Tensor& a, int64_t k);
+bool gradient_gemm_on_onednn(int64_t rows, int64_t cols, int64_t k, const at::TensorOptions& options);
+
+// A contiguous dense tensor of `shape` for an operand of gate_gemms (the gate gradients, or the
+// b_tn of the weight gradients), of rows x cols where cols is the last dimension. With `onednn`
+// (the GEMMs will go to oneDNN) its memory is a oneDNN tensor's, in the plain row-major layout,
+// and gate_gemms hands that tensor to oneDNN as it is: the copy into oneDNN's tensor that a
+// dense operand needs is skipped (at B=128, T=35, I=H=512 on a Zen 3 EPYC those copies were ~5%
+// of a training step: benchmarks/NOTES.md, session 11). A plain at::empty otherwise, and where
+// ATen's function that gives a oneDNN tensor's memory is not found at run time.
+// LSTM_FUSED_CPU_GEMM_BUFFERS=dense gives plain buffers always (for comparisons and tests).
+at::Tensor gemm_operand_buffer(at::IntArrayRef shape, const at::TensorOptions& options, bool onednn);
+
+// Whether gemm_operand_buffer can give oneDNN's memory in this process (ATen's function found).
+bool onednn_operand_buffers();
 
 struct GateGemms {
   at::Tensor nn;    // a b_nn
@@ -32,7 +46,8 @@ struct GateGemms {
 
 // The GEMMs over the gate gradients of every step, a [M, N] (contiguous): a b_nn (b_nn [N, K1];
 // skipped when undefined), a^T b_tn (b_tn [M, K2]; skipped when undefined) and, with `sums`, the
-// column sums of a (a bias gradient). On oneDNN each block of a's rows is converted to oneDNN's
+// column sums of a (a bias gradient). An operand from gemm_operand_buffer, whole, goes to oneDNN
+// without a copy (and a in one block). Otherwise, on oneDNN each block of a's rows is converted to oneDNN's
 // tensor once for both products, and a large a goes in blocks of at most 64 MB, so that the
 // conversion's copy adds at most that much to the backward's peak memory.
 GateGemms gate_gemms(const at::Tensor& a, const at::Tensor& b_nn, const at::Tensor& b_tn, bool sums);

@@ -106,8 +106,9 @@ inline void advise_huge_pages(const at::Tensor& t) {
 
 // With lengths, rows that do not advance are never written: those buffers start from zeros so
 // that y is zero-padded and the gradient GEMMs meet no uninitialised memory.
-inline at::Tensor layer_buffer(at::IntArrayRef shape, const at::TensorOptions& options, bool padded) {
-  at::Tensor buffer = at::empty(shape, options);
+inline at::Tensor layer_buffer(at::IntArrayRef shape, const at::TensorOptions& options, bool padded,
+                               bool onednn_operand = false) {
+  at::Tensor buffer = gemm_operand_buffer(shape, options, onednn_operand);
   advise_huge_pages(buffer);
   return padded ? buffer.zero_() : buffer;
 }
@@ -285,7 +286,7 @@ struct LstmBackwardBuffers {
       // odd leading dimension could keep cuBLAS off its tensor-core kernels.
       const bool onednn = gradient_gemm_on_onednn(d_gates_2d, I + P + (wanted.x ? I : 0));
       const int64_t ones = x.is_cpu() && !onednn ? 1 : 0;
-      at::Tensor inputs = at::empty({T, B, I + P + ones}, x.options());
+      at::Tensor inputs = gemm_operand_buffer({T, B, I + P + ones}, x.options(), onednn);
       inputs.narrow(2, 0, I).copy_(x);
       write_previous_hidden(inputs.narrow(2, I, P), y, h0, s, reverse);
       if (ones) inputs.narrow(2, I + P, 1).fill_(1);
@@ -317,7 +318,10 @@ LstmBackwardBuffers<cell_t> begin_lstm_backward(const LayerSizes& s, const at::T
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size, P = s.output_size;
   LstmBackwardBuffers<cell_t> g;
   g.r = split_lstm_reserve(reserve, s);
-  g.d_gates = layer_buffer({T, B, 4 * H}, x.options(), padded);
+  // The gate gradients are the large operand of the gradient GEMMs after the loop: where those go
+  // to oneDNN, in oneDNN's memory from the start (gemm_operand_buffer).
+  g.d_gates = layer_buffer({T, B, 4 * H}, x.options(), padded,
+                           gradient_gemm_on_onednn(T * B, 4 * H, s.input_size + P, x.options()));
   if (s.has_proj) {
     g.d_h_steps = layer_buffer({T, B, P}, x.options(), padded);
     g.d_proj_in = at::empty({B, H}, x.options());
@@ -489,7 +493,8 @@ inline GruBackwardBuffers begin_gru_backward(const LayerSizes& s, const at::Tens
   const int64_t T = s.seq_len, B = s.batch, H = s.hidden_size;
   GruBackwardBuffers g;
   g.r = split_gru_reserve(reserve, s);
-  g.d_input_gates = layer_buffer({T, B, 3 * H}, x.options(), padded);
+  g.d_input_gates = layer_buffer({T, B, 3 * H}, x.options(), padded,
+                                 gradient_gemm_on_onednn(T * B, 3 * H, s.input_size, x.options()));
   g.gathered = reverse && padded;
   if (g.gathered) g.h_prev = gather_previous_hidden(y, h0, s, reverse);
   g.y = y.contiguous();

@@ -19,6 +19,7 @@
 #include <string>
 #include <utility>
 
+#include "../gradient_gemms.h"
 #include "cpu_kernels.h"
 
 namespace lstm_fused {
@@ -155,6 +156,9 @@ struct Forward<Result(Args...), entry> {
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   // Which SIMD level's CPU kernels run: "avx512", "avx2" or "default" (cpu_dispatch.cpp).
   m.def("cpu_capability() -> str", &cpu_capability);
+  // Whether the backward's gradient GEMM operands can live in oneDNN's memory in this process
+  // (gemm_operand_buffer, gradient_gemms.h): for the tests, which check that this torch allows it.
+  m.def("_onednn_operand_buffers() -> bool", &onednn_operand_buffers);
 }
 
 TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
