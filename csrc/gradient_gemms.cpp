@@ -157,7 +157,8 @@ at::Tensor gemm_operand_buffer(at::IntArrayRef shape, const at::TensorOptions& o
     for (size_t d = 0; d + 1 < shape.size(); ++d) rows *= shape[d];
     if (rows > 0 && cols > 0) {
       // A 2-D float32 oneDNN tensor from empty is in the plain layout (format tag ab): its memory
-      // is the row-major [rows, cols] matrix. (tests/test_cpu_paths.py checks it.)
+      // is the row-major [rows, cols] matrix (else the oneDNN-memory cases of
+      // tests/test_cpu_paths.py::test_gradient_gemms_on_onednn_match_reference would fail).
       at::Tensor onednn_tensor = at::empty({rows, cols}, options.layout(at::kMkldnn));
       void* memory = data_ptr_from_onednn()(onednn_tensor);
       if (memory != nullptr) {

@@ -557,6 +557,28 @@ def test_gradient_gemm_operands_can_live_in_onednn_memory():
 
 
 @needs_onednn
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the lookup by symbol is only relied on for Linux")
+def test_gradient_gemm_operands_in_onednn_memory_are_not_copied(monkeypatch):
+    """Where the gradient GEMMs run on oneDNN, the LSTM backward hands oneDNN its gate gradients
+    and [x | h_{t-1}] without converting them (no aten::to_mkldnn call in the profile), where
+    dense operands (LSTM_FUSED_CPU_GEMM_BUFFERS=dense) are converted: the oneDNN-memory path
+    is the one taken, not a fallback that gives the same numbers."""
+    _, args32, _ = gemm_case("lstm", 12, 24, 20, 48, 0, False, False)
+    monkeypatch.setenv("LSTM_FUSED_CPU_GEMM", "onednn")
+
+    def conversions():
+        out = lstm_layer(*args32)
+        loss = out[0].square().sum()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            torch.autograd.grad(loss, [a for a in args32 if a is not None])
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::to_mkldnn")
+
+    assert conversions() == 0
+    monkeypatch.setenv("LSTM_FUSED_CPU_GEMM_BUFFERS", "dense")
+    assert conversions() >= 2
+
+
+@needs_onednn
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_gradient_gemms_follow_the_vendor_rule(monkeypatch, cell):
     """The default takes oneDNN on non-Intel x86 CPUs and MKL on Intel ones (and elsewhere): its
