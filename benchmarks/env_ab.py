@@ -5,29 +5,59 @@ and each phase (inference, training forward, training backward) is the median ov
     python benchmarks/env_ab.py 128 35 512 512 21 ";LSTM_FUSED_CPU_GEMM=onednn;LSTM_FUSED_CPU_LOOP=stationary,LSTM_FUSED_CPU_INPUT=fused"
 
 Arguments: B T I H rounds, then the settings separated by ";" (an empty one is the default rules),
-each a comma-separated list of NAME=value.
+each a comma-separated list of NAME=value. A switch that some setting names is unset in the others.
 """
-import os, sys, time, statistics, torch, lstm_fused
-B, T, I, H, rounds = map(int, sys.argv[1:6])
-settings = [dict(kv.split("=") for kv in s.split(",") if kv) for s in sys.argv[6].split(";")]
-keys = {k for s in settings for k in s}
-torch.manual_seed(0)
-ref = torch.nn.LSTM(I, H); ours = lstm_fused.LSTM(I, H); ours.load_state_dict(ref.state_dict())
-x = torch.randn(T, B, I, requires_grad=True)
-def apply(s):
-    for k in keys: os.environ.pop(k, None)
-    os.environ.update(s)
-res = {i: ([], [], []) for i in range(len(settings) + 1)}
-for r in range(rounds + 2):
-    for i in range(len(settings) + 1):
-        model = ref if i == len(settings) else ours
-        if i < len(settings): apply(settings[i])
-        with torch.inference_mode():
-            t0 = time.perf_counter(); model(x.detach()); t1 = time.perf_counter()
-        t2 = time.perf_counter(); out, _ = model(x); t3 = time.perf_counter(); out.sum().backward(); t4 = time.perf_counter()
-        if r >= 2:
-            res[i][0].append(t1 - t0); res[i][1].append(t3 - t2); res[i][2].append(t4 - t3)
-names = [";".join(f"{k}={v}" for k, v in s.items()) or "default" for s in settings] + ["torch.nn"]
-for i, n in enumerate(names):
-    inf, fw, bw = (statistics.median(v) * 1e3 for v in res[i])
-    print(f"{n:60s} inference {inf:7.1f} ms  train fwd {fw:7.1f}  bwd {bw:7.1f}  total {fw+bw:7.1f}")
+import os
+import statistics
+import sys
+
+import torch
+
+import lstm_fused
+from paired import seconds
+
+WARMUP_ROUNDS = 2
+
+
+def parse_settings(text):
+    return [dict(kv.split("=", 1) for kv in setting.split(",") if kv) for setting in text.split(";")]
+
+
+def main(argv):
+    B, T, I, H, rounds = map(int, argv[:5])
+    settings = parse_settings(argv[5])
+    switches = {name for setting in settings for name in setting}
+    saved = {name: os.environ.get(name) for name in switches}
+    torch.manual_seed(0)
+    ref, ours = torch.nn.LSTM(I, H), lstm_fused.LSTM(I, H)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I, requires_grad=True)
+    runs = [(setting, ours) for setting in settings] + [({}, ref)]
+    times = [([], [], []) for _ in runs]  # inference, training forward, training backward
+    try:
+        for r in range(rounds + WARMUP_ROUNDS):
+            for (setting, model), phases in zip(runs, times):
+                for name in switches:
+                    os.environ.pop(name, None)
+                os.environ.update(setting)
+                with torch.inference_mode():
+                    inference = seconds(lambda: model(x.detach()))
+                out = []
+                forward = seconds(lambda: out.append(model(x)[0]))
+                backward = seconds(lambda: out[0].sum().backward())
+                if r >= WARMUP_ROUNDS:
+                    for phase, t in zip(phases, (inference, forward, backward)):
+                        phase.append(t)
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+    names = [";".join(f"{k}={v}" for k, v in s.items()) or "default" for s in settings] + ["torch.nn"]
+    for name, phases in zip(names, times):
+        inf, fw, bw = (statistics.median(p) * 1e3 for p in phases)
+        print(f"{name:60s} inference {inf:7.1f} ms  train fwd {fw:7.1f}  bwd {bw:7.1f}  total {fw + bw:7.1f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

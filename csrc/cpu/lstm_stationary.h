@@ -322,7 +322,7 @@ constexpr int64_t kMinSteps = 4;
 // reached 53 GFLOP/s at 128x512x2048 against a two-core FMA peak near 157, and this loop at
 // B=128 H=512 gave 1.05x nn.LSTM where the per-step MKL path gave 0.68x (issue 18). So the
 // largest steps go to MKL only on Intel, and on x86 CPUs of other vendors stay on this loop.
-// On an Intel Xeon (AVX-512) MKL's per-step path stays the faster one there: at B=128, T=35,
+// On an Intel Xeon (AVX-512) MKL's per-step path is the faster one: at B=128, T=35,
 // I=H=512 this loop's training forward took 131 ms against 92 ms (inference 111 against 96 ms;
 // in one process, median of 21: benchmarks/NOTES.md, session 12).
 // Elsewhere (not x86) the per-step path's BLAS is not MKL's and the rule is unchanged.
